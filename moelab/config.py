@@ -1,0 +1,391 @@
+"""Typed dataclass configs, TOML loading, ``--set key=value`` overrides and validation.
+
+Every config is a frozen dataclass validated in ``__post_init__``; a bad value raises a
+``ValueError`` that names the field and the allowed values. Nested configs load from plain
+dicts (TOML tables) with :func:`from_dict`, which rejects unknown keys and suggests the closest
+valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+T = TypeVar("T")
+
+# ----------------------------------------------------------------------------- validation helpers
+
+
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def check_range(
+    name: str,
+    value: float,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``lo <= value <= hi`` (open ends optional)."""
+    bad = not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value)
+    if not bad and lo is not None:
+        bad = value <= lo if lo_open else value < lo
+    if not bad and hi is not None:
+        bad = value >= hi if hi_open else value > hi
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise ValueError(f"{name}={value!r} is out of range; allowed: a number in {span}")
+
+
+def _check_literals(obj: Any) -> None:
+    """Check every ``Literal``-typed field of a dataclass instance against its choices."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        hint = hints[f.name]
+        if get_origin(hint) is Literal:
+            check_choice(_qualname(obj, f.name), getattr(obj, f.name), get_args(hint))
+
+
+def _qualname(obj: Any, name: str) -> str:
+    prefix = getattr(type(obj), "_prefix", "")
+    return f"{prefix}.{name}" if prefix else name
+
+
+# ----------------------------------------------------------------------------- MoE layer configs
+
+ScoreFn = Literal["softmax", "sigmoid"]
+RouterMethod = Literal[
+    "topk", "expert_choice", "sinkhorn", "hash", "random", "uniform"
+]
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How tokens choose experts (``moelab.routing``).
+
+    method: ``topk`` (token choice, the default), ``expert_choice`` (Zhou et al. 2022; experts pick
+        tokens, *non-causal* in a decoder), ``sinkhorn`` (balanced assignment, BASE layers),
+        ``hash`` (token id modulo hashing, Roller et al. 2021), ``random`` and ``uniform``
+        (round-robin, perfectly balanced; for benchmarks).
+    score: score function applied to the logits, ``softmax`` or ``sigmoid`` (DeepSeek-V3).
+    topk_before_softmax: Mixtral style (softmax over the k selected logits) instead of Switch
+        style (softmax over all E, then top-k). Only with ``score="softmax"``.
+    normalize: renormalise the selected gate weights to sum to 1 per token.
+    num_groups, topk_groups: group-limited routing (DeepSeek-V2/V3): experts split into
+        ``num_groups`` groups, each token first picks ``topk_groups`` groups, then top-k inside.
+    noise: ``none``; ``jitter`` (multiplicative input jitter U(1-eps, 1+eps), Switch);
+        ``learned`` (noisy top-k with learned softplus noise, Shazeer et al. 2017 eq. 3-5);
+        ``gumbel`` (Gumbel-top-k sampling with temperature ``gumbel_tau``).
+    noise_std: eps for jitter, scale for learned noise, ignored for gumbel.
+    noise_anneal_steps: noise decays linearly to zero over this many steps (0 = constant).
+    straight_through: with gumbel noise, hard forward / soft (tempered softmax) backward weights.
+    soft_warmup_steps: dense soft routing (all experts, weights = scores) annealed linearly to
+        hard top-k over this many steps (seed 001). Dense cost while it lasts.
+    expert_mask_prob: *expert masking* (seed 001): each expert is removed from selection with
+        this probability per forward pass in training. Not dropout inside experts.
+    init_std: router weight init std (Switch Table 3 uses a 0.1x-scaled init); 0 = zeros.
+    sinkhorn_iters: iterations of Sinkhorn normalisation for ``method="sinkhorn"``.
+    """
+
+    _prefix = "router"
+
+    method: RouterMethod = "topk"
+    score: ScoreFn = "softmax"
+    topk_before_softmax: bool = False
+    normalize: bool = True
+    num_groups: int = 1
+    topk_groups: int = 1
+    noise: Literal["none", "jitter", "learned", "gumbel"] = "none"
+    noise_std: float = 1.0e-2
+    noise_anneal_steps: int = 0
+    gumbel_tau: float = 1.0
+    straight_through: bool = False
+    soft_warmup_steps: int = 0
+    expert_mask_prob: float = 0.0
+    init_std: float = 0.02
+    sinkhorn_iters: int = 3
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        check_range("router.num_groups", self.num_groups, lo=1)
+        check_range("router.topk_groups", self.topk_groups, lo=1, hi=self.num_groups)
+        check_range("router.noise_std", self.noise_std, lo=0)
+        check_range("router.noise_anneal_steps", self.noise_anneal_steps, lo=0)
+        check_range("router.gumbel_tau", self.gumbel_tau, lo=0, lo_open=True)
+        check_range("router.soft_warmup_steps", self.soft_warmup_steps, lo=0)
+        check_range("router.expert_mask_prob", self.expert_mask_prob, lo=0, hi=1, hi_open=True)
+        check_range("router.init_std", self.init_std, lo=0)
+        check_range("router.sinkhorn_iters", self.sinkhorn_iters, lo=1)
+        if self.topk_before_softmax and self.score != "softmax":
+            raise ValueError(
+                "router.topk_before_softmax=True needs router.score='softmax' "
+                f"(got {self.score!r}); allowed: score='softmax' or topk_before_softmax=False"
+            )
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    """Load-balancing terms (``moelab.balance``); every coefficient defaults to off (0).
+
+    Conventions (see docs/balance.md): ``aux_coef`` multiplies the Switch/DeepSeek loss
+    E/(K·T)·Σ c_i·P_i, which equals 1.0 under perfect balance. transformers'
+    ``router_aux_loss_coef`` multiplies K times this value, so ours = theirs × K.
+
+    aux_scope: where the counts c_i come from: ``micro`` (this micro-batch), ``sequence``
+        (each sequence separately, averaged; DeepSeek-V3 eq. 17-20), ``global`` (counts
+        accumulated over the gradient-accumulation steps of this optimizer step and, under
+        expert parallelism, all-reduced over data-parallel ranks; Qiu et al. 2025).
+    seq_aux_coef: an additional sequence-scope Switch loss (DeepSeek-V3's complementary loss,
+        paper value 1e-4), usable together with the bias.
+    device_coef / comm_coef: DeepSeek-V2 device-level and communication balance losses over
+        ``balance.num_devices`` expert groups (real placement under expert parallelism).
+    importance_coef / load_coef: Shazeer et al. 2017 CV² of importance and of the smooth load.
+    z_coef: router z-loss (ST-MoE). entropy_coef: raise per-token routing entropy.
+    batch_entropy_coef: raise the entropy of the batch-mean routing distribution.
+    overflow_coef: penalise router probability sent to experts over capacity.
+    bias_rate: loss-free balancing update rate u (Wang et al. 2024, Alg. 1); 0 = off.
+    bias_rule: ``sign`` (Alg. 1), ``proportional`` (u·error/mean), ``multiplicative``
+        (u·log(mean/c_i), i.e. multiplies the selection odds).
+    bias_schedule: rate over training: ``constant``, ``linear`` or ``cosine`` decay to 0.
+    bias_center: re-centre the bias to zero mean after each update.
+    adaptive_target: adaptive-λ: raise ``aux_coef`` while MaxVio_batch exceeds this
+        (0 = off), by the factor (1 + adaptive_rate), lower it otherwise, within
+        [adaptive_min, adaptive_max].
+    """
+
+    _prefix = "balance"
+
+    aux_coef: float = 0.0
+    aux_scope: Literal["micro", "sequence", "global"] = "micro"
+    seq_aux_coef: float = 0.0
+    device_coef: float = 0.0
+    comm_coef: float = 0.0
+    num_devices: int = 1
+    importance_coef: float = 0.0
+    load_coef: float = 0.0
+    z_coef: float = 0.0
+    entropy_coef: float = 0.0
+    batch_entropy_coef: float = 0.0
+    overflow_coef: float = 0.0
+    bias_rate: float = 0.0
+    bias_rule: Literal["sign", "proportional", "multiplicative"] = "sign"
+    bias_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    bias_center: bool = False
+    adaptive_target: float = 0.0
+    adaptive_rate: float = 0.05
+    adaptive_min: float = 1.0e-4
+    adaptive_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        for name in (
+            "aux_coef", "seq_aux_coef", "device_coef", "comm_coef", "importance_coef",
+            "load_coef", "z_coef", "entropy_coef", "batch_entropy_coef", "overflow_coef",
+            "bias_rate", "adaptive_target", "adaptive_rate", "adaptive_min",
+        ):
+            check_range(f"balance.{name}", getattr(self, name), lo=0)
+        check_range("balance.num_devices", self.num_devices, lo=1)
+        check_range("balance.adaptive_max", self.adaptive_max, lo=self.adaptive_min)
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    """Expert capacity C = ceil(T·K/E·CF) and token dropping (``moelab.dispatch``).
+
+    factor: training capacity factor CF; ``0`` means dropless (no capacity).
+    eval_factor: capacity factor in eval mode; ``-1`` = same as ``factor``, ``0`` = dropless.
+    policy: which token-slots an over-full expert drops: ``score`` (lowest gate weight first)
+        or ``position`` (later tokens first, as in Switch/GShard).
+    reroute: send a dropped slot to the token's next-best expert that still has room
+        (Switch's "No-Token-Left-Behind"); else it passes through the residual.
+    """
+
+    _prefix = "capacity"
+
+    factor: float = 0.0
+    eval_factor: float = -1.0
+    policy: Literal["score", "position"] = "score"
+    reroute: bool = False
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        check_range("capacity.factor", self.factor, lo=0)
+        if self.eval_factor != -1:
+            check_range("capacity.eval_factor", self.eval_factor, lo=0)
+
+    def factor_for(self, training: bool) -> float:
+        """Capacity factor in force (0 = dropless)."""
+        return self.factor if training or self.eval_factor == -1 else self.eval_factor
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """One MoE layer: ``MoEConfig(d_model=..., num_experts=..., top_k=..., d_expert=...)``.
+
+    The defaults give a dropless softmax top-k SwiGLU layer with no balancing.
+    num_shared: always-on shared experts of hidden size ``d_shared`` (default ``d_expert``).
+    expert_dropout: dropout inside experts (Switch "expert dropout"), not expert masking.
+    expert_init: ``normal`` (same std for every expert) or ``diverse`` (std varies per expert
+        in [0.5, 1.5]× to break symmetry, seed 001).
+    init_std: std of the expert input projections; output projections use init_std/sqrt(2).
+    """
+
+    _prefix = "moe"
+
+    d_model: int
+    num_experts: int
+    top_k: int
+    d_expert: int
+    num_shared: int = 0
+    d_shared: int = 0
+    expert_dropout: float = 0.0
+    expert_init: Literal["normal", "diverse"] = "normal"
+    init_std: float = 0.02
+    router: RouterConfig = field(default_factory=RouterConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        check_range("moe.d_model", self.d_model, lo=1)
+        check_range("moe.num_experts", self.num_experts, lo=1)
+        check_range("moe.d_expert", self.d_expert, lo=1)
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"moe.top_k={self.top_k!r} is out of range; allowed: an integer in "
+                f"[1, moe.num_experts={self.num_experts}]"
+            )
+        check_range("moe.num_shared", self.num_shared, lo=0)
+        check_range("moe.d_shared", self.d_shared, lo=0)
+        check_range("moe.expert_dropout", self.expert_dropout, lo=0, hi=1, hi_open=True)
+        check_range("moe.init_std", self.init_std, lo=0)
+        r = self.router
+        if self.num_experts % r.num_groups:
+            raise ValueError(
+                f"router.num_groups={r.num_groups} must divide moe.num_experts="
+                f"{self.num_experts}; allowed: a divisor of {self.num_experts}"
+            )
+        per_group = self.num_experts // r.num_groups
+        if r.num_groups > 1 and self.top_k > r.topk_groups * per_group:
+            raise ValueError(
+                f"moe.top_k={self.top_k} exceeds the experts in router.topk_groups="
+                f"{r.topk_groups} groups of {per_group}; allowed: top_k <= {r.topk_groups * per_group}"
+            )
+        if self.num_experts % self.balance.num_devices:
+            raise ValueError(
+                f"balance.num_devices={self.balance.num_devices} must divide moe.num_experts="
+                f"{self.num_experts}"
+            )
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden size of each shared expert."""
+        return self.d_shared or self.d_expert
+
+
+# ----------------------------------------------------------------------------- dict / TOML I/O
+
+
+def _resolve_hint(hint: Any) -> Any:
+    """Strip ``X | None`` to ``X``."""
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with a suggestion.
+
+    Nested dataclass fields accept dicts; ints are accepted for float fields.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or cls.__name__}: expected a table of settings, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ValueError(f"unknown setting {path!r}{_suggest(key, fields, where)}")
+        hint = _resolve_hint(hints[key])
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value, where=path)
+        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif hint is tuple or get_origin(hint) is tuple:
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        missing = [n for n, f in fields.items() if n not in kwargs and _required(f)]
+        raise ValueError(f"{where or cls.__name__}: missing setting(s) {missing}") from exc
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _suggest(key: str, fields: dict, where: str) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+    prefix = f"{where}." if where else ""
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    return f"{hint} valid keys: {sorted(fields)}"
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-friendly nested dict of a dataclass config."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value as TOML (numbers, booleans, strings, lists); bare words stay str."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to a nested dict (a copy); validation happens later."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set model.moe.top_k=2")
+        key, text = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {part!r} is a value, not a table")
+        node[parts[-1]] = parse_value(text.strip())
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file into a dict with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {str(p)!r} does not exist")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
