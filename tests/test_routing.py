@@ -1,0 +1,341 @@
+"""Specification tests for moelab.routing (CPU, fixed seeds, a few seconds in total)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moelab.config import RouterConfig
+from moelab.routing import Router, Routing, anneal, route, sinkhorn_route
+
+T, D, E, K = 64, 16, 8, 2
+
+
+def _logits(t: int = T, e: int = E, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(t, e, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _reference(logits_TE, k, score, normalize):
+    """Plain loop reference: per token, score fn, sort, take k, optionally renormalise."""
+    experts, weights = [], []
+    for row in logits_TE.tolist():
+        if score == "softmax":
+            z = [math.exp(v - max(row)) for v in row]
+            s = [v / sum(z) for v in z]
+        else:
+            s = [1 / (1 + math.exp(-v)) for v in row]
+        order = sorted(range(len(s)), key=lambda i: -s[i])[:k]
+        w = [s[i] for i in order]
+        total = sum(w)
+        experts.append(order)
+        weights.append([v / total for v in w] if normalize else w)
+    return torch.tensor(experts), torch.tensor(weights)
+
+
+def _router(train: bool = True, **cfg) -> Router:
+    torch.manual_seed(0)
+    router = Router(RouterConfig(**cfg), D, E, K)
+    return router.train(train)
+
+
+def _x(t: int = T, seed: int = 1) -> torch.Tensor:
+    return torch.randn(t, D, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- route()
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_route_matches_loop_reference(score, normalize):
+    """route() picks the same experts (best first) and weights as a per-token loop."""
+    logits = _logits()
+    r = route(logits, K, score=score, normalize=normalize)
+    ref_experts, ref_weights = _reference(logits, K, score, normalize)
+    assert torch.equal(r.experts, ref_experts)
+    torch.testing.assert_close(r.weights, ref_weights)
+    assert r.experts.dtype == torch.int64 and r.num_experts == E and r.top_k == K
+    assert r.mask is None and r.clean_logits is None and r.noise_std is None
+
+
+def test_topk_before_softmax_is_mixtral():
+    """Mixtral: weights = softmax over the k selected logits; scores stay the full softmax."""
+    logits = _logits()
+    r = route(logits, K, topk_before_softmax=True)
+    top = logits.topk(K, dim=-1)
+    assert torch.equal(r.experts, top.indices)
+    torch.testing.assert_close(r.weights, torch.softmax(top.values, dim=-1))
+    torch.testing.assert_close(r.scores, logits.softmax(-1))
+
+
+def test_bias_changes_selection_not_weights():
+    """The loss-free bias moves selection; weights are the unbiased scores of the chosen experts."""
+    logits = _logits()
+    bias = torch.zeros(E)
+    bias[E - 1] = 10.0  # force expert E-1 into every token's top-k
+    r = route(logits, K, score="sigmoid", bias=bias, normalize=False)
+    assert (r.experts == E - 1).any(-1).all()
+    assert not torch.equal(r.experts, route(logits, K, score="sigmoid").experts)
+    torch.testing.assert_close(r.weights, torch.sigmoid(logits).gather(1, r.experts))
+    torch.testing.assert_close(r.scores, torch.sigmoid(logits))
+
+
+def test_group_limited_stays_inside_chosen_groups():
+    """With 4 groups of 2 and topk_groups=2, experts come from the 2 groups with best top-2 sums."""
+    logits = _logits(e=8)
+    r = route(logits, 3, score="sigmoid", num_groups=4, topk_groups=2)
+    group_TG = torch.sigmoid(logits).view(T, 4, 2).sum(-1)  # top-2 of 2 = both
+    best_TG = group_TG.topk(2, dim=-1).indices
+    chosen_groups = r.experts // 2
+    assert (chosen_groups.unsqueeze(-1) == best_TG.unsqueeze(1)).any(-1).all()
+
+
+def test_group_limited_with_all_groups_equals_plain_topk():
+    """topk_groups == num_groups keeps every group, i.e. plain top-k."""
+    logits = _logits()
+    plain = route(logits, K)
+    grouped = route(logits, K, num_groups=4, topk_groups=4)
+    assert torch.equal(plain.experts, grouped.experts)
+    torch.testing.assert_close(plain.weights, grouped.weights)
+
+
+def test_gradients_flow_to_logits_through_weights():
+    """weights carry gradient back to the logits (every token row gets some)."""
+    logits = _logits().requires_grad_()
+    r = route(logits, K, normalize=False)
+    (r.weights * torch.randn_like(r.weights)).sum().backward()
+    assert logits.grad is not None and (logits.grad.abs().sum(-1) > 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    t=st.integers(1, 12),
+    e=st.integers(1, 9),
+    data=st.data(),
+    score=st.sampled_from(["softmax", "sigmoid"]),
+    normalize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_route_properties(t, e, data, score, normalize, seed):
+    """Property: experts distinct and in range, weights >= 0, sum to 1 when normalised."""
+    k = data.draw(st.integers(1, e))
+    r = route(_logits(t, e, seed, scale=3.0), k, score=score, normalize=normalize)
+    assert r.experts.shape == r.weights.shape == (t, k)
+    assert ((r.experts >= 0) & (r.experts < e)).all()
+    assert all(len(set(row)) == k for row in r.experts.tolist())
+    assert (r.weights >= 0).all()
+    if normalize:
+        torch.testing.assert_close(r.weights.sum(-1), torch.ones(t))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (
+            dict(logits=_logits(e=4), k=5),
+            "top_k=5 is out of range; allowed: an integer in [1, num_experts=4]",
+        ),
+        (dict(logits=_logits(), k=0), "top_k=0"),
+        (dict(logits=torch.zeros(2, 3, E), k=1), "logits"),
+        (dict(logits=_logits(), k=1, bias=torch.zeros(E + 1)), "bias"),
+        (dict(logits=_logits(), k=1, score="relu"), "score"),
+        (dict(logits=_logits(), k=1, num_groups=3), "num_groups"),
+        (dict(logits=_logits(), k=1, num_groups=4, topk_groups=5), "topk_groups"),
+        (dict(logits=_logits(), k=5, num_groups=4, topk_groups=2), "top_k"),
+    ],
+)
+def test_route_validation_names_the_field(kwargs, field):
+    """Bad arguments raise ValueError whose message names the field (and allowed values)."""
+    with pytest.raises(ValueError, match="allowed") as info:
+        route(**kwargs)
+    assert field in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_route_rejects_non_finite_logits(bad):
+    """NaN or inf router logits raise a clear ValueError."""
+    logits = _logits()
+    logits[3, 2] = bad
+    with pytest.raises(ValueError, match="router logits contain NaN or inf"):
+        route(logits, K)
+
+
+def test_anneal_is_linear_to_zero():
+    """anneal: 1 at step 0, 0.5 halfway, 0 at and after the end; constant 1 for steps = 0."""
+    assert [anneal(s, 10) for s in (0, 5, 10, 20)] == [1.0, 0.5, 0.0, 0.0]
+    assert anneal(123, 0) == 1.0
+
+
+# ----------------------------------------------------------------------------- Router
+
+
+def test_router_params_fp32_and_init():
+    """weight (E, D) fp32 ~ N(0, init_std); zeros with init_std=0; stays fp32 under .to(bf16)."""
+    r = _router(init_std=0.1)
+    assert r.weight.shape == (E, D) and r.weight.dtype == torch.float32
+    assert 0.05 < r.weight.std().item() < 0.15
+    assert (_router(init_std=0.0).weight == 0).all()
+    assert r.to(torch.bfloat16).weight.dtype == torch.float32
+
+
+def test_gate_is_fp32_under_bf16_and_autocast():
+    """bf16 input under CPU autocast still gives fp32 logits equal to the fp32 computation."""
+    router = _router()
+    x = _x().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = router(x)
+    assert r.logits.dtype == r.scores.dtype == r.weights.dtype == torch.float32
+    torch.testing.assert_close(r.logits, x.float() @ router.weight.T)
+
+
+def test_router_default_equals_route():
+    """Default config: Router = route() on x·Wᵀ, same in train and eval; (B, L, D) is flattened."""
+    router = _router()
+    x = _x()
+    expected = route(x @ router.weight.T, K)
+    for mode in (True, False):
+        r = router.train(mode)(x.view(4, T // 4, D))
+        assert torch.equal(r.experts, expected.experts)
+
+
+def test_learned_noise_train_only_and_zero_init():
+    """Learned noise: noise_weight (E, D) zero-init; noisy logits + clean_logits/noise_std in
+    train; eval gives the clean deterministic routing without them."""
+    router = _router(noise="learned", noise_std=1.0)
+    assert router.noise_weight.shape == (E, D) and (router.noise_weight == 0).all()
+    x = _x()
+    clean = x @ router.weight.T
+    r = router(x)
+    assert r.clean_logits is not None and r.noise_std is not None
+    torch.testing.assert_close(r.clean_logits, clean)
+    torch.testing.assert_close(r.noise_std, torch.full((T, E), math.log(2.0)))  # softplus(0)
+    assert not torch.allclose(r.logits, clean)
+    torch.testing.assert_close(r.scores, r.logits.softmax(-1))  # score fn on noisy H
+    e = router.eval()(x)
+    assert e.clean_logits is None and torch.equal(e.logits, clean)
+
+
+@pytest.mark.parametrize("noise", ["jitter", "learned", "gumbel"])
+def test_noise_anneals_to_zero(noise):
+    """After noise_anneal_steps the training routing equals the noiseless one."""
+    router = _router(noise=noise, noise_std=0.5, noise_anneal_steps=100)
+    x = _x()
+    expected = route(x @ router.weight.T, K)
+    torch.manual_seed(3)
+    noisy = router(x, step=0)
+    late = router(x, step=100)
+    assert not torch.equal(noisy.experts, expected.experts)
+    assert torch.equal(late.experts, expected.experts)
+    torch.testing.assert_close(late.weights, expected.weights)
+
+
+def test_gumbel_samples_and_straight_through():
+    """Gumbel-top-k samples experts in train; straight-through gives forward weights 1/K and a
+    non-zero gradient to the router weight."""
+    router = _router(noise="gumbel", straight_through=True, gumbel_tau=0.5)
+    torch.manual_seed(0)
+    r = router(_x())
+    torch.testing.assert_close(r.weights, torch.full((T, K), 1.0 / K))
+    (r.weights * torch.randn_like(r.weights)).sum().backward()
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
+def test_expert_masking_never_selects_masked_experts():
+    """With expert_mask_prob the experts masked this forward are never selected; >= k remain."""
+    router = _router(expert_mask_prob=0.6)
+    x = _x()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        r = router(x)
+        used = set(r.experts.unique().tolist())
+        torch.manual_seed(seed)  # same draw as inside the forward
+        u_E = torch.rand(E)
+        keep = set((u_E >= 0.6).nonzero().flatten().tolist()) | set(u_E.topk(K).indices.tolist())
+        assert used <= keep and len(keep) >= K
+    assert torch.equal(router.eval()(x).experts, route(x @ router.weight.T, K).experts)
+
+
+def test_soft_warmup_dense_then_hard():
+    """Soft warm-up: K' = E slots, weights sum to 1 and mix scores with hard top-k by
+    a = 1 - step/warmup; after warm-up (and in eval) plain hard top-k."""
+    router = _router(soft_warmup_steps=10)
+    x = _x()
+    hard = route(x @ router.weight.T, K)
+    r0 = router(x, step=0)
+    assert r0.experts.shape == r0.weights.shape == (T, E)
+    torch.testing.assert_close(r0.weights.sum(-1), torch.ones(T))
+    dense_TE = torch.zeros(T, E).scatter(1, r0.experts, r0.weights)
+    torch.testing.assert_close(dense_TE, hard.scores)  # a = 1: weights = scores
+    r5 = router(x, step=5)
+    hard_TE = torch.zeros(T, E).scatter(1, hard.experts, hard.weights)
+    mixed_TE = torch.zeros(T, E).scatter(1, r5.experts, r5.weights)
+    torch.testing.assert_close(mixed_TE, 0.5 * hard.scores + 0.5 * hard_TE)
+    assert torch.equal(r5.experts[:, :K].sort(-1).values, hard.experts.sort(-1).values)
+    for r in (router(x, step=10), router.eval()(x, step=0)):
+        assert torch.equal(r.experts, hard.experts)
+
+
+def test_expert_choice_each_expert_takes_capacity_tokens():
+    """Expert choice: every expert gets exactly C = ceil(T·k/E) tokens, its highest-scoring ones."""
+    router = _router(method="expert_choice", init_std=1.0)
+    t = 30
+    r = router(_x(t))
+    C = math.ceil(t * K / E)
+    assert r.experts.shape == r.mask.shape == (t, E)
+    assert (r.mask.sum(0) == C).all()
+    assert torch.equal(r.weights, r.scores * r.mask)
+    top_CE = r.scores.topk(C, dim=0).indices
+    assert torch.equal(r.mask, torch.zeros(t, E, dtype=torch.bool).scatter(0, top_CE, True))
+
+
+def test_hash_is_deterministic_and_needs_token_ids():
+    """Hash routing: same token id -> same k distinct experts, weights 1/k; no ids -> ValueError."""
+    router = _router(method="hash")
+    ids = torch.randint(0, 50, (T,), generator=torch.Generator().manual_seed(0))
+    a, b = router(_x(seed=1), token_ids=ids), router(_x(seed=2), token_ids=ids)
+    assert torch.equal(a.experts, b.experts)
+    assert all(len(set(row)) == K for row in a.experts.tolist())
+    same = ids.unsqueeze(0) == ids.unsqueeze(1)
+    assert torch.equal(a.experts[same.float().argmax(0)], a.experts)  # first occurrence agrees
+    torch.testing.assert_close(a.weights, torch.full((T, K), 1.0 / K))
+    assert a.scores.shape == (T, E)
+    with pytest.raises(ValueError, match="token_ids"):
+        router(_x())
+
+
+def test_uniform_is_exactly_balanced_and_random_is_distinct():
+    """Uniform: token t gets (t·k + j) mod E, so counts are exactly T·k/E; random: k distinct."""
+    r = _router(method="uniform").eval()(_x())
+    assert torch.equal(r.experts[:, 0], (torch.arange(T) * K) % E)
+    assert (torch.bincount(r.experts.flatten(), minlength=E) == T * K // E).all()
+    rnd = _router(method="random").eval()(_x())
+    assert all(len(set(row)) == K for row in rnd.experts.tolist())
+    torch.testing.assert_close(rnd.weights, torch.full((T, K), 1.0 / K))
+
+
+def test_sinkhorn_more_balanced_than_topk_on_skewed_logits():
+    """On logits skewed toward two experts, Sinkhorn selection has a lower max load than top-k,
+    and its weights are still the unbalanced scores (with gradient)."""
+    logits = _logits(t=256, seed=4)
+    logits[:, :2] += 3.0
+    logits.requires_grad_()
+    plain = route(logits, K)
+    balanced = sinkhorn_route(logits, K, iters=10)
+    max_load = lambda r: torch.bincount(r.experts.flatten(), minlength=E).max().item()
+    assert max_load(balanced) < 0.6 * max_load(plain)
+    scores = logits.softmax(-1).gather(1, balanced.experts)
+    torch.testing.assert_close(balanced.weights, scores / scores.sum(-1, keepdim=True))
+    balanced.weights.sum().backward()
+    assert logits.grad is not None
+
+
+def test_routing_is_frozen():
+    """Routing is an immutable record."""
+    r = route(_logits(), K)
+    assert isinstance(r, Routing)
+    with pytest.raises(AttributeError):
+        r.weights = r.weights  # type: ignore[misc]
