@@ -12,12 +12,13 @@ import dataclasses
 import difflib
 import json
 import math
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import tomllib
 
 T = TypeVar("T")
 
@@ -69,9 +70,7 @@ def _qualname(obj: Any, name: str) -> str:
 # ----------------------------------------------------------------------------- MoE layer configs
 
 ScoreFn = Literal["softmax", "sigmoid"]
-RouterMethod = Literal[
-    "topk", "expert_choice", "sinkhorn", "hash", "random", "uniform"
-]
+RouterMethod = Literal["topk", "expert_choice", "sinkhorn", "hash", "random", "uniform"]
 
 
 @dataclass(frozen=True)
@@ -194,9 +193,20 @@ class BalanceConfig:
     def __post_init__(self) -> None:
         _check_literals(self)
         for name in (
-            "aux_coef", "seq_aux_coef", "device_coef", "comm_coef", "importance_coef",
-            "load_coef", "z_coef", "entropy_coef", "batch_entropy_coef", "overflow_coef",
-            "bias_rate", "adaptive_target", "adaptive_rate", "adaptive_min",
+            "aux_coef",
+            "seq_aux_coef",
+            "device_coef",
+            "comm_coef",
+            "importance_coef",
+            "load_coef",
+            "z_coef",
+            "entropy_coef",
+            "batch_entropy_coef",
+            "overflow_coef",
+            "bias_rate",
+            "adaptive_target",
+            "adaptive_rate",
+            "adaptive_min",
         ):
             check_range(f"balance.{name}", getattr(self, name), lo=0)
         check_range("balance.num_devices", self.num_devices, lo=1)
@@ -284,7 +294,8 @@ class MoEConfig:
         if r.num_groups > 1 and self.top_k > r.topk_groups * per_group:
             raise ValueError(
                 f"moe.top_k={self.top_k} exceeds the experts in router.topk_groups="
-                f"{r.topk_groups} groups of {per_group}; allowed: top_k <= {r.topk_groups * per_group}"
+                f"{r.topk_groups} groups of {per_group}; allowed: top_k <= "
+                f"{r.topk_groups * per_group}"
             )
         if self.num_experts % self.balance.num_devices:
             raise ValueError(

@@ -431,7 +431,13 @@ def mutual_information(
     MI = Σ p(d,e) log2(p(d,e) / p(d) p(e)); 0 for independent routing, log2 D when each domain
     has its own experts. Biased upwards for small samples (plug-in estimator).
     """
-    joint_DE = _joint_counts(domains_T, experts_TK, num_domains, num_experts, mask).double()
+    joint_DE = _joint_counts(domains_T, experts_TK, num_domains, num_experts, mask)
+    return mutual_information_from_joint(joint_DE)
+
+
+def mutual_information_from_joint(joint_DE: Tensor) -> float:
+    """MI(domain; expert) in bits from a (D, E) table of slot counts (accumulated over batches)."""
+    joint_DE = joint_DE.double()
     total = joint_DE.sum()
     if total == 0:
         return 0.0

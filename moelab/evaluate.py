@@ -1,0 +1,116 @@
+"""Evaluation over the validation split: loss per domain, MaxVio_global, domain→expert MI.
+
+Legend: B sequences, L sequence length, E experts, K top-k, D domains (here only), T = B·L.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from moelab import metrics
+from moelab.data import Corpus, val_batches
+from moelab.model import MoELM
+
+
+@dataclass
+class EvalStats:
+    """Accumulated evaluation statistics for one pass over the validation split."""
+
+    num_layers: int
+    num_experts: int
+    num_domains: int
+    loss_sum_D: Tensor = field(init=False)
+    tokens_D: Tensor = field(init=False)
+    joint_lDE: Tensor = field(init=False)  # (layers, D, E) slot counts per domain and expert
+    seq_maxvio: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.loss_sum_D = torch.zeros(self.num_domains, dtype=torch.float64)
+        self.tokens_D = torch.zeros(self.num_domains, dtype=torch.int64)
+        self.joint_lDE = torch.zeros(
+            self.num_layers, self.num_domains, self.num_experts, dtype=torch.int64
+        )
+
+    @property
+    def counts_lE(self) -> Tensor:
+        """(layers, E) slot counts over the whole split."""
+        return self.joint_lDE.sum(1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MoELM, corpus: Corpus, *, batch_size: int, seq_len: int, max_tokens: int = 0
+) -> dict:
+    """Evaluate on every domain's validation split (holdout domains included).
+
+    max_tokens: cap per domain (0 = the whole split). Returns a flat dict: ``val_loss``
+    (token-weighted mean over training domains), ``val_loss/<domain>``, ``maxvio_global`` (mean
+    over MoE layers of MaxVio of the counts summed over the split; Wang et al. 2024),
+    ``maxvio_global_layers``, ``maxvio_seq`` (mean per-sequence MaxVio, DeepSeek-V3's
+    sequence view), ``mi`` / ``mi_layers`` (domain→expert mutual information, bits),
+    ``counts_layers`` (per-layer expert counts) and ``domain_freq_layers``.
+    """
+    was_training = model.training
+    model.eval()
+    layers = model.moe_layers
+    E = layers[0].cfg.num_experts if layers else 1
+    stats = EvalStats(len(layers), E, len(corpus.domains))
+    for d, name in enumerate(corpus.domains):
+        seen = 0
+        for batch in val_batches(corpus, batch_size=batch_size, seq_len=seq_len, domains=[name]):
+            if max_tokens and seen >= max_tokens:
+                break
+            _eval_batch(model, batch.tokens, batch.targets, d, stats)
+            seen += batch.tokens.numel()
+    model.train(was_training)
+    return _summarise(stats, corpus)
+
+
+def _eval_batch(model: MoELM, tokens_BL: Tensor, targets_BL: Tensor, d: int, s: EvalStats) -> None:
+    out = model(tokens_BL)
+    logits = out.logits.float().flatten(0, 1)
+    loss = torch.nn.functional.cross_entropy(logits, targets_BL.flatten(), reduction="sum")
+    s.loss_sum_D[d] += float(loss)
+    s.tokens_D[d] += targets_BL.numel()
+    B, L = tokens_BL.shape
+    for i, o in enumerate(out.moe):
+        s.joint_lDE[i, d] += metrics.expert_counts(o.experts, s.num_experts, mask=o.slot_mask)
+        experts_BLK = o.experts.view(B, L, -1)
+        mask_BLK = None if o.slot_mask is None else o.slot_mask.view(B, L, -1)
+        s.seq_maxvio.extend(_seq_maxvio(experts_BLK, mask_BLK, s.num_experts))
+
+
+def _seq_maxvio(experts_BLK: Tensor, mask_BLK: Tensor | None, E: int) -> list[float]:
+    hot = torch.nn.functional.one_hot(experts_BLK, E)  # (B, L, K, E)
+    if mask_BLK is not None:
+        hot = hot * mask_BLK.unsqueeze(-1)
+    return metrics.max_violation(hot.sum((1, 2))).tolist()
+
+
+def _summarise(s: EvalStats, corpus: Corpus) -> dict:
+    train_D = torch.tensor([n not in corpus.holdout for n in corpus.domains])
+    per_dom = s.loss_sum_D / s.tokens_D.clamp_min(1)
+    out: dict = {
+        "val_loss": float(s.loss_sum_D[train_D].sum() / s.tokens_D[train_D].sum().clamp_min(1)),
+    }
+    for name, v, n in zip(corpus.domains, per_dom.tolist(), s.tokens_D.tolist(), strict=True):
+        if n:
+            out[f"val_loss/{name}"] = v
+    if s.num_layers:
+        mv = [float(metrics.max_violation(c)) for c in s.counts_lE]
+        mi = [metrics.mutual_information_from_joint(j) for j in s.joint_lDE]
+        out |= {
+            "maxvio_global": sum(mv) / len(mv),
+            "maxvio_global_layers": mv,
+            "maxvio_seq": sum(s.seq_maxvio) / max(len(s.seq_maxvio), 1),
+            "mi": sum(mi) / len(mi),
+            "mi_layers": mi,
+            "counts_layers": s.counts_lE.tolist(),
+            "domain_freq_layers": (
+                s.joint_lDE.double() / s.joint_lDE.sum(-1, keepdim=True).clamp_min(1)
+            ).tolist(),
+        }
+    return out

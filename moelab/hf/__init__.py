@@ -1,0 +1,77 @@
+"""Hugging Face transformers MoE models: routing profiler and moelab-balanced fine-tuning.
+
+- :func:`profile` / ``moelab profile``: per-layer expert load, MaxVio, CV, dead and rare experts,
+  routing entropy, co-activation and per-domain expert frequency, from the routers' own choices.
+- :func:`attach`: loss-free bias, global-scope aux loss and z-loss on a model for training.
+- :func:`finetune` / ``moelab finetune``: a small AdamW loop using :func:`attach`.
+
+CLI wiring: ``add_profile_parser(subparsers)`` / ``add_finetune_parser(subparsers)`` add the
+subcommands and set ``func`` to :func:`run_profile` / :func:`run_finetune`; :func:`main` runs
+them as ``python -m moelab.hf {profile,finetune} ...``. See docs/hf.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moelab.hf.attach import STATE_FILE, BalanceHandle, StepStats, attach, disable_model_aux
+from moelab.hf.finetune import (
+    FinetuneConfig,
+    add_finetune_parser,
+    balance_from_overrides,
+    finetune,
+    run_finetune,
+)
+from moelab.hf.profile import add_profile_parser, load_model, profile, profile_model, run_profile
+from moelab.hf.routers import NoMoERouterError, RouterSite, capture_routing, find_routers, select
+
+__all__ = [
+    "STATE_FILE",
+    "BalanceHandle",
+    "FinetuneConfig",
+    "NoMoERouterError",
+    "RouterSite",
+    "StepStats",
+    "add_finetune_parser",
+    "add_profile_parser",
+    "attach",
+    "balance_from_overrides",
+    "capture_routing",
+    "disable_model_aux",
+    "find_routers",
+    "finetune",
+    "load_model",
+    "main",
+    "profile",
+    "profile_model",
+    "profile_main",
+    "finetune_main",
+    "run_finetune",
+    "run_profile",
+    "select",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m moelab.hf {profile,finetune} ...``; errors print one line and return 2."""
+    parser = argparse.ArgumentParser(prog="moelab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_profile_parser(sub)
+    add_finetune_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FloatingPointError) as exc:
+        print(f"moelab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def profile_main(argv: list[str]) -> int:
+    """``moelab profile ARGS`` (argv without the subcommand name)."""
+    return main(["profile", *argv])
+
+
+def finetune_main(argv: list[str]) -> int:
+    """``moelab finetune ARGS`` (argv without the subcommand name)."""
+    return main(["finetune", *argv])

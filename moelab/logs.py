@@ -1,0 +1,101 @@
+"""metrics.jsonl + TensorBoard logging and the per-step row the trainer writes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from moelab import metrics
+
+
+class MetricsLog:
+    """Append JSON rows to ``DIR/metrics.jsonl`` (and scalars to TensorBoard under DIR/tb).
+
+    ``truncate_after``: on resume, drop rows with ``step`` beyond the checkpoint so that the
+    log reads as one uninterrupted run.
+    """
+
+    def __init__(
+        self, out: Path, *, enabled: bool = True, tensorboard: bool = True, truncate_after: int = 0
+    ) -> None:
+        self.enabled, self.path, self.tb = enabled, Path(out) / "metrics.jsonl", None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after and self.path.exists():
+            rows = [r for r in read_rows(self.path) if r["step"] <= truncate_after]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        elif not truncate_after:
+            self.path.write_text("")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(out) / "tb"))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a metrics.jsonl file."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def step_row(step: int, r, model, trackers, lr: float, tokens: int, tok_s: float) -> dict:
+    """The training row: loss and per-layer balance statistics of this optimizer step.
+
+    maxvio_batch: MaxVio of each micro-batch (the computation batch), averaged over micro-
+    batches and layers; ``*_layers`` lists are per MoE layer in depth order.
+    """
+    row: dict[str, Any] = {
+        "step": step,
+        "loss": r.loss,
+        "aux": r.aux,
+        "lr": lr,
+        "grad_norm": r.grad_norm,
+        "tokens": tokens,
+        "tokens_per_s": tok_s,
+    }
+    if r.skipped:
+        row["skipped"] = True
+    layers = model.moe_layers
+    if not layers:
+        return row
+    n_micro = len(r.micro_counts)
+    mv = [
+        sum(float(metrics.max_violation(mc[i])) for mc in r.micro_counts) / n_micro
+        for i in range(len(layers))
+    ]
+    counts = [sum(mc[i] for mc in r.micro_counts) for i in range(len(layers))]
+    total_slots = sum(int(c.sum()) for c in counts)
+    row |= {
+        "maxvio_batch": sum(mv) / len(mv),
+        "maxvio_batch_layers": mv,
+        "cv_layers": [float(metrics.cv(c.float())) for c in counts],
+        "dead_layers": [int(metrics.dead_experts(c).sum()) for c in counts],
+        "dead_window_layers": [int(t.dead().sum()) for t in trackers],
+        "since_hit_max_layers": [int(t.tokens_since_last_hit.max()) for t in trackers],
+        "drop_rate": metrics.drop_rate(r.dropped, total_slots),
+        "z_layers": r.z,
+        "bias_absmean_layers": [float(layer.bias.abs().mean()) for layer in layers],
+        "bias_range_layers": [float(layer.bias.max() - layer.bias.min()) for layer in layers],
+        "aux_coef_layers": [float(layer.aux_coef) for layer in layers],
+        "counts_layers": [c.tolist() for c in counts],
+        "expert_grad_norm_layers": [[round(float(g), 6) for g in e] for e in r.expert_grad_norms],
+    }
+    row["dead"] = sum(row["dead_layers"])
+    return row

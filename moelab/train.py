@@ -1,0 +1,512 @@
+"""The one trainer: ``train(config, out_dir)``. The demo, the lab and the CLI all call it.
+
+AdamW, linear warm-up + cosine decay, gradient clipping, gradient accumulation (global-scope
+balance statistics accumulate across micro-batches), optional bf16 autocast (the router stays
+fp32), periodic evaluation, metrics.jsonl + TensorBoard, atomic checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moelab import checkpoint, metrics
+from moelab.config import (
+    _check_literals,
+    apply_overrides,
+    check_range,
+    from_dict,
+    load_toml,
+    to_dict,
+)
+from moelab.data import Batcher, Corpus, DataConfig, load_corpus
+from moelab.evaluate import evaluate
+from moelab.logs import MetricsLog, step_row
+from moelab.model import ModelConfig, MoELM
+from moelab.world import LocalWorld, World, make_world
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping.
+
+    batch_size: sequences per optimizer step over all ranks (the global batch).
+    micro_batch_size: sequences per forward pass on one rank; the rest is gradient
+        accumulation. 0 = the rank's whole share in one pass.
+    nonfinite: what a NaN/inf loss or gradient does: ``stop`` (raise, naming the step) or
+        ``skip`` (drop that step's update and go on).
+    eval_max_tokens: validation tokens per domain per evaluation (0 = the whole split).
+    """
+
+    _prefix = "train"
+
+    steps: int = 300
+    batch_size: int = 16
+    micro_batch_size: int = 0
+    lr: float = 3.0e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    seed: int = 0
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = 10
+    eval_every: int = 100
+    eval_max_tokens: int = 32768
+    ckpt_every: int = 0
+    keep_checkpoints: int = 2
+    nonfinite: Literal["stop", "skip"] = "stop"
+    threads: int = 0
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
+            check_range(f"train.{name}", getattr(self, name), lo=1)
+        for name in (
+            "micro_batch_size",
+            "warmup_steps",
+            "eval_every",
+            "eval_max_tokens",
+            "ckpt_every",
+            "threads",
+            "weight_decay",
+            "grad_clip",
+        ):
+            check_range(f"train.{name}", getattr(self, name), lo=0)
+        check_range("train.lr", self.lr, lo=0, lo_open=True)
+        check_range("train.min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Expert parallelism under torchrun (see moelab.parallel).
+
+    ep: expert-parallel group size (must divide the world size and the expert count).
+    batch: ``global`` — train.batch_size is the global batch, split over data ranks (same loss
+        curve for any world size); ``per_rank`` — train.batch_size sequences on *each* rank, so
+        more ranks mean a larger computation batch (seed 003's setting).
+    timeout_s: a collective that does not finish in this time raises on every rank.
+    """
+
+    _prefix = "parallel"
+
+    ep: int = 1
+    batch: Literal["global", "per_rank"] = "global"
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        check_range("parallel.ep", self.ep, lo=1)
+        check_range("parallel.timeout_s", self.timeout_s, lo=0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; written as ``config.json`` beside its metrics."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def preset_names() -> list[str]:
+    """Names of the built-in presets (``moelab/presets/*.toml``)."""
+    return sorted(p.stem for p in PRESETS.glob("*.toml"))
+
+
+def load_config_dict(source: str | None) -> dict[str, Any]:
+    """A preset name or a TOML path as a dict; ``base = "preset"`` inherits from a preset."""
+    if source is None:
+        return {}
+    if source in preset_names():
+        data = load_toml(PRESETS / f"{source}.toml")
+    elif source.endswith(".toml") or os.path.sep in source:
+        data = load_toml(source)
+    else:
+        raise ValueError(
+            f"config {source!r} is neither a TOML file nor a preset; presets: {preset_names()}"
+        )
+    base = data.pop("base", None)
+    return _merge(load_config_dict(base), data) if base else data
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(data: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+    """Resolve a config dict + ``--set`` overrides into a validated RunConfig."""
+    data = apply_overrides(data, list(overrides))
+    model = data.setdefault("model", {})
+    moe = model.get("moe", {})
+    if moe in (False, "none", None):
+        model["moe"] = None
+    elif isinstance(moe, dict):
+        moe.setdefault("d_model", model.get("d_model", ModelConfig.d_model))
+        for key in ("num_experts", "top_k", "d_expert"):
+            moe.setdefault(key, getattr(_default_moe(), key))
+        model["moe"] = moe
+    return from_dict(RunConfig, data)
+
+
+def _default_moe():
+    return ModelConfig().moe
+
+
+def load_run_config(source: str | None, overrides: list[str] = ()) -> RunConfig:
+    """``load_config_dict`` then ``build_config``."""
+    return build_config(load_config_dict(source), overrides)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr`` then cosine decay to ``lr·min_lr_ratio`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    )
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms, the router and 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "router" in name else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def build_model(cfg: RunConfig, corpus: Corpus) -> tuple[RunConfig, MoELM]:
+    """Fill the vocab size from the tokenizer and build the model (seeded)."""
+    if cfg.model.vocab_size == 0:
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, vocab_size=corpus.vocab_size)
+        )
+    elif cfg.model.vocab_size < corpus.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{corpus.vocab_size}; set model.vocab_size=0 to take the tokenizer's"
+        )
+    if cfg.model.max_seq_len < cfg.data.seq_len:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
+        )
+    torch.manual_seed(cfg.train.seed)
+    return cfg, MoELM(cfg.model)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf loss / gradient with ``train.nonfinite = "stop"``."""
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured (detached)."""
+
+    loss: float
+    aux: float
+    grad_norm: float
+    skipped: bool
+    micro_counts: list[list[Tensor]]  # [micro][layer] (E,) counts
+    kept: list[Tensor]  # [layer] (E,) kept slots over the step
+    dropped: int
+    z: list[float]
+    expert_grad_norms: list[Tensor]
+
+
+def train_step(
+    model: MoELM, opt: torch.optim.Optimizer, micro: list, cfg: RunConfig, world: World, step: int
+) -> StepResult:
+    """Forward/backward over the micro-batches, clip, step; balance state updated after."""
+    n = len(micro)
+    loss_sum = aux_sum = 0.0
+    micro_counts, kept, dropped, z = [], None, 0, None
+    for mb in micro:
+        with _autocast(cfg.train.dtype):
+            out = model(mb.tokens, mb.targets)
+        ((out.loss + out.aux) / n).backward()
+        loss_sum += float(out.loss.detach()) / n
+        aux_sum += float(out.aux.detach()) / n
+        micro_counts.append([o.counts for o in out.moe])
+        k_now = [o.kept for o in out.moe]
+        kept = k_now if kept is None else [a + b for a, b in zip(kept, k_now, strict=True)]
+        dropped += sum(int(o.dropped) for o in out.moe)
+        z_now = [float(o.stats["z"]) / n for o in out.moe]
+        z = z_now if z is None else [a + b for a, b in zip(z, z_now, strict=True)]
+    world.sync_grads(model)
+    egn = [_expert_grad_norm(layer) for layer in model.moe_layers]
+    gnorm = world.clip_grad_norm(model, cfg.train.grad_clip)
+    loss_sum = world.mean(loss_sum)
+    skipped = not (math.isfinite(loss_sum) and math.isfinite(gnorm))
+    if skipped and cfg.train.nonfinite == "stop":
+        raise NonFiniteError(
+            f"non-finite loss ({loss_sum}) or gradient norm ({gnorm}) at step {step + 1}; "
+            "set train.nonfinite='skip' to skip such steps"
+        )
+    if not skipped:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.train)
+        opt.step()
+        model.end_step(cfg.train.steps)
+    else:
+        for layer in model.moe_layers:
+            layer.step_counts.zero_()
+    opt.zero_grad(set_to_none=True)
+    return StepResult(
+        loss_sum, aux_sum, gnorm, skipped, micro_counts, kept or [], dropped, z or [], egn
+    )
+
+
+def _autocast(dtype: str):
+    if dtype == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _expert_grad_norm(layer) -> Tensor:
+    """(E,) gradient norm of each expert's weights (rarely chosen experts: noisy, seed 001)."""
+    g13, g2 = layer.experts.w13_ED2F.grad, layer.experts.w2_EFD.grad
+    if g13 is None or g2 is None:
+        return torch.zeros(layer.cfg.num_experts)
+    return (g13.pow(2).sum((1, 2)) + g2.pow(2).sum((1, 2))).sqrt()
+
+
+def _micro_batches(batch, cfg: RunConfig, world: World) -> list:
+    local = batch if cfg.parallel.batch == "per_rank" else batch.shard(world.dp_rank, world.dp_size)
+    mbs = cfg.train.micro_batch_size or len(local)
+    if len(local) % mbs:
+        raise ValueError(
+            f"train.micro_batch_size={mbs} must divide the per-rank batch of {len(local)} "
+            "sequences (train.batch_size / data-parallel ranks)"
+        )
+    return local.split(len(local) // mbs)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``cfg`` writing metrics.jsonl, config.json, checkpoints and summary.json to
+    ``out_dir``; returns the summary. ``max_steps`` stops early (the schedule still spans
+    ``train.steps``); ``resume`` continues from the latest checkpoint in ``out_dir``."""
+    out = Path(out_dir)
+    world = make_world(cfg.parallel) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else LocalWorld()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    corpus = load_corpus(cfg.data)
+    cfg, model = build_model(cfg, corpus)
+    model = world.prepare(model, cfg)
+    opt = make_optimizer(model, cfg.train)
+    batcher = Batcher(
+        corpus,
+        batch_size=_global_batch(cfg, world),
+        seq_len=cfg.data.seq_len,
+        mode=cfg.data.batch_mode,
+        seed=cfg.train.seed,
+    )
+    trackers = [
+        metrics.DeadExpertTracker(layer.cfg.num_experts, top_k=layer.cfg.top_k)
+        for layer in model.moe_layers
+    ]
+    start = _restore(out, cfg, model, opt, batcher, trackers, world) if resume else 0
+    if not resume:
+        seed_everything(cfg.train.seed + 1 + world.rank)
+    log = MetricsLog(
+        out,
+        enabled=world.is_main,
+        tensorboard=cfg.train.tensorboard,
+        truncate_after=start if resume else 0,
+    )
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    stop = min(cfg.train.steps, max_steps or cfg.train.steps)
+    summary = _loop(
+        cfg, model, opt, batcher, corpus, trackers, world, log, out, start, stop, progress
+    )
+    log.close()
+    return summary
+
+
+def _global_batch(cfg: RunConfig, world: World) -> int:
+    if cfg.parallel.batch == "per_rank":
+        return cfg.train.batch_size
+    if cfg.train.batch_size % world.dp_size:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by the "
+            f"{world.dp_size} data-parallel ranks"
+        )
+    return cfg.train.batch_size
+
+
+def _loop(
+    cfg, model, opt, batcher, corpus, trackers, world, log, out, start, stop, progress
+) -> dict[str, Any]:
+    tokens_per_step = (
+        cfg.train.batch_size
+        * cfg.data.seq_len
+        * (world.dp_size if cfg.parallel.batch == "per_rank" else 1)
+    )
+    bar = _progress(start, stop, progress and world.is_main)
+    t0, last_eval = time.perf_counter(), {}
+    for step in range(start, stop):
+        batch = batcher.batch_at(
+            step if cfg.parallel.batch == "global" else step * world.dp_size + world.dp_rank
+        )
+        batcher.step = step + 1
+        r = train_step(model, opt, _micro_batches(batch, cfg, world), cfg, world, step)
+        for tr, c in zip(trackers, _step_counts(r), strict=True):
+            tr.update(c)
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == 1 or done == stop:
+            elapsed = time.perf_counter() - t0
+            row = step_row(
+                done,
+                r,
+                model,
+                trackers,
+                lr_at(step, cfg.train),
+                tokens_per_step * done,
+                tokens_per_step * (done - start) / elapsed,
+            )
+            log.write(row)
+            bar.set_postfix(loss=f"{r.loss:.3f}", maxvio=f"{row.get('maxvio_batch', 0):.2f}")
+        if _due(done, cfg.train.eval_every, stop):
+            last_eval = evaluate(
+                model,
+                corpus,
+                batch_size=cfg.train.batch_size,
+                seq_len=cfg.data.seq_len,
+                max_tokens=cfg.train.eval_max_tokens,
+            )
+            log.write({"step": done, **last_eval})
+        if _due(done, cfg.train.ckpt_every, stop):
+            _save(out, cfg, model, opt, batcher, trackers, world, done)
+        bar.update(1)
+    bar.close()
+    return _summary(
+        cfg, model, last_eval, stop, tokens_per_step, time.perf_counter() - t0, out, world
+    )
+
+
+def _due(done: int, every: int, stop: int) -> bool:
+    return done == stop or (every > 0 and done % every == 0)
+
+
+def _step_counts(r: StepResult) -> list[Tensor]:
+    return [sum(mc[i] for mc in r.micro_counts) for i in range(len(r.kept))]
+
+
+def _progress(start: int, stop: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=stop, initial=start, disable=not enabled, desc="train", dynamic_ncols=True)
+
+
+def _summary(cfg, model, last_eval, stop, tokens_per_step, elapsed, out, world) -> dict:
+    params = model.count_params()
+    summary = {
+        "steps": stop,
+        "tokens": tokens_per_step * stop,
+        "params": params["total"],
+        "active_params": params["active"],
+        "seconds": elapsed,
+        **last_eval,
+    }
+    if world.is_main:
+        (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _save(out, cfg, model, opt, batcher, trackers, world, step) -> None:
+    state = {
+        "model": world.full_state_dict(model),
+        "optimizer": world.optimizer_state(opt, model),
+        "batcher": batcher.state_dict(),
+        "trackers": [t.state_dict() for t in trackers],
+        "rng": world.gather_rng(rng_state()),
+        "step": step,
+        "config": to_dict(cfg),
+    }
+    if world.is_main:
+        checkpoint.save(out, state, step, keep=cfg.train.keep_checkpoints)
+    world.barrier()
+
+
+def _restore(out, cfg, model, opt, batcher, trackers, world) -> int:
+    state = checkpoint.load(out)
+    if state["config"]["model"] != to_dict(cfg)["model"]:
+        raise checkpoint.CheckpointError(
+            f"checkpoint in {str(out)!r} was written for another model config; resume with "
+            "the same config or start a new --out folder"
+        )
+    world.load_full_state_dict(model, state["model"])
+    world.load_optimizer_state(opt, model, state["optimizer"])
+    batcher.load_state_dict(state["batcher"])
+    for t, s in zip(trackers, state["trackers"], strict=True):
+        t.load_state_dict(s)
+    set_rng_state(world.pick_rng(state["rng"]))
+    return int(state["step"])

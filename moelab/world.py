@@ -1,0 +1,88 @@
+"""The process layout a trainer runs in. ``LocalWorld`` is one process; ``moelab.parallel``
+provides the torch.distributed one with the same methods (the only module importing it)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class World(Protocol):
+    """What the trainer needs from a process layout."""
+
+    rank: int
+    world_size: int
+    dp_rank: int  # index of this rank's share of the batch
+    dp_size: int  # number of shares of the batch
+    is_main: bool
+
+    def prepare(self, model: nn.Module, cfg: Any) -> nn.Module: ...
+    def sync_grads(self, model: nn.Module) -> None: ...
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float: ...
+    def mean(self, x: float) -> float: ...
+    def full_state_dict(self, model: nn.Module) -> dict: ...
+    def load_full_state_dict(self, model: nn.Module, state: dict) -> None: ...
+    def optimizer_state(self, opt: torch.optim.Optimizer, model: nn.Module) -> dict: ...
+    def load_optimizer_state(
+        self, opt: torch.optim.Optimizer, model: nn.Module, s: dict
+    ) -> None: ...
+    def gather_rng(self, state: dict) -> list[dict]: ...
+    def pick_rng(self, states: list[dict]) -> dict: ...
+    def barrier(self) -> None: ...
+
+
+class LocalWorld:
+    """A single process: every method is the identity or plain torch."""
+
+    rank = 0
+    world_size = 1
+    dp_rank = 0
+    dp_size = 1
+    is_main = True
+
+    def prepare(self, model: nn.Module, cfg: Any) -> nn.Module:
+        return model
+
+    def sync_grads(self, model: nn.Module) -> None:
+        pass
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if max_norm <= 0:
+            return (
+                float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+            )
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
+
+    def mean(self, x: float) -> float:
+        return x
+
+    def full_state_dict(self, model: nn.Module) -> dict:
+        return model.state_dict()
+
+    def load_full_state_dict(self, model: nn.Module, state: dict) -> None:
+        model.load_state_dict(state)
+
+    def optimizer_state(self, opt: torch.optim.Optimizer, model: nn.Module) -> dict:
+        return opt.state_dict()
+
+    def load_optimizer_state(self, opt: torch.optim.Optimizer, model: nn.Module, s: dict) -> None:
+        opt.load_state_dict(s)
+
+    def gather_rng(self, state: dict) -> list[dict]:
+        return [state]
+
+    def pick_rng(self, states: list[dict]) -> dict:
+        return states[self.rank]
+
+    def barrier(self) -> None:
+        pass
+
+
+def make_world(parallel_cfg: Any) -> World:
+    """The torch.distributed world (under torchrun: WORLD_SIZE > 1)."""
+    from moelab import parallel
+
+    return parallel.DistributedWorld(parallel_cfg)
