@@ -1,0 +1,188 @@
+"""The ``moelab`` command line: train, eval, route, demo, and the lab / HF / EP tools.
+
+Every command has ``--help``. Bad input ends with one line ``moelab CMD: error: ...`` and
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+
+from moelab.checkpoint import CheckpointError
+
+# (module, function adding the subcommand parser): each sets ``func`` returning an exit code.
+_PLUGINS = [
+    ("moelab.demo", "add_demo_parser"),
+    ("moelab.lab", "add_lab_parser"),
+    ("moelab.hf.profile", "add_profile_parser"),
+    ("moelab.hf.finetune", "add_finetune_parser"),
+    ("moelab.placement", "add_simulate_ep_parser"),
+]
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        default="tiny",
+        help="a TOML file or a preset name (default: tiny); see `moelab presets`",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set model.moe.balance.aux_coef=0.01 "
+        "(repeatable; values are TOML)",
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="text files, folders or globs (each path one domain); 'builtin' = the "
+        "vendored corpus + Python stdlib (the default)",
+    )
+
+
+def _config(args: argparse.Namespace):
+    from moelab.train import load_run_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "data", None):
+        overrides.append("data.sources=" + json.dumps(list(args.data)))
+    return load_run_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moelab.train import train
+
+    cfg = _config(args)
+    steps = args.max_steps
+    if steps and steps > cfg.train.steps:  # --max-steps beyond the schedule extends it
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+    summary = train(cfg, args.out, resume=args.resume, max_steps=steps, progress=not args.quiet)
+    if summary:
+        keys = ("steps", "val_loss", "maxvio_global", "mi")
+        print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moelab.inspect import load_trained
+
+    run = load_trained(args.checkpoint, args.data)
+    from moelab.evaluate import evaluate
+
+    res = evaluate(
+        run.model,
+        run.corpus,
+        batch_size=run.cfg.train.batch_size,
+        seq_len=run.cfg.data.seq_len,
+        max_tokens=args.max_tokens,
+    )
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            if not isinstance(v, list):
+                print(f"{k:34s} {v:.4f}")
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from moelab.inspect import load_trained, route_text
+
+    run = load_trained(args.checkpoint, None)
+    table = route_text(run, args.text)
+    if args.json:
+        print(json.dumps(table))
+        return 0
+    layers = len(table["layers"])
+    print("token".ljust(18) + "".join(f"layer {i}".ljust(14) for i in range(layers)))
+    for t, tok in enumerate(table["tokens"]):
+        cells = ["/".join(map(str, table["layers"][i][t])).ljust(14) for i in range(layers)]
+        print(repr(tok)[:17].ljust(18) + "".join(cells))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from moelab.train import PRESETS, preset_names
+
+    for name in preset_names():
+        first = (PRESETS / f"{name}.toml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:14s} {first}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moelab",
+        description="Train Mixture-of-Experts routers, balance their load, and see it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "train",
+        help="train a model from a TOML config or preset",
+        description="Train an MoE (or dense) LM; writes OUT/metrics.jsonl, "
+        "OUT/config.json, checkpoints and OUT/summary.json.",
+    )
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--max-steps", type=int, help="stop after N steps (checkpoint written)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint on the validation split",
+        description="Validation loss per domain, MaxVio_global, MI.",
+    )
+    p.add_argument("checkpoint", help="a run folder or a ckpt-*.pt file")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="evaluate on other text")
+    p.add_argument("--max-tokens", type=int, default=0, help="per domain (0 = all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "route",
+        help="show which experts each token goes to, per layer",
+        description="Route a text through a trained model and print the "
+        "top-k experts of every token in every MoE layer.",
+    )
+    p.add_argument("checkpoint", help="a run folder or a ckpt-*.pt file")
+    p.add_argument("--text", required=True, help="the text to route")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("presets", help="list the built-in configs")
+    p.set_defaults(func=cmd_presets)
+
+    for module, fn in _PLUGINS:
+        try:
+            getattr(importlib.import_module(module), fn)(sub)
+        except (ImportError, AttributeError):
+            continue  # optional part not installed (e.g. transformers for the HF commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, CheckpointError, FileNotFoundError, PermissionError, OSError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"moelab {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moelab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
