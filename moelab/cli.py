@@ -54,6 +54,8 @@ def _config(args: argparse.Namespace):
     overrides = list(args.overrides)
     if getattr(args, "data", None):
         overrides.append("data.sources=" + json.dumps(list(args.data)))
+        if "builtin" not in args.data:  # data.domains selects builtin domains only
+            overrides.append("data.domains=[]")
     return load_run_config(args.config, overrides)
 
 

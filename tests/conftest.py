@@ -1,0 +1,26 @@
+"""Shared fixtures: a private data cache and the micro test config."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+MICRO = Path(__file__).parent / "fixtures" / "micro.toml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """Tokenizer/token caches go to one temporary folder per test session."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOELAB_CACHE", str(tmp_path_factory.mktemp("moelab-cache")))
+    torch.set_num_threads(2)
+    yield
+    mp.undo()
+
+
+@pytest.fixture
+def micro_cfg():
+    """A function building the micro RunConfig with ``--set`` style overrides."""
+    from moelab.train import load_run_config
+
+    return lambda *overrides: load_run_config(str(MICRO), list(overrides))

@@ -1,0 +1,120 @@
+"""The ``moelab`` command line, through a subprocess as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MICRO = str(Path(__file__).parent / "fixtures" / "micro.toml")
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "moelab", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"moelab {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["route"], ["presets"]])
+def test_every_command_has_help(cmd):
+    """``--help`` works for the program and every core command."""
+    out = run(*cmd, "--help").stdout
+    assert "usage: moelab" in out
+
+
+def test_train_route_eval_round_trip(tmp_path):
+    """train writes metrics.jsonl with step/loss rows and eval rows with val_loss and
+    maxvio_global; route and eval read the checkpoint back."""
+    out = tmp_path / "run"
+    run(
+        "train",
+        "--config",
+        MICRO,
+        "--out",
+        str(out),
+        "--max-steps",
+        "4",
+        "--quiet",
+        "--set",
+        "train.eval_every=2",
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r and "step" in r for r in rows)
+    assert any("val_loss" in r and "maxvio_global" in r for r in rows)
+    table = json.loads(run("route", str(out), "--text", "In the beginning", "--json").stdout)
+    assert len(table["layers"]) == 2 and len(table["layers"][0]) == len(table["tokens"])
+    assert all(len(experts) == 2 for experts in table["layers"][0])
+    res = json.loads(run("eval", str(out), "--json", "--max-tokens", "512").stdout)
+    assert res["val_loss"] > 0
+
+
+def _error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    """Missing/empty/binary data, a config typo, k > E, a missing checkpoint and an
+    unwritable folder each give one line saying what to fix, exit status 2."""
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 10)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    base = ["train", "--config", MICRO, "--quiet", "--max-steps", "1"]
+    out = ["--out", str(tmp_path / "o")]
+    cases = [
+        (base + out + ["--data", str(tmp_path / "missing.txt")], "does not exist"),
+        (base + out + ["--data", str(binary)], "binary"),
+        (base + out + ["--data", str(empty)], "empty"),
+        (base + out + ["--set", "model.moe.top_kk=2"], "did you mean 'model.moe.top_k'"),
+        (base + out + ["--set", "model.moe.top_k=5"], "top_k=5 is out of range"),
+        (["eval", str(tmp_path / "nothing")], "checkpoint"),
+        (["train", "--config", "nosuchpreset", "--out", str(tmp_path / "x")], "preset"),
+    ]
+    for args, message in cases:
+        line = _error(run(*args, check=False))
+        assert message in line, (args, line)
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+    """Resuming a run folder with a different model config is refused with a clear message."""
+    out = tmp_path / "run"
+    run(
+        "train",
+        "--config",
+        MICRO,
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--quiet",
+        "--set",
+        "train.eval_every=0",
+    )
+    line = _error(
+        run(
+            "train",
+            "--config",
+            MICRO,
+            "--out",
+            str(out),
+            "--resume",
+            "--quiet",
+            "--set",
+            "model.moe.num_experts=8",
+            check=False,
+        )
+    )
+    assert "another model config" in line

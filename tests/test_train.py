@@ -1,0 +1,155 @@
+"""Specification of moelab.train: the one trainer, its config resolution and its logs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from moelab.data import load_corpus
+from moelab.logs import read_rows
+from moelab.train import (
+    build_model,
+    load_run_config,
+    lr_at,
+    preset_names,
+    train,
+    train_step,
+)
+from moelab.world import LocalWorld
+
+
+def test_short_run_loss_falls_and_logs_are_complete(micro_cfg, tmp_path):
+    """A 30-step run on real text lowers the training loss by more than 0.5 nat and the
+    validation loss below a uniform guess (ln V) by more than 0.5 nat, and writes
+    config.json, metrics.jsonl (training and evaluation rows), a checkpoint and summary.json."""
+    summary = train(micro_cfg(), tmp_path, progress=False)
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "val_loss" in r]
+    assert train_rows[0]["step"] == 1 and train_rows[-1]["step"] == 30
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5
+    vocab = json.loads((tmp_path / "config.json").read_text())["model"]["vocab_size"]
+    assert eval_rows[-1]["val_loss"] < math.log(vocab) - 0.5
+    assert [r["step"] for r in eval_rows] == [15, 30]
+    for key in ("val_loss", "maxvio_global", "mi", "counts_layers"):
+        assert key in eval_rows[-1]
+    for key in ("maxvio_batch", "dead_layers", "drop_rate", "z_layers", "expert_grad_norm_layers"):
+        assert key in train_rows[-1]
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["moe"]["num_experts"] == 4
+    assert (tmp_path / "latest.json").exists() and summary["steps"] == 30
+
+
+def test_gradient_accumulation_matches_one_big_batch(micro_cfg):
+    """Two micro-batches of 4 give the same loss and gradients as one batch of 8
+    (micro-batch scope aux off, so the only difference is summation order)."""
+    cfg = micro_cfg("model.moe.balance.aux_coef=0.0")
+    corpus = load_corpus(cfg.data)
+    from moelab.data import Batcher
+
+    batch = Batcher(corpus, batch_size=8, seq_len=cfg.data.seq_len).batch_at(0)
+    grads = []
+    for n_micro in (1, 2):
+        cfg2, model = build_model(cfg, corpus)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        r = train_step(model, opt, batch.split(n_micro), cfg2, LocalWorld(), 0)
+        grads.append((r.loss, [p.detach().clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+
+
+def test_global_scope_counts_accumulate_over_micro_batches(micro_cfg):
+    """With aux_scope = "global", the counts used by the second micro-batch include the first
+    one's (Qiu et al. 2025), and end_step resets the accumulator."""
+    cfg = micro_cfg("model.moe.balance.aux_coef=0.01", "model.moe.balance.aux_scope='global'")
+    corpus = load_corpus(cfg.data)
+    cfg, model = build_model(cfg, corpus)
+    layer = model.moe_layers[0]
+    tokens = torch.randint(0, 100, (4, 16))
+    model(tokens)
+    first = layer.step_counts.clone()
+    model(tokens)
+    assert torch.equal(layer.step_counts, 2 * first)
+    assert int(first.sum()) == 4 * 16 * cfg.model.moe.top_k
+    model.end_step(10)
+    assert int(layer.step_counts.sum()) == 0
+
+
+def test_bias_updates_only_in_training(micro_cfg):
+    """Loss-free bias: evaluation routes tokens but never accumulates counts or moves the bias."""
+    from moelab.evaluate import evaluate
+
+    cfg = micro_cfg("model.moe.balance.bias_rate=0.01")
+    corpus = load_corpus(cfg.data)
+    cfg, model = build_model(cfg, corpus)
+    evaluate(model, corpus, batch_size=4, seq_len=cfg.data.seq_len, max_tokens=256)
+    model.end_step(10)
+    assert all(float(layer.bias.abs().sum()) == 0.0 for layer in model.moe_layers)
+    model.train()
+    model(torch.randint(0, 100, (2, 16)))
+    model.end_step(10)
+    assert all(float(layer.bias.abs().sum()) > 0.0 for layer in model.moe_layers)
+
+
+def test_resume_equals_uninterrupted_run(micro_cfg, tmp_path):
+    """N steps + checkpoint + resume + N steps equals 2N uninterrupted steps exactly (CPU fp32):
+    every logged loss and the final parameters and bias."""
+    cfg = micro_cfg(
+        "train.steps=12",
+        "train.eval_every=0",
+        "train.log_every=1",
+        "model.moe.balance.bias_rate=0.01",
+        "model.moe.router.noise='jitter'",
+    )
+    train(cfg, tmp_path / "full", progress=False)
+    train(cfg, tmp_path / "part", max_steps=6, progress=False)
+    train(cfg, tmp_path / "part", resume=True, progress=False)
+    full = [r["loss"] for r in read_rows(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
+    part = [r["loss"] for r in read_rows(tmp_path / "part" / "metrics.jsonl") if "loss" in r]
+    assert full == part
+    from moelab import checkpoint
+
+    a, b = checkpoint.load(tmp_path / "full"), checkpoint.load(tmp_path / "part")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_presets_all_build():
+    """Every shipped preset resolves to a valid config."""
+    for name in preset_names():
+        load_run_config(name)
+    assert {"tiny", "dense-tiny", "small", "seed001", "deepseek-v3"} <= set(preset_names())
+
+
+def test_dense_twin_has_the_same_active_parameters(micro_cfg):
+    """The dense twin's FFN hidden size is top_k·d_expert, so active parameters match."""
+    from dataclasses import replace
+
+    from moelab.model import MoELM
+
+    cfg = micro_cfg()
+    mcfg = replace(cfg.model, vocab_size=100)
+    moe, dense = MoELM(mcfg).count_params(), MoELM(mcfg.dense_twin()).count_params()
+    router = mcfg.n_layers * mcfg.moe.num_experts * mcfg.d_model
+    assert moe["active"] - router == dense["total"]
+
+
+def test_lr_schedule_warmup_then_cosine(micro_cfg):
+    """Linear warm-up reaches lr, cosine decays to lr·min_lr_ratio at the last step."""
+    t = micro_cfg().train
+    assert lr_at(t.warmup_steps - 1, t) == pytest.approx(t.lr)
+    assert lr_at(t.steps, t) == pytest.approx(t.lr * t.min_lr_ratio)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.moe.top_k=9", "moe.top_k=9 is out of range"),
+        ("train.lr=-1", "train.lr"),
+        ("model.moe.balance.aux_scpe='global'", "did you mean 'model.moe.balance.aux_scope'"),
+        ("data.batch_mode='random'", "data.batch_mode"),
+    ],
+)
+def test_bad_config_values_name_the_field(micro_cfg, override, message):
+    """Config typos and out-of-range values give a ValueError naming the field."""
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        micro_cfg(override)
