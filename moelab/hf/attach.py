@@ -122,7 +122,9 @@ class BalanceHandle:
         def forward(module: nn.Module, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             logits_TE = router_logits(site, hidden_states)
             weights_TK, experts_TK = select(site, logits_TE, self.bias[i])
-            counts_E = torch.bincount(experts_TK.flatten(), minlength=site.num_experts)
+            ids_S = experts_TK.flatten()
+            counts_E = torch.zeros(site.num_experts, dtype=torch.long, device=ids_S.device)
+            counts_E.scatter_add_(0, ids_S, torch.ones_like(ids_S))  # no host sync on GPU
             if module.training:
                 self.step_counts[i] += counts_E
             if torch.is_grad_enabled():
@@ -141,26 +143,11 @@ class BalanceHandle:
         self, i: int, logits_TE: Tensor, experts_TK: Tensor, counts_E: Tensor, training: bool
     ) -> None:
         cfg, site = self.cfg, self.sites[i]
-        E = site.num_experts
         scores_TE = scores_from_logits(logits_TE, site.score)
-        p_TE = balance.score_distribution(scores_TE, site.score)
         losses: dict[str, Tensor] = {}
         if self.aux_coef > 0 or cfg.seq_aux_coef > 0:
-            p_BLE, experts_BLK = self._seq_view(p_TE), self._seq_view(experts_TK)
-            seq = None if p_BLE is None else balance.sequence_switch_loss(p_BLE, experts_BLK, E)
-            if self.aux_coef > 0:
-                if cfg.aux_scope == "sequence" and seq is not None:
-                    losses["aux"] = self.aux_coef * seq
-                else:
-                    scope_E = (
-                        self.step_counts[i] if cfg.aux_scope == "global" and training else counts_E
-                    )
-                    probs_E = p_TE.mean(0)
-                    losses["aux"] = self.aux_coef * balance.switch_loss_from_stats(
-                        counts=scope_E, probs=probs_E
-                    )
-            if cfg.seq_aux_coef > 0 and seq is not None:
-                losses["seq_aux"] = cfg.seq_aux_coef * seq
+            p_TE = balance.score_distribution(scores_TE, site.score)
+            losses.update(self._switch_losses(i, p_TE, experts_TK, counts_E, training))
         if cfg.z_coef > 0:
             losses["z"] = cfg.z_coef * balance.z_loss(logits_TE)
         if cfg.entropy_coef > 0:
@@ -169,6 +156,34 @@ class BalanceHandle:
             losses["batch_entropy"] = cfg.batch_entropy_coef * balance.batch_entropy_loss(scores_TE)
         for name, value in losses.items():
             self._last.setdefault(name, {})[i] = value
+
+    def _switch_losses(
+        self, i: int, p_TE: Tensor, experts_TK: Tensor, counts_E: Tensor, training: bool
+    ) -> dict[str, Tensor]:
+        """Switch loss at the configured scope and DeepSeek-V3's sequence-wise loss.
+
+        Sequence scope needs the (B, L) of the model input; when the router saw another token
+        count (a model that drops or pads tokens) it falls back to the micro-batch counts.
+        """
+        cfg, E = self.cfg, self.sites[i].num_experts
+        out: dict[str, Tensor] = {}
+        seq = None
+        if cfg.seq_aux_coef > 0 or (self.aux_coef > 0 and cfg.aux_scope == "sequence"):
+            p_BLE, experts_BLK = self._seq_view(p_TE), self._seq_view(experts_TK)
+            if p_BLE is not None:
+                seq = balance.sequence_switch_loss(p_BLE, experts_BLK, E)
+        if self.aux_coef > 0:
+            if cfg.aux_scope == "sequence" and seq is not None:
+                out["aux"] = self.aux_coef * seq
+            else:  # global: counts of every micro-batch of this optimizer step so far
+                glob = cfg.aux_scope == "global" and training
+                scope_E = self.step_counts[i] if glob else counts_E
+                out["aux"] = self.aux_coef * balance.switch_loss_from_stats(
+                    counts=scope_E, probs=p_TE.mean(0)
+                )
+        if cfg.seq_aux_coef > 0 and seq is not None:
+            out["seq_aux"] = cfg.seq_aux_coef * seq
+        return out
 
     # ------------------------------------------------------------------ public API
 
@@ -192,8 +207,9 @@ class BalanceHandle:
         rate = balance.bias_rate_at(
             self.steps, self.total_steps or 1, cfg.bias_rate, cfg.bias_schedule
         )
-        maxvios = [float(metrics.max_violation(c)) for c in self.step_counts]
-        seen = [bool(c.sum() > 0) for c in self.step_counts]
+        counts_NE = torch.stack(self.step_counts)
+        maxvios = metrics.max_violation(counts_NE).tolist()  # one host sync per step
+        seen = (counts_NE.sum(-1) > 0).tolist()
         for i, counts_E in enumerate(self.step_counts):
             if rate > 0 and seen[i]:
                 self.bias[i] = balance.update_bias(

@@ -122,7 +122,8 @@ def finetune(
                 lm_loss = net(input_ids=ids_BL, labels=ids_BL, use_cache=False).loss
                 aux = handle.aux_loss()
                 ((lm_loss + aux) / cfg.grad_accum).backward()
-                lm_sum, aux_sum = lm_sum + float(lm_loss), aux_sum + float(aux)
+                lm_sum += lm_loss.item()
+                aux_sum += aux.item()
                 tokens += ids_BL.numel()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -57,19 +57,21 @@ class LayerRecord:
 
     site: RouterSite
     experts: list[Tensor] = field(default_factory=list)  # (T, K) chunks, small int dtype
-    domains: list[Tensor] = field(default_factory=list)  # (T,) chunks, int64
+    domains: list[Tensor] = field(default_factory=list)  # (T,) chunks, int32
     prob_sum_E: Tensor | None = None  # Σ_t p_t, per-token routing distributions (float64)
-    token_entropy_sum: float = 0.0
+    token_entropy_sum: Tensor | float = 0.0  # Σ_t H(p_t), nats
 
     def add(self, logits_TE: Tensor, experts_TK: Tensor, domain: int) -> None:
+        """Keep one router call's choices and score sums on the model's device (no host sync)."""
         T, E = logits_TE.shape
         small = torch.uint8 if E <= 256 else torch.int16  # T·K ids without 8 bytes each
-        self.experts.append(experts_TK.cpu().to(small))
-        self.domains.append(torch.full((T,), domain, dtype=torch.long))
-        scores_TE = scores_from_logits(logits_TE, self.site.score).double().cpu()
-        p_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-300)
-        self.prob_sum_E = p_TE.sum(0) + (0 if self.prob_sum_E is None else self.prob_sum_E)
-        self.token_entropy_sum += float(metrics.routing_entropy(p_TE).token) * T
+        self.experts.append(experts_TK.to(small))
+        self.domains.append(torch.full((T,), domain, dtype=torch.int32, device=logits_TE.device))
+        scores_TE = scores_from_logits(logits_TE, self.site.score)
+        p_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-30)
+        p_sum_E = p_TE.sum(0).double()
+        self.prob_sum_E = p_sum_E if self.prob_sum_E is None else self.prob_sum_E + p_sum_E
+        self.token_entropy_sum = self.token_entropy_sum - torch.special.xlogy(p_TE, p_TE).sum()
 
 
 def _coactivation(experts_TK: Tensor, num_experts: int) -> Tensor:
@@ -99,15 +101,15 @@ def _top_pairs(coact_EE: Tensor, counts_E: Tensor, tokens: int, n: int = 10) -> 
 def layer_stats(rec: LayerRecord, domain_names: list[str], rare_frac: float) -> dict[str, Any]:
     """The JSON object of one MoE layer (see docs/hf.md for every field)."""
     site, E = rec.site, rec.site.num_experts
-    experts_TK = torch.cat(rec.experts).long()
-    domains_T = torch.cat(rec.domains)
+    experts_TK = torch.cat(rec.experts).cpu().long()
+    domains_T = torch.cat(rec.domains).cpu().long()
     T = experts_TK.shape[0]
     counts_E = metrics.expert_counts(experts_TK, E)
     dead_E = metrics.dead_experts(counts_E) if T else torch.zeros(E, dtype=torch.bool)
     rare_E = metrics.dead_experts(counts_E, threshold=rare_frac) & ~dead_E
     share = metrics.load_share(counts_E)
     coact_EE = _coactivation(experts_TK, E)
-    mean_p_E = rec.prob_sum_E / max(T, 1)
+    mean_p_E = rec.prob_sum_E.cpu() / max(T, 1)
     stats: dict[str, Any] = {
         "layer": site.layer,
         "module": site.name,
@@ -122,7 +124,7 @@ def layer_stats(rec: LayerRecord, domain_names: list[str], rare_frac: float) -> 
         "dead_experts": torch.nonzero(dead_E).flatten().tolist(),
         "rare_experts": torch.nonzero(rare_E).flatten().tolist(),
         "routing_entropy": {
-            "token": rec.token_entropy_sum / max(T, 1),
+            "token": float(rec.token_entropy_sum) / max(T, 1),
             "batch": float(metrics.routing_entropy(mean_p_E[None]).token),
             "max": math.log(E),
         },

@@ -61,14 +61,25 @@ def load_domains(paths: list[str | Path]) -> list[Domain]:
     return domains
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_hf_tokenizer(model_path: str | Path) -> Any | None:
-    """The tokenizer saved with the model (``AutoTokenizer``), or None when there is none."""
+    """The tokenizer saved with the model (``AutoTokenizer``), or None when there is none.
+
+    A local folder must hold tokenizer files: transformers 5 otherwise builds an *empty*
+    tokenizer of the model's type, which encodes every text to nothing.
+    """
+    path = Path(model_path)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(model_path))
+        tok = AutoTokenizer.from_pretrained(str(model_path))
     except Exception:  # no tokenizer files, or the hub is unreachable
         return None
+    return tok if len(tok) > 1 else None
 
 
 def model_tokenizer(model_path: str | Path, vocab_size: int) -> Tokenize:
