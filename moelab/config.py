@@ -90,13 +90,18 @@ class RouterConfig:
     noise: ``none``; ``jitter`` (multiplicative input jitter U(1-eps, 1+eps), Switch);
         ``learned`` (noisy top-k with learned softplus noise, Shazeer et al. 2017 eq. 3-5);
         ``gumbel`` (Gumbel-top-k sampling with temperature ``gumbel_tau``).
-    noise_std: eps for jitter, scale for learned noise, ignored for gumbel.
-    noise_anneal_steps: noise decays linearly to zero over this many steps (0 = constant).
-    straight_through: with gumbel noise, hard forward / soft (tempered softmax) backward weights.
+    noise_std: eps for jitter; the multiplier of Shazeer's N(0,1)·softplus(x·W_noise) for
+        learned noise (use 1.0 for the paper's form); ignored for gumbel.
+    noise_anneal_steps: noise (jitter, learned or Gumbel) decays linearly to zero over this
+        many optimizer steps (0 = constant).
+    straight_through: with gumbel noise, forward weights exactly 1/K, backward through the
+        tempered softmax of the perturbed logits (``normalize`` is then ignored).
     soft_warmup_steps: dense soft routing (all experts, weights = scores) annealed linearly to
         hard top-k over this many steps (seed 001). Dense cost while it lasts.
     expert_mask_prob: *expert masking* (seed 001): each expert is removed from selection with
         this probability per forward pass in training. Not dropout inside experts.
+    For ``expert_choice``, ``sinkhorn``, ``hash``, ``random`` and ``uniform``, the loss-free
+    bias and ``normalize`` do not apply (selection does not come from per-token scores).
     init_std: router weight init std (Switch Table 3 uses a 0.1x-scaled init); 0 = zeros.
     sinkhorn_iters: iterations of Sinkhorn normalisation for ``method="sinkhorn"``.
     """
@@ -130,6 +135,16 @@ class RouterConfig:
         check_range("router.expert_mask_prob", self.expert_mask_prob, lo=0, hi=1, hi_open=True)
         check_range("router.init_std", self.init_std, lo=0)
         check_range("router.sinkhorn_iters", self.sinkhorn_iters, lo=1)
+        if self.straight_through and self.noise != "gumbel":
+            raise ValueError(
+                "router.straight_through=True needs router.noise='gumbel' "
+                f"(got {self.noise!r}); allowed: noise='gumbel' or straight_through=False"
+            )
+        if self.method != "topk" and (self.soft_warmup_steps or self.expert_mask_prob):
+            raise ValueError(
+                "router.soft_warmup_steps and router.expert_mask_prob apply to "
+                f"router.method='topk' only (got method={self.method!r})"
+            )
         if self.topk_before_softmax and self.score != "softmax":
             raise ValueError(
                 "router.topk_before_softmax=True needs router.score='softmax' "
@@ -158,8 +173,10 @@ class BalanceConfig:
     batch_entropy_coef: raise the entropy of the batch-mean routing distribution.
     overflow_coef: penalise router probability sent to experts over capacity.
     bias_rate: loss-free balancing update rate u (Wang et al. 2024, Alg. 1); 0 = off.
-    bias_rule: ``sign`` (Alg. 1), ``proportional`` (u·error/mean), ``multiplicative``
-        (u·log(mean/c_i), i.e. multiplies the selection odds).
+    bias_rule: ``sign`` (Alg. 1: b_i += u·sign(mean − c_i)), ``proportional``
+        (b_i += u·(mean − c_i)/mean, so u does not depend on the batch size),
+        ``multiplicative`` (b_i += u·log((mean + 1)/(c_i + 1)), i.e. multiplies the selection
+        odds; +1 keeps empty experts finite).
     bias_schedule: rate over training: ``constant``, ``linear`` or ``cosine`` decay to 0.
     bias_center: re-centre the bias to zero mean after each update.
     adaptive_target: adaptive-λ: raise ``aux_coef`` while MaxVio_batch exceeds this
@@ -296,6 +313,11 @@ class MoEConfig:
                 f"moe.top_k={self.top_k} exceeds the experts in router.topk_groups="
                 f"{r.topk_groups} groups of {per_group}; allowed: top_k <= "
                 f"{r.topk_groups * per_group}"
+            )
+        if self.balance.load_coef > 0 and r.noise != "learned":
+            raise ValueError(
+                "balance.load_coef > 0 (Shazeer's smooth load loss) needs "
+                f"router.noise='learned' (got {r.noise!r})"
             )
         if self.num_experts % self.balance.num_devices:
             raise ValueError(
