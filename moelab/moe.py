@@ -102,14 +102,16 @@ class MoELayer(nn.Module):
         )
         slot_mask_TK = _slot_mask(routing, mask_T)
         counts_E = _counts(routing.experts, slot_mask_TK, self.cfg.num_experts)
+        # Counts of the whole computation batch (all data ranks under EP; one all-reduce).
+        global_E = counts_E if self.reduce_counts is None else self.reduce_counts(counts_E)
         cap = self._capacity(x_TD.shape[0] if mask_T is None else int(mask_T.sum()))
-        losses = self._losses(routing, counts_E, slot_mask_TK, mask_T, x.shape, cap)
+        losses = self._losses(routing, counts_E, global_E, slot_mask_TK, mask_T, x.shape, cap)
         plan = self._plan(routing, slot_mask_TK, cap)
         y_TD = self._experts_forward(x_TD, plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         if self.training:
-            self._accumulate(counts_E)
+            self._accumulate(global_E)
         return MoEOutput(
             output=y_TD.reshape(x.shape),
             losses=losses,
@@ -158,18 +160,24 @@ class MoELayer(nn.Module):
         self,
         routing: Routing,
         counts_E: Tensor,
+        global_E: Tensor,
         slot_mask_TK: Tensor | None,
         mask_T: Tensor | None,
         shape: torch.Size,
         cap: int,
     ) -> dict[str, Tensor]:
-        """Every balance term with a non-zero coefficient, weighted (before capacity drops)."""
+        """Every balance term with a non-zero coefficient, weighted (before capacity drops).
+
+        counts_E: this rank's counts; global_E: the same summed over data ranks (``reduce_counts``).
+        """
         b, E = self.cfg.balance, self.cfg.num_experts
         dist_TE = bal.score_distribution(routing.scores, self.cfg.router.score)
         probs_E = _masked_mean(dist_TE, mask_T)
         out: dict[str, Tensor] = {}
         if b.aux_coef > 0 or b.adaptive_target > 0:
-            out["aux"] = self.aux_coef * self._scoped_aux(routing, counts_E, probs_E, mask_T, shape)
+            out["aux"] = self.aux_coef * self._scoped_aux(
+                routing, counts_E, global_E, probs_E, mask_T, shape
+            )
         if b.seq_aux_coef > 0:
             out["seq_aux"] = b.seq_aux_coef * self._sequence_aux(routing, mask_T, shape)
         if b.device_coef > 0:
@@ -208,6 +216,7 @@ class MoELayer(nn.Module):
         self,
         routing: Routing,
         counts_E: Tensor,
+        global_E: Tensor,
         probs_E: Tensor,
         mask_T: Tensor | None,
         shape: torch.Size,
@@ -216,13 +225,12 @@ class MoELayer(nn.Module):
         if scope == "sequence":
             return self._sequence_aux(routing, mask_T, shape)
         if scope == "global":
-            counts_E = self._global_counts(counts_E)
+            counts_E = self._global_counts(global_E)
         return bal.switch_loss_from_stats(counts=counts_E, probs=probs_E)
 
-    def _global_counts(self, counts_E: Tensor) -> Tensor:
+    def _global_counts(self, global_E: Tensor) -> Tensor:
         """Counts over the optimizer step so far (all micro-batches, all data ranks)."""
-        counts_E = counts_E if self.reduce_counts is None else self.reduce_counts(counts_E)
-        return self.step_counts + counts_E if self.training else counts_E
+        return self.step_counts + global_E if self.training else global_E
 
     def _sequence_aux(self, routing: Routing, mask_T: Tensor | None, shape: torch.Size) -> Tensor:
         """DeepSeek-V3 sequence-wise loss; a 2-D input counts as one sequence."""
@@ -249,10 +257,8 @@ class MoELayer(nn.Module):
         )
 
     @torch.no_grad()
-    def _accumulate(self, counts_E: Tensor) -> None:
-        if self.reduce_counts is not None:
-            counts_E = self.reduce_counts(counts_E)
-        self.step_counts += counts_E
+    def _accumulate(self, global_E: Tensor) -> None:
+        self.step_counts += global_E
 
     @torch.no_grad()
     def _stats(self, routing: Routing, mask_T: Tensor | None) -> dict[str, Tensor]:

@@ -265,6 +265,7 @@ class StepResult:
     dropped: int
     z: list[float]
     expert_grad_norms: list[Tensor]
+    moe_stats: list[list[dict[str, Tensor]]] = field(default_factory=list)  # [micro][layer]
 
 
 def train_step(
@@ -273,7 +274,7 @@ def train_step(
     """Forward/backward over the micro-batches, clip, step; balance state updated after."""
     n = len(micro)
     loss_sum = aux_sum = 0.0
-    micro_counts, kept, dropped, z = [], None, 0, None
+    micro_counts, kept, dropped, z, stats = [], None, 0, None, []
     for mb in micro:
         with _autocast(cfg.train.dtype):
             out = model(mb.tokens, mb.targets)
@@ -281,6 +282,7 @@ def train_step(
         loss_sum += float(out.loss.detach()) / n
         aux_sum += float(out.aux.detach()) / n
         micro_counts.append([o.counts for o in out.moe])
+        stats.append([o.stats for o in out.moe])
         k_now = [o.kept for o in out.moe]
         kept = k_now if kept is None else [a + b for a, b in zip(kept, k_now, strict=True)]
         dropped += sum(int(o.dropped) for o in out.moe)
@@ -306,7 +308,7 @@ def train_step(
             layer.step_counts.zero_()
     opt.zero_grad(set_to_none=True)
     return StepResult(
-        loss_sum, aux_sum, gnorm, skipped, micro_counts, kept or [], dropped, z or [], egn
+        loss_sum, aux_sum, gnorm, skipped, micro_counts, kept or [], dropped, z or [], egn, stats
     )
 
 
@@ -429,6 +431,7 @@ def _loop(
                 tokens_per_step * done,
                 tokens_per_step * (done - start) / elapsed,
             )
+            row |= world.extra_stats(r, model)
             log.write(row)
             bar.set_postfix(loss=f"{r.loss:.3f}", maxvio=f"{row.get('maxvio_batch', 0):.2f}")
         if _due(done, cfg.train.eval_every, stop):

@@ -31,6 +31,7 @@ class World(Protocol):
     def gather_rng(self, state: dict) -> list[dict]: ...
     def pick_rng(self, states: list[dict]) -> dict: ...
     def barrier(self) -> None: ...
+    def extra_stats(self, result: Any, model: nn.Module) -> dict: ...
 
 
 class LocalWorld:
@@ -79,6 +80,10 @@ class LocalWorld:
 
     def barrier(self) -> None:
         pass
+
+    def extra_stats(self, result: Any, model: nn.Module) -> dict:
+        """Entries added to the logged row (per-rank load, stragglers under EP); none here."""
+        return {}
 
 
 def make_world(parallel_cfg: Any) -> World:

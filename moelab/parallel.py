@@ -1,0 +1,553 @@
+"""Expert parallelism over torch.distributed (the only moelab module that imports it).
+
+Legend: T tokens, D model dim, E experts, El = E/P experts per EP rank, S kept token-slots of
+this rank (sorted by expert), R rows received for this rank's experts, W world size, P EP size.
+
+Layout (``Layout``): W ranks; EP groups of P consecutive ranks ([0, P), [P, 2P), ...); rank r
+holds experts [(r % P)·El, (r % P + 1)·El). Every rank is data-parallel for the dense
+(non-expert) parameters: it takes its own share of the global batch (dp_rank = r, dp_size = W).
+The *expert-DP group* of r is the ranks holding the same experts {r % P, r % P + P, ...}.
+
+What is reduced where (the loss on each rank is the mean over its own tokens):
+- dense gradients: all-reduce over all W ranks, divided by W;
+- expert gradients: each rank's expert gradient already sums the contributions of all tokens
+  of its EP group (the backward all-to-all brings them back), so they are all-reduced over the
+  expert-DP group and divided by W. Both equal the single-process gradient of the global mean.
+- expert counts (``MoELayer.reduce_counts``): all-reduce (sum) over all W ranks, so global-scope
+  aux losses and the loss-free bias see the whole computation batch and stay identical.
+
+``DistributedWorld`` implements ``moelab.world.World``; ``ExpertParallelMoE`` is the MoE layer
+with the all-to-all token exchange (GShard / DeepSpeed-MoE style, ``all_to_all_single``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moelab import dispatch
+from moelab.moe import MoELayer, MoEOutput
+
+
+class DistributedError(RuntimeError):
+    """A collective failed or timed out; the message names the rank and the operation."""
+
+
+# ----------------------------------------------------------------------------- layout (pure)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where rank ``rank`` of ``world_size`` sits in the EP × DP grid (EP size ``ep``)."""
+
+    rank: int
+    world_size: int
+    ep: int
+
+    @property
+    def ep_index(self) -> int:
+        """Position inside the EP group = which expert shard this rank holds."""
+        return self.rank % self.ep
+
+    @property
+    def ep_ranks(self) -> list[int]:
+        start = self.rank - self.ep_index
+        return list(range(start, start + self.ep))
+
+    @property
+    def expert_dp_ranks(self) -> list[int]:
+        return list(range(self.ep_index, self.world_size, self.ep))
+
+    def expert_slice(self, num_experts: int) -> slice:
+        """The experts of this rank: a contiguous slice of [0, E)."""
+        n = num_experts // self.ep
+        return slice(self.ep_index * n, (self.ep_index + 1) * n)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """Split sizes and orderings of one all-to-all token exchange (see ``exchange_plan``)."""
+
+    send: list[int]  # (P,) rows sent to each rank of the EP group
+    recv: list[int]  # (P,) rows received from each rank of the EP group
+    order_R: Tensor  # received rows (grouped by source) -> grouped by local expert
+    inverse_R: Tensor  # the inverse permutation
+    local_splits: list[int]  # (El,) rows per local expert after regrouping
+
+
+def exchange_plan(kept_WE: Tensor, layout: Layout) -> Exchange:
+    """Split sizes of the token exchange from every rank's kept slots per expert (W, E).
+
+    Slots are sorted by global expert, so the rows for EP rank j are one contiguous block.
+    Received rows arrive grouped by source rank, each block sorted by local expert; ``order_R``
+    regroups them by local expert so each expert runs on one contiguous segment.
+    """
+    P = layout.ep
+    E = kept_WE.shape[1]
+    El = E // P
+    mine = layout.expert_slice(E)
+    send = kept_WE[layout.rank].view(P, El).sum(1)  # (P,)
+    from_src_PE = kept_WE[layout.ep_ranks][:, mine]  # (P, El) rows from each source, per expert
+    labels_R = torch.arange(El).repeat(P).repeat_interleave(from_src_PE.reshape(-1).cpu())
+    order_R = torch.sort(labels_R, stable=True).indices
+    return Exchange(
+        send=send.tolist(),
+        recv=from_src_PE.sum(1).tolist(),
+        order_R=order_R,
+        inverse_R=torch.argsort(order_R),
+        local_splits=from_src_PE.sum(0).tolist(),
+    )
+
+
+def rank_loads(kept_WE: Tensor, ep: int) -> Tensor:
+    """(W,) token-slots processed by each rank's experts, from every rank's kept counts (W, E)."""
+    W, E = kept_WE.shape
+    return kept_WE.view(W // ep, ep, ep, E // ep).sum((1, 3)).reshape(W)
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+class Comm:
+    """The collectives of one rank; failures name the rank, the operation and the timeout."""
+
+    def __init__(self, layout: Layout, timeout_s: float, *, groups: bool = True) -> None:
+        self.layout, self.timeout_s = layout, timeout_s
+        self.bytes_sent = 0  # all-to-all payload sent to other ranks (benchmarks)
+        self.ep_group = self.expert_dp_group = None
+        if groups:
+            self._make_groups()
+
+    def _make_groups(self) -> None:
+        W, P, t = self.layout.world_size, self.layout.ep, timedelta(seconds=self.timeout_s)
+        # Every rank must create every group, in the same order (torch.distributed's rule).
+        ep_groups = [self._new_group(list(range(g * P, (g + 1) * P)), t) for g in range(W // P)]
+        edp_groups = [self._new_group(list(range(j, W, P)), t) for j in range(P)]
+        self.ep_group = ep_groups[self.layout.rank // P]
+        self.expert_dp_group = edp_groups[self.layout.ep_index]
+
+    def _new_group(self, ranks: list[int], timeout: timedelta):
+        if len(ranks) == self.layout.world_size:
+            return dist.group.WORLD
+        return self.guard("new_group", lambda: dist.new_group(ranks, timeout=timeout))
+
+    def guard(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run a collective, turning backend errors and timeouts into ``DistributedError``."""
+        try:
+            return fn()
+        except DistributedError:
+            raise
+        except RuntimeError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise DistributedError(
+                f"rank {self.layout.rank} of {self.layout.world_size}: {what} failed "
+                f"(parallel.timeout_s={self.timeout_s:g}); a peer rank probably died, hung or "
+                f"diverged: {first}"
+            ) from exc
+
+    @staticmethod
+    def size(group) -> int:
+        return dist.get_world_size(group)
+
+    def all_reduce(self, t: Tensor, what: str, group=None) -> Tensor:
+        """Sum over ``group`` (default: all ranks), in place; returns ``t``."""
+        if group is None or self.size(group) > 1:
+            self.guard(what, lambda: dist.all_reduce(t, group=group))
+        return t
+
+    def all_gather_cat(self, t: Tensor, what: str, group=None) -> Tensor:
+        """Concatenate ``t`` of every rank of ``group`` along dim 0, in rank order."""
+        n = self.size(group)
+        if n == 1:
+            return t.clone()
+        parts = [torch.empty_like(t) for _ in range(n)]
+        self.guard(what, lambda: dist.all_gather(parts, t.contiguous(), group=group))
+        return torch.cat(parts, 0)
+
+    def all_gather_object(self, obj: Any, what: str) -> list[Any]:
+        out: list[Any] = [None] * self.layout.world_size
+        self.guard(what, lambda: dist.all_gather_object(out, obj))
+        return out
+
+    def broadcast(self, t: Tensor, what: str) -> None:
+        self.guard(what, lambda: dist.broadcast(t, src=0))
+
+    def barrier(self) -> None:
+        self.guard("barrier", lambda: dist.barrier())
+
+    def all_to_all(self, x_ND: Tensor, recv: list[int], send: list[int], what: str) -> Tensor:
+        """Rows x[send-block j] go to EP rank j; returns the rows received, by source rank."""
+        if self.size(self.ep_group) == 1:
+            return x_ND.clone()
+        out = x_ND.new_empty((sum(recv), *x_ND.shape[1:]))
+        self.guard(
+            what,
+            lambda: dist.all_to_all_single(out, x_ND.contiguous(), recv, send, group=self.ep_group),
+        )
+        j = self.layout.ep_index
+        self.bytes_sent += (sum(send) - send[j]) * x_ND[0:1].numel() * x_ND.element_size()
+        return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """All-to-all whose backward is the reverse all-to-all (gradients go back to the senders)."""
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, recv: list[int], send: list[int], comm: Comm, what: str):
+        ctx.recv, ctx.send, ctx.comm, ctx.what = recv, send, comm, what
+        return comm.all_to_all(x_ND, recv, send, what)
+
+    @staticmethod
+    def backward(ctx, grad_ND: Tensor):
+        grad = ctx.comm.all_to_all(grad_ND, ctx.send, ctx.recv, f"{ctx.what} (backward)")
+        return grad, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- EP layer
+
+
+class ExpertParallelMoE(MoELayer):
+    """``MoELayer`` whose experts are sharded over an EP group.
+
+    Installed by ``DistributedWorld.prepare`` by swapping the class of an existing layer (as
+    FSDP2's ``fully_shard`` does), so the model code is the same with or without parallelism.
+    Routing and capacity are local (router parameters are replicated; capacity is per source
+    rank, as in Megatron's local dropping). In training the returned ``counts``/``kept``/
+    ``dropped`` are those of the whole computation batch (all ranks); ``stats`` adds
+    ``rank_load`` (W,) slots processed by each rank's experts and ``dropped_rank`` (W,).
+    """
+
+    comm: Comm
+    _table: Tensor | None  # (W, 2, E) routed / kept counts of every rank, this forward only
+
+    def forward(
+        self, x: Tensor, *, token_ids: Tensor | None = None, mask: Tensor | None = None
+    ) -> MoEOutput:
+        self._table = None
+        out = super().forward(x, token_ids=token_ids, mask=mask)
+        table, self._table = self._table, None
+        if not self.training or table is None:
+            return out
+        routed_WE, kept_WE = table[:, 0], table[:, 1]
+        stats = out.stats | {
+            "rank_load": rank_loads(kept_WE, self.comm.layout.ep),
+            "dropped_rank": (routed_WE - kept_WE).sum(1),
+        }
+        return dataclasses.replace(
+            out,
+            counts=routed_WE.sum(0),
+            kept=kept_WE.sum(0),
+            dropped=routed_WE.sum() - kept_WE.sum(),
+            stats=stats,
+        )
+
+    def _experts_forward(self, x_TD: Tensor, plan: dispatch.Plan) -> Tensor:
+        """Permute -> all-to-all to the expert owners -> local experts -> all-to-all back ->
+        unpermute (weighted)."""
+        comm = self.comm
+        x_SD = dispatch.permute(x_TD, plan)  # (S, D) sorted by global expert
+        mine = torch.stack([plan.routed_E, plan.kept_E]).flatten()  # (2E,)
+        table = comm.all_gather_cat(mine.unsqueeze(0), "all_gather of expert counts")
+        self._table = table.view(-1, 2, self.cfg.num_experts)  # (W, 2, E)
+        ex = exchange_plan(self._table[:, 1], comm.layout)
+        x_RD = _AllToAll.apply(x_SD, ex.recv, ex.send, comm, "all_to_all (dispatch)")
+        x_RD = x_RD.index_select(0, ex.order_R.to(x_RD.device))  # grouped by local expert
+        y_RD = self.experts(x_RD, ex.local_splits)
+        y_RD = _keep_in_graph(y_RD, x_RD, self.experts)
+        y_RD = y_RD.index_select(0, ex.inverse_R.to(y_RD.device))  # back to source order
+        y_SD = _AllToAll.apply(y_RD, ex.send, ex.recv, comm, "all_to_all (combine)")
+        return dispatch.unpermute(y_SD, plan, x_TD.shape[0])
+
+
+def _keep_in_graph(y_RD: Tensor, x_RD: Tensor, experts: nn.Module) -> Tensor:
+    """Keep the combine all-to-all in the autograd graph when no row reached this rank's
+    experts: every rank must run the backward all-to-all, or its peers wait forever."""
+    if y_RD.requires_grad or not torch.is_grad_enabled():
+        return y_RD
+    tied = [t.sum() for t in (x_RD, *experts.parameters()) if t.requires_grad]
+    return y_RD + sum(tied) * 0 if tied else y_RD
+
+
+# ----------------------------------------------------------------------------- the world
+
+
+def _init_process_group(timeout_s: float) -> bool:
+    """From the torchrun environment; gloo on CPU, NCCL for CUDA tensors. True if we did it."""
+    if dist.is_initialized():
+        return False
+    backend = "gloo"
+    if torch.cuda.is_available():
+        backend = "cpu:gloo,cuda:nccl"
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+class DistributedWorld:
+    """The torch.distributed ``World``: EP × DP from the world size (see the module docstring)."""
+
+    def __init__(self, parallel_cfg: Any) -> None:
+        if _init_process_group(parallel_cfg.timeout_s):
+            atexit.register(_destroy)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.dp_rank, self.dp_size, self.is_main = self.rank, self.world_size, self.rank == 0
+        self.ep = parallel_cfg.ep
+        # World-group collectives only, until the EP layout is known to be the same everywhere.
+        world_only = Layout(self.rank, self.world_size, 1)
+        self.comm = Comm(world_only, parallel_cfg.timeout_s, groups=False)
+        self._check_same(_cfg_dict(parallel_cfg), "parallel config")
+        if self.world_size % self.ep:
+            raise ValueError(
+                f"parallel.ep={self.ep} must divide the world size {self.world_size}; allowed: "
+                f"a divisor of {self.world_size}"
+            )
+        self.layout = Layout(self.rank, self.world_size, self.ep)
+        self.comm = Comm(self.layout, parallel_cfg.timeout_s)
+        self._expert_params: dict[str, int] = {}  # parameter name -> E (full expert count)
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_same(self, obj: Any, what: str) -> None:
+        """Refuse to start unless every rank has the same ``obj`` (a JSON-able config)."""
+        text = json.dumps(obj, sort_keys=True, default=str)
+        texts = self.comm.all_gather_object(text, f"all_gather of the {what}")
+        bad = [r for r, t in enumerate(texts) if t != texts[0]]
+        if bad:
+            diff = _first_difference(json.loads(texts[0]), json.loads(texts[bad[0]]))
+            raise ValueError(
+                f"the {what} differs across ranks: ranks {bad} differ from rank 0 ({diff}); "
+                "launch every rank with the same config and --set overrides"
+            )
+
+    def prepare(self, model: nn.Module, cfg: Any) -> nn.Module:
+        """Check configs, broadcast rank 0's weights, shard experts, install the EP layers."""
+        self._check_same(_cfg_dict(cfg), "run config")
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
+        for _, layer in layers:
+            _check_placement(layer, self.ep, self.world_size)
+        for name, t in (*model.named_parameters(), *model.named_buffers()):
+            self.comm.broadcast(t.data, f"broadcast of {name}")
+        for name, layer in layers:
+            self._shard(name, layer)
+        return model
+
+    def _shard(self, name: str, layer: MoELayer) -> None:
+        E, mine = layer.cfg.num_experts, self.layout.expert_slice(layer.cfg.num_experts)
+        experts = layer.experts
+        for pname in ("w13_ED2F", "w2_EFD"):
+            full = getattr(experts, pname)
+            setattr(experts, pname, nn.Parameter(full.data[mine].clone()))
+            self._expert_params[f"{name}.experts.{pname}"] = E
+        experts.num_experts = mine.stop - mine.start
+        layer.__class__ = ExpertParallelMoE
+        layer.comm = self.comm
+        layer._table = None
+        layer.reduce_counts = self._reduce_counts
+
+    def _reduce_counts(self, counts_E: Tensor) -> Tensor:
+        return self.comm.all_reduce(counts_E.clone(), "all_reduce of expert counts")
+
+    # ------------------------------------------------------------------ gradients
+
+    def _split_params(self, model: nn.Module) -> tuple[list, list]:
+        dense, expert = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (expert if name in self._expert_params else dense).append(p)
+        return dense, expert
+
+    def sync_grads(self, model: nn.Module) -> None:
+        """Dense grads: mean over all ranks; expert grads: sum over the expert-DP group / W."""
+        dense, expert = self._split_params(model)
+        W = self.world_size
+        if dense:
+            has = torch.tensor([float(p.grad is not None) for p in dense])
+            flat = torch.cat([_grad_or_zeros(p).reshape(-1).float() for p in dense] + [has])
+            self.comm.all_reduce(flat, "all_reduce of dense gradients")
+            grads, has = flat[: -len(dense)], flat[-len(dense) :]
+            for p, g, h in zip(dense, _unflatten(grads, dense), has.tolist(), strict=True):
+                p.grad = g.div_(W).to(p.dtype) if h > 0 else None
+        if expert:
+            flat = torch.cat([_grad_or_zeros(p).reshape(-1).float() for p in expert])
+            self.comm.all_reduce(
+                flat, "all_reduce of expert gradients", group=self.comm.expert_dp_group
+            )
+            for p, g in zip(expert, _unflatten(flat, expert), strict=True):
+                p.grad = g.div_(W).to(p.dtype)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        """The global gradient norm (dense once + every expert shard), clipped like
+        ``torch.nn.utils.clip_grad_norm_``; the same value on every rank."""
+        dense, expert = self._split_params(model)
+        dense = [p for p in dense if p.grad is not None]
+        sq = torch.zeros(2, dtype=torch.float64)
+        sq[0] = sum(float(p.grad.float().norm()) ** 2 for p in dense)
+        sq[1] = sum(float(p.grad.float().norm()) ** 2 for p in expert if p.grad is not None)
+        self.comm.all_reduce(sq[1:], "all_reduce of the gradient norm", group=self.comm.ep_group)
+        total = float(sq.sum().sqrt())
+        if max_norm > 0:
+            coef = min(1.0, max_norm / (total + 1e-6))
+            for p in dense + [p for p in expert if p.grad is not None]:
+                p.grad.mul_(coef)
+        return total
+
+    def mean(self, x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64)
+        return float(self.comm.all_reduce(t, "all_reduce of a logged value")) / self.world_size
+
+    # ------------------------------------------------------------------ state
+
+    def full_state_dict(self, model: nn.Module) -> dict:
+        """The single-process state dict: expert shards gathered to (E, ...) on every rank."""
+        state = model.state_dict()
+        for name in self._expert_params:
+            state[name] = self._gather_rows(state[name], f"gather of {name}")
+        return state
+
+    def load_full_state_dict(self, model: nn.Module, state: dict) -> None:
+        """Load a single-process (full) state dict, keeping this rank's expert rows."""
+        state = dict(state)
+        for name, E in self._expert_params.items():
+            state[name] = state[name][self.layout.expert_slice(E)]
+        model.load_state_dict(state)
+
+    def optimizer_state(self, opt: torch.optim.Optimizer, model: nn.Module) -> dict:
+        """``opt.state_dict()`` in the single-process layout (expert moments gathered)."""
+        state = opt.state_dict()
+        names = _param_names(opt, model)
+        out = dict(state, state=dict(state["state"]))
+        for idx, st in state["state"].items():
+            if names[idx] in self._expert_params:
+                out["state"][idx] = {
+                    k: self._gather_rows(v, f"gather of optimizer state {names[idx]}.{k}")
+                    if _is_rows(v)
+                    else v
+                    for k, v in st.items()
+                }
+        return out
+
+    def load_optimizer_state(self, opt: torch.optim.Optimizer, model: nn.Module, s: dict) -> None:
+        names = _param_names(opt, model)
+        state = dict(s, state=dict(s["state"]))
+        for idx, st in s["state"].items():
+            E = self._expert_params.get(names[int(idx)])
+            if E is not None:
+                rows = self.layout.expert_slice(E)
+                state["state"][idx] = {k: v[rows] if _is_rows(v) else v for k, v in st.items()}
+        opt.load_state_dict(state)
+
+    def _gather_rows(self, t: Tensor, what: str) -> Tensor:
+        return self.comm.all_gather_cat(t.detach(), what, group=self.comm.ep_group)
+
+    def gather_rng(self, state: dict) -> list[dict]:
+        return self.comm.all_gather_object(state, "all_gather of RNG states")
+
+    def pick_rng(self, states: list[dict]) -> dict:
+        """This rank's RNG state; a checkpoint from fewer ranks reuses rank ``r % n``'s."""
+        return states[self.rank % len(states)]
+
+    def barrier(self) -> None:
+        self.comm.barrier()
+
+    # ------------------------------------------------------------------ logging
+
+    def extra_stats(self, result: Any, model: nn.Module) -> dict:
+        """Per-rank load and straggler factor (max / mean rank load) of the computation batch,
+        drops per rank, and per-expert gradient norms gathered to all E experts."""
+        row: dict[str, Any] = {"world_size": self.world_size, "ep": self.ep}
+        if result.expert_grad_norms:
+            row["expert_grad_norm_layers"] = [
+                [round(float(g), 6) for g in self._gather_rows(e, "gather of expert grad norms")]
+                for e in result.expert_grad_norms
+            ]
+        micro = [m for m in result.moe_stats if m and "rank_load" in m[0]]
+        if not micro:
+            return row
+        n_layers = len(micro[0])
+        loads = [[m[i]["rank_load"].double() for m in micro] for i in range(n_layers)]
+        strag = [
+            sum(float(x.max() / x.mean().clamp_min(1e-9)) for x in lay) / len(lay) for lay in loads
+        ]
+        dropped_W = sum(m[i]["dropped_rank"] for m in micro for i in range(n_layers))
+        row |= {
+            "rank_load_layers": [(sum(lay) / len(lay)).tolist() for lay in loads],
+            "straggler_layers": strag,
+            "straggler": sum(strag) / len(strag),
+            "dropped_ranks": dropped_W.tolist(),
+        }
+        return row
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _cfg_dict(cfg: Any) -> Any:
+    from moelab.config import to_dict
+
+    return to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    """Where two JSON values first differ: ``key.path: a vs b``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                return _first_difference(x, y, f"{path}[{i}]")
+    return f"{path or 'value'}: {a!r} vs {b!r}"
+
+
+def _check_placement(layer: MoELayer, ep: int, world_size: int) -> None:
+    """EP must divide E; device-level losses must count the real devices (EP ranks)."""
+    E, b = layer.cfg.num_experts, layer.cfg.balance
+    if E % ep:
+        raise ValueError(
+            f"parallel.ep={ep} must divide moe.num_experts={E} (each EP rank holds "
+            f"num_experts/ep experts; world size {world_size}); allowed: a common divisor"
+        )
+    if ep > 1 and (b.device_coef > 0 or b.comm_coef > 0) and b.num_devices != ep:
+        raise ValueError(
+            f"balance.num_devices={b.num_devices} must equal parallel.ep={ep} when the device "
+            "or communication loss is on (experts are placed contiguously on the EP ranks)"
+        )
+
+
+def _grad_or_zeros(p: Tensor) -> Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def _unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    out, i = [], 0
+    for p in like:
+        out.append(flat[i : i + p.numel()].view_as(p).clone())
+        i += p.numel()
+    return out
+
+
+def _param_names(opt: torch.optim.Optimizer, model: nn.Module) -> dict[int, str]:
+    """Optimizer state-dict index -> parameter name (indices follow the param groups)."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    order = [p for g in opt.param_groups for p in g["params"]]
+    return {i: by_id[id(p)] for i, p in enumerate(order)}
+
+
+def _is_rows(v: Any) -> bool:
+    return isinstance(v, Tensor) and v.ndim >= 1
