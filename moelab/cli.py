@@ -20,6 +20,7 @@ _PLUGINS = [
     ("moelab.lab", "add_lab_parser"),
     ("moelab.hf.profile", "add_profile_parser"),
     ("moelab.hf.finetune", "add_finetune_parser"),
+    ("moelab.hf.export", "add_export_parser"),
     ("moelab.placement", "add_simulate_ep_parser"),
 ]
 

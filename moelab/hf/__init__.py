@@ -4,6 +4,8 @@
   routing entropy, co-activation and per-domain expert frequency, from the routers' own choices.
 - :func:`attach`: loss-free bias, global-scope aux loss and z-loss on a model for training.
 - :func:`finetune` / ``moelab finetune``: a small AdamW loop using :func:`attach`.
+- :func:`export_to_hf` / ``moelab export``: a trained moelab LM as ``MixtralForCausalLM``
+  (``LlamaForCausalLM`` when dense), or a one-line refusal naming what Mixtral cannot express.
 
 CLI wiring: ``add_profile_parser(subparsers)`` / ``add_finetune_parser(subparsers)`` add the
 subcommands and set ``func`` to :func:`run_profile` / :func:`run_finetune`; :func:`main` runs
@@ -16,6 +18,7 @@ import argparse
 import sys
 
 from moelab.hf.attach import STATE_FILE, BalanceHandle, StepStats, attach, disable_model_aux
+from moelab.hf.export import add_export_parser, export_problems, export_to_hf, run_export
 from moelab.hf.finetune import (
     FinetuneConfig,
     add_finetune_parser,
@@ -33,12 +36,15 @@ __all__ = [
     "NoMoERouterError",
     "RouterSite",
     "StepStats",
+    "add_export_parser",
     "add_finetune_parser",
     "add_profile_parser",
     "attach",
     "balance_from_overrides",
     "capture_routing",
     "disable_model_aux",
+    "export_problems",
+    "export_to_hf",
     "find_routers",
     "finetune",
     "load_model",
@@ -47,6 +53,7 @@ __all__ = [
     "profile_model",
     "profile_main",
     "finetune_main",
+    "run_export",
     "run_finetune",
     "run_profile",
     "select",
