@@ -12,6 +12,7 @@ per expert, which costs seconds per step at E=64 on a CPU.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -68,7 +69,20 @@ class Experts(nn.Module):
                 w.normal_(0.0, 1.0).mul_(std * scale_E.view(E, 1, 1))
 
     def forward(self, x_SD: Tensor, splits: list[int]) -> Tensor:
-        """Run expert e on rows [sum(splits[:e]), sum(splits[:e+1])): (S, D) -> (S, D)."""
+        """Run expert e on rows [sum(splits[:e]), sum(splits[:e+1])): (S, D) -> (S, D).
+
+        Without expert dropout this is one autograd node (:class:`GroupedSwiGLU`); with it,
+        the plain autograd loop :meth:`forward_split`.
+        """
+        dtype = _compute_dtype(x_SD)
+        w13, w2 = self.w13_ED2F.to(dtype), self.w2_EFD.to(dtype)
+        if self.training and self.dropout > 0:
+            return self.forward_split(x_SD.to(dtype), splits)
+        return GroupedSwiGLU.apply(x_SD.to(dtype), w13, w2, splits)
+
+    def forward_split(self, x_SD: Tensor, splits: list[int]) -> Tensor:
+        """Same as :meth:`forward` through plain autograd: ``unbind`` the stacks once, ``split``
+        the buffer by counts, one SwiGLU per expert, ``cat`` (used with expert dropout)."""
         w13s, w2s = self.w13_ED2F.unbind(0), self.w2_EFD.unbind(0)
         p = self.dropout if self.training else 0.0
         outs = []
@@ -89,6 +103,92 @@ class Experts(nn.Module):
                 y = swiglu(x_TD[tok], self.w13_ED2F[e], self.w2_EFD[e])
                 out_TD = out_TD.index_add(0, tok, y * weights_TK[tok, slot].unsqueeze(1))
         return out_TD
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the experts run in: autocast's if it is on (as ``x @ w`` would), else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def _segments(splits: list[int]) -> list[tuple[int, int, int]]:
+    """(e, start, end) for every non-empty segment of a buffer split by ``splits``."""
+    ends = list(itertools.accumulate(splits))
+    return [(e, end - n, end) for e, (n, end) in enumerate(zip(splits, ends, strict=True)) if n]
+
+
+def _empty_grad(w_EAB: Tensor, segments: list[tuple[int, int, int]]) -> Tensor:
+    """Uninitialised gradient for a weight stack; experts without tokens get zeros."""
+    g_EAB = torch.empty_like(w_EAB)
+    hit = {e for e, _, _ in segments}
+    for e in range(w_EAB.shape[0]):
+        if e not in hit:
+            g_EAB[e].zero_()
+    return g_EAB
+
+
+class GroupedSwiGLU(torch.autograd.Function):
+    """SwiGLU experts on contiguous row segments as one autograd node: (S, D) -> (S, D).
+
+    Forward and backward write each expert's matmul straight into preallocated (S, ·) buffers
+    (``torch.mm(..., out=...)``) and run the activation once over the whole buffer, so there
+    is no per-expert autograd graph, no ``cat`` of outputs or gradients and no full-size zero
+    gradient per expert. Saved for backward: x (S, D) and the fused pre-activation (S, 2F);
+    silu(gate)·up is recomputed (cheaper than storing it).
+    """
+
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, w13_ED2F: Tensor, w2_EFD: Tensor, splits: list[int]) -> Tensor:
+        S, D = x_SD.shape
+        F2 = w13_ED2F.shape[2]
+        with torch.autocast(x_SD.device.type, enabled=False):
+            x_SD = x_SD.contiguous()
+            h13_S2F = x_SD.new_empty(S, F2)
+            segments = _segments(splits)
+            for e, a, b in segments:
+                torch.mm(x_SD[a:b], w13_ED2F[e], out=h13_S2F[a:b])
+            h_SF = _swiglu_act(h13_S2F)
+            y_SD = x_SD.new_empty(S, D)
+            for e, a, b in segments:
+                torch.mm(h_SF[a:b], w2_EFD[e], out=y_SD[a:b])
+        ctx.save_for_backward(x_SD, w13_ED2F, w2_EFD, h13_S2F)
+        ctx.segments = segments
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, dy_SD: Tensor):
+        x_SD, w13_ED2F, w2_EFD, h13_S2F = ctx.saved_tensors
+        segments = ctx.segments
+        with torch.autocast(x_SD.device.type, enabled=False):
+            dy_SD = dy_SD.contiguous()
+            gate_SF, up_SF = h13_S2F.chunk(2, dim=-1)
+            sig_SF = torch.sigmoid(gate_SF)
+            silu_SF = gate_SF * sig_SF
+            h_SF = silu_SF * up_SF
+            dw2_EFD = _empty_grad(w2_EFD, segments)
+            dh_SF = torch.empty_like(h_SF)
+            for e, a, b in segments:
+                torch.mm(h_SF[a:b].t(), dy_SD[a:b], out=dw2_EFD[e])
+                torch.mm(dy_SD[a:b], w2_EFD[e].t(), out=dh_SF[a:b])
+            del h_SF
+            dh13_S2F = torch.empty_like(h13_S2F)
+            dgate_SF, dup_SF = dh13_S2F.chunk(2, dim=-1)
+            torch.mul(dh_SF, silu_SF, out=dup_SF)
+            # d silu(g)/dg = sig(g)·(1 + g·(1 − sig(g)))
+            torch.mul(dh_SF * up_SF, sig_SF * (1 + gate_SF * (1 - sig_SF)), out=dgate_SF)
+            del dh_SF, silu_SF, sig_SF
+            dw13_ED2F = _empty_grad(w13_ED2F, segments)
+            dx_SD = torch.empty_like(x_SD)
+            for e, a, b in segments:
+                torch.mm(x_SD[a:b].t(), dh13_S2F[a:b], out=dw13_ED2F[e])
+                torch.mm(dh13_S2F[a:b], w13_ED2F[e].t(), out=dx_SD[a:b])
+        return dx_SD, dw13_ED2F, dw2_EFD, None
+
+
+def _swiglu_act(h13_N2F: Tensor) -> Tensor:
+    """silu(gate)·up of a fused (N, 2F) pre-activation -> (N, F)."""
+    gate_NF, up_NF = h13_N2F.chunk(2, dim=-1)
+    return F.silu(gate_NF) * up_NF
 
 
 class SharedExperts(nn.Module):

@@ -1,0 +1,151 @@
+"""Stacked SwiGLU experts: init options, shared experts, and the fast grouped path against the
+plain autograd loop and a per-expert boolean-mask reference (outputs and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moelab import dispatch
+from moelab.experts import Experts, GroupedSwiGLU, SharedExperts, swiglu
+
+E, D, F = 6, 10, 7
+
+
+def experts(**kw) -> Experts:
+    torch.manual_seed(0)
+    return Experts(E, D, F, **kw)
+
+
+def grads(out: torch.Tensor, g: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad((out * g).sum(), tensors))
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def test_diverse_init_spreads_the_per_expert_std():
+    """init='diverse': expert stds rise evenly from 0.5x to 1.5x init_std; 'normal' keeps
+    them equal (within sampling noise)."""
+    torch.manual_seed(0)
+    big = Experts(5, 64, 64, init_std=0.02, init="diverse")
+    std_E = big.w13_ED2F.std(dim=(1, 2))
+    torch.testing.assert_close(std_E, 0.02 * torch.linspace(0.5, 1.5, 5), rtol=0.05, atol=0)
+    w2_std_E = big.w2_EFD.std(dim=(1, 2))
+    torch.testing.assert_close(
+        w2_std_E, 0.02 / 2**0.5 * torch.linspace(0.5, 1.5, 5), rtol=0.05, atol=0
+    )
+    same = Experts(5, 64, 64, init_std=0.02).w13_ED2F.detach().std(dim=(1, 2))
+    assert float(same.max() / same.min()) < 1.1
+
+
+# ----------------------------------------------------------------------------- shared experts
+
+
+def test_shared_experts_equal_the_sum_of_separate_swiglu_experts():
+    """SharedExperts(n) fuses n SwiGLU experts into one MLP of hidden n·F: its output is the
+    sum of the n experts run separately on their slices of the weights."""
+    torch.manual_seed(0)
+    n = 3
+    shared = SharedExperts(n, D, F)
+    x = torch.randn(5, D)
+    gate, up = shared.w13_D2F.chunk(2, dim=1)  # (D, n·F) each
+    total = sum(
+        swiglu(
+            x,
+            torch.cat([gate[:, i * F : (i + 1) * F], up[:, i * F : (i + 1) * F]], 1),
+            shared.w2_FD[i * F : (i + 1) * F],
+        )
+        for i in range(n)
+    )
+    torch.testing.assert_close(shared(x), total)
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+@pytest.mark.parametrize("splits", [[3, 0, 5, 2, 1, 4], [0, 0, 7, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+def test_grouped_path_equals_the_split_loop(splits):
+    """Experts.forward (one GroupedSwiGLU node) = the unbind/split autograd loop, outputs and
+    gradients of x and both weight stacks, empty experts included (zero gradient)."""
+    ex = experts()
+    S = sum(splits)
+    x = torch.randn(S, D, requires_grad=True)
+    g = torch.randn(S, D)
+    ws = (x, ex.w13_ED2F, ex.w2_EFD)
+    fast = ex(x, splits)
+    slow = ex.forward_split(x, splits)
+    torch.testing.assert_close(fast, slow)
+    for a, b in zip(grads(fast, g, *ws), grads(slow, g, *ws), strict=True):
+        torch.testing.assert_close(a, b)
+    empty = [e for e, n in enumerate(splits) if n == 0]
+    assert (grads(ex(x, splits), g, ex.w13_ED2F)[0][empty] == 0).all()
+
+
+def test_grouped_swiglu_passes_gradcheck():
+    """The hand-written backward of GroupedSwiGLU agrees with finite differences (float64)."""
+    torch.manual_seed(0)
+    splits = [2, 0, 3]
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w13 = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: GroupedSwiGLU.apply(*a, splits), (x, w13, w2))
+
+
+@pytest.mark.parametrize("capacity", [0, 3])
+def test_dispatch_and_experts_equal_the_per_expert_reference(capacity):
+    """permute -> Experts -> unpermute = Experts.forward_loop (boolean mask per expert), in
+    outputs and in gradients of x, gate weights and weights; with drops, the reference sees
+    only the kept slots."""
+    ex = experts()
+    T, K = 12, 2
+    torch.manual_seed(1)
+    x = torch.randn(T, D, requires_grad=True)
+    w_TK = torch.rand(T, K, requires_grad=True)
+    experts_TK = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    p = dispatch.plan(experts_TK, w_TK, E, capacity=capacity)
+    out = dispatch.unpermute(ex(dispatch.permute(x, p), p.splits), p, T)
+    kept_w_TK = w_TK * p.kept_TK  # dropped slots carry weight 0 in the reference
+    ref = ex.forward_loop(x, experts_TK, kept_w_TK)
+    if capacity:
+        assert int(p.dropped) > 0
+    torch.testing.assert_close(out, ref)
+    g = torch.randn(T, D)
+    ws = (x, w_TK, ex.w13_ED2F, ex.w2_EFD)
+    for a, b in zip(grads(out, g, *ws), grads(ref, g, *ws), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_expert_dropout_uses_the_autograd_loop_in_training_only():
+    """With dropout > 0: training output is random (the split loop with dropout); eval output
+    equals the dropout-free grouped path."""
+    ex = experts(dropout=0.5)
+    x = torch.randn(9, D)
+    splits = [2, 1, 0, 3, 2, 1]
+    ex.eval()
+    clean = ex(x, splits)
+    torch.testing.assert_close(clean, ex.forward_split(x, splits))
+    ex.train()
+    assert not torch.allclose(ex(x, splits), clean)
+
+
+def test_bf16_experts_run_in_bf16():
+    """bf16 weights and input: the grouped path returns bf16 close to the fp32 result."""
+    ex = experts()
+    x = torch.randn(8, D)
+    splits = [2, 2, 0, 1, 2, 1]
+    ref = ex(x, splits)
+    out = ex.to(torch.bfloat16)(x.to(torch.bfloat16), splits)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.02)
+
+
+def test_autocast_runs_experts_in_the_autocast_dtype():
+    """Under bf16 autocast fp32 inputs and weights run in bf16, as x @ w would."""
+    ex = experts()
+    x = torch.randn(6, D, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ex(x, [1, 1, 1, 1, 1, 1])
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and ex.w13_ED2F.grad.dtype == torch.float32
