@@ -90,8 +90,7 @@ class MoELayer(nn.Module):
         """x (..., D) -> MoEOutput; token_ids (...) for hash routing; mask (...) bool, False =
         padding (excluded from routing statistics, losses and expert compute)."""
         D = self.cfg.d_model
-        if x.shape[-1] != D:
-            raise ValueError(f"MoELayer input has last dim {x.shape[-1]}; expected d_model={D}")
+        _check_inputs(x, D, token_ids=token_ids, mask=mask)
         x_TD = x.reshape(-1, D)
         mask_T = None if mask is None else mask.reshape(-1).to(torch.bool)
         routing = self.router(
@@ -297,6 +296,24 @@ class MoELayer(nn.Module):
                 )
         self.step_counts.zero_()
         self.progress += 1
+
+
+def _check_inputs(
+    x: Tensor, d_model: int, *, token_ids: Tensor | None, mask: Tensor | None
+) -> None:
+    """Raise ``ValueError`` naming the argument and what is allowed for a bad input shape."""
+    if x.dim() < 1 or x.shape[-1] != d_model:
+        raise ValueError(
+            f"MoELayer input x has shape {tuple(x.shape)}; allowed: (..., d_model={d_model})"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"MoELayer input x has dtype {x.dtype}; allowed: a floating-point dtype")
+    lead = tuple(x.shape[:-1])
+    for name, t in (("mask", mask), ("token_ids", token_ids)):
+        if t is not None and tuple(t.shape) != lead:
+            raise ValueError(
+                f"MoELayer {name} has shape {tuple(t.shape)}; allowed: x's leading shape {lead}"
+            )
 
 
 def _slot_mask(routing: Routing, mask_T: Tensor | None) -> Tensor | None:
