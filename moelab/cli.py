@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 
 from moelab.checkpoint import CheckpointError
@@ -68,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if steps and steps > cfg.train.steps:  # --max-steps beyond the schedule extends it
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     summary = train(cfg, args.out, resume=args.resume, max_steps=steps, progress=not args.quiet)
-    if summary:
+    if summary and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 only
         keys = ("steps", "val_loss", "maxvio_global", "mi")
         print(json.dumps({k: summary[k] for k in keys if k in summary}))
     return 0
