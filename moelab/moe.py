@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab import balance as bal
@@ -27,6 +28,18 @@ from moelab import dispatch
 from moelab.config import MoEConfig
 from moelab.experts import Experts, SharedExperts
 from moelab.routing import Router, Routing
+
+
+class NonFiniteRouterError(ValueError):
+    """The router logits of MoE layer ``layer`` contain NaN or inf (its input or its weights)."""
+
+    def __init__(self, layer: int | None) -> None:
+        self.layer = layer
+        where = "an MoE layer" if layer is None else f"MoE layer {layer}"
+        super().__init__(
+            f"non-finite router logits (NaN or inf) in {where}; allowed: finite values "
+            "(check the layer input, router.init_std and the learning rate)"
+        )
 
 
 @dataclass
@@ -81,6 +94,8 @@ class MoELayer(nn.Module):
         self.register_buffer("aux_coef", torch.tensor(cfg.balance.aux_coef, dtype=torch.float32))
         # Set by moelab.parallel: all-reduce (E,) counts over the data-parallel ranks.
         self.reduce_counts: Callable[[Tensor], Tensor] | None = None
+        # Set by the model: this layer's index among its MoE layers (named in errors).
+        self.layer_index: int | None = None
 
     # ------------------------------------------------------------------ forward
 
@@ -93,12 +108,7 @@ class MoELayer(nn.Module):
         _check_inputs(x, D, token_ids=token_ids, mask=mask)
         x_TD = x.reshape(-1, D)
         mask_T = None if mask is None else mask.reshape(-1).to(torch.bool)
-        routing = self.router(
-            x_TD,
-            bias=self.bias if self.cfg.balance.bias_rate > 0 else None,
-            step=int(self.progress),
-            token_ids=None if token_ids is None else token_ids.reshape(-1),
-        )
+        routing = self._route(x_TD, None if token_ids is None else token_ids.reshape(-1))
         slot_mask_TK = _slot_mask(routing, mask_T)
         counts_E = _counts(routing.experts, slot_mask_TK, self.cfg.num_experts)
         # Counts of the whole computation batch (all data ranks under EP; one all-reduce).
@@ -121,6 +131,24 @@ class MoELayer(nn.Module):
             slot_mask=slot_mask_TK,
             stats=self._stats(routing, mask_T),
         )
+
+    def _route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
+        """The router's decision; NonFiniteRouterError (naming this layer) on NaN/inf logits."""
+        try:
+            return self.router(
+                x_TD,
+                bias=self.bias if self.cfg.balance.bias_rate > 0 else None,
+                step=int(self.progress),
+                token_ids=token_ids_T,
+            )
+        except ValueError as exc:
+            # route() refuses non-finite logits; find out whether that was the cause.
+            with torch.no_grad():
+                clean_TE = F.linear(x_TD.float(), self.router.weight)
+                tensors = (x_TD, clean_TE, *self.router.parameters())
+                if all(bool(torch.isfinite(t).all()) for t in tensors):
+                    raise
+            raise NonFiniteRouterError(self.layer_index) from exc
 
     def _capacity(self, num_tokens: int) -> int:
         factor = self.cfg.capacity.factor_for(self.training)
@@ -149,9 +177,12 @@ class MoELayer(nn.Module):
         )
 
     def _experts_forward(self, x_TD: Tensor, plan: dispatch.Plan) -> Tensor:
-        """Permute, run experts on contiguous segments, unpermute (overridden under EP)."""
-        y_SD = self.experts(dispatch.permute(x_TD, plan), plan.splits)
-        return dispatch.unpermute(y_SD, plan, x_TD.shape[0])
+        """Permute, run experts on contiguous segments, unpermute (overridden under EP).
+
+        Single process: the three steps as one autograd node (``Experts.forward_tokens``),
+        equal to ``unpermute(experts(permute(x)))`` with a third of the saved activations.
+        """
+        return self.experts.forward_tokens(x_TD, plan.token_S, plan.weight_S, plan.splits)
 
     # ------------------------------------------------------------------ balance
 

@@ -13,7 +13,9 @@ import json
 import math
 import os
 import random
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +37,7 @@ from moelab.data import Batcher, Corpus, DataConfig, load_corpus
 from moelab.evaluate import evaluate
 from moelab.logs import MetricsLog, step_row
 from moelab.model import ModelConfig, MoELM
+from moelab.moe import NonFiniteRouterError
 from moelab.world import LocalWorld, World, make_world
 
 PRESETS = Path(__file__).parent / "presets"
@@ -47,8 +50,9 @@ class TrainConfig:
     batch_size: sequences per optimizer step over all ranks (the global batch).
     micro_batch_size: sequences per forward pass on one rank; the rest is gradient
         accumulation. 0 = the rank's whole share in one pass.
-    nonfinite: what a NaN/inf loss or gradient does: ``stop`` (raise, naming the step) or
-        ``skip`` (drop that step's update and go on).
+    nonfinite: what NaN/inf router logits, loss or gradient do: ``stop`` (raise, naming the
+        step and the MoE layer) or ``skip`` (no update, balance accumulators reset, a
+        ``skipped`` row logged, and go on).
     eval_max_tokens: validation tokens per domain per evaluation (0 = the whole split).
     """
 
@@ -249,7 +253,12 @@ def build_model(cfg: RunConfig, corpus: Corpus) -> tuple[RunConfig, MoELM]:
 
 
 class NonFiniteError(RuntimeError):
-    """A NaN or inf loss / gradient with ``train.nonfinite = "stop"``."""
+    """NaN or inf router logits, loss or gradient with ``train.nonfinite = "stop"``."""
+
+
+# Called before every optimizer step with (step, model), step 1-based as logged (fault injection
+# in tests, custom probes). The step's data and schedule do not depend on it.
+StepHook = Callable[[int, MoELM], None]
 
 
 @dataclass
@@ -266,6 +275,7 @@ class StepResult:
     z: list[float]
     expert_grad_norms: list[Tensor]
     moe_stats: list[list[dict[str, Tensor]]] = field(default_factory=list)  # [micro][layer]
+    nonfinite: str = ""  # what was not finite when ``skipped``
 
 
 def train_step(
@@ -276,8 +286,11 @@ def train_step(
     loss_sum = aux_sum = 0.0
     micro_counts, kept, dropped, z, stats = [], None, 0, None, []
     for mb in micro:
-        with _autocast(cfg.train.dtype):
-            out = model(mb.tokens, mb.targets)
+        try:
+            with _autocast(cfg.train.dtype):
+                out = model(mb.tokens, mb.targets)
+        except NonFiniteRouterError as exc:
+            return _nonfinite(model, opt, cfg, step, str(exc))
         ((out.loss + out.aux) / n).backward()
         loss_sum += float(out.loss.detach()) / n
         aux_sum += float(out.aux.detach()) / n
@@ -292,24 +305,31 @@ def train_step(
     egn = [_expert_grad_norm(layer) for layer in model.moe_layers]
     gnorm = world.clip_grad_norm(model, cfg.train.grad_clip)
     loss_sum = world.mean(loss_sum)
-    skipped = not (math.isfinite(loss_sum) and math.isfinite(gnorm))
-    if skipped and cfg.train.nonfinite == "stop":
-        raise NonFiniteError(
-            f"non-finite loss ({loss_sum}) or gradient norm ({gnorm}) at step {step + 1}; "
-            "set train.nonfinite='skip' to skip such steps"
+    if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
+        return _nonfinite(
+            model, opt, cfg, step, f"non-finite loss ({loss_sum}) or gradient norm ({gnorm})"
         )
-    if not skipped:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.train)
-        opt.step()
-        model.end_step(cfg.train.steps)
-    else:
-        for layer in model.moe_layers:
-            layer.step_counts.zero_()
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg.train)
+    opt.step()
+    model.end_step(cfg.train.steps)
     opt.zero_grad(set_to_none=True)
     return StepResult(
-        loss_sum, aux_sum, gnorm, skipped, micro_counts, kept or [], dropped, z or [], egn, stats
+        loss_sum, aux_sum, gnorm, False, micro_counts, kept or [], dropped, z or [], egn, stats
     )
+
+
+def _nonfinite(model: MoELM, opt: torch.optim.Optimizer, cfg: RunConfig, step: int, what: str):
+    """``stop``: raise NonFiniteError naming ``what`` and the step. ``skip``: drop the step
+    (no optimizer step, gradients and balance accumulators cleared) and say so."""
+    if cfg.train.nonfinite == "stop":
+        raise NonFiniteError(
+            f"{what} at step {step + 1}; set train.nonfinite='skip' to skip such steps"
+        )
+    for layer in model.moe_layers:
+        layer.step_counts.zero_()
+    opt.zero_grad(set_to_none=True)
+    return StepResult(math.nan, math.nan, math.nan, True, [], [], 0, [], [], nonfinite=what)
 
 
 def _autocast(dtype: str):
@@ -347,12 +367,19 @@ def train(
     resume: bool = False,
     max_steps: int | None = None,
     progress: bool = True,
+    on_step: StepHook | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` writing metrics.jsonl, config.json, checkpoints and summary.json to
     ``out_dir``; returns the summary. ``max_steps`` stops early (the schedule still spans
-    ``train.steps``); ``resume`` continues from the latest checkpoint in ``out_dir``."""
+    ``train.steps``); ``resume`` continues from the latest checkpoint in ``out_dir``, or starts
+    fresh when there is none yet (so one command line serves a first run and its restarts).
+    ``on_step(step, model)`` runs before every optimizer step."""
     out = Path(out_dir)
     world = make_world(cfg.parallel) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else LocalWorld()
+    if resume and checkpoint.latest(out) is None:
+        if world.is_main:
+            print(f"moelab: no checkpoint in {str(out)!r} yet; starting fresh", file=sys.stderr)
+        resume = False
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     corpus = load_corpus(cfg.data)
@@ -383,11 +410,26 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     stop = min(cfg.train.steps, max_steps or cfg.train.steps)
+    hooks = [h for h in (on_step, _injected_crash()) if h is not None]
     summary = _loop(
-        cfg, model, opt, batcher, corpus, trackers, world, log, out, start, stop, progress
+        cfg, model, opt, batcher, corpus, trackers, world, log, out, start, stop, progress, hooks
     )
     log.close()
     return summary
+
+
+def _injected_crash() -> StepHook | None:
+    """Test-only fault: ``MOELAB_CRASH_AT_STEP=K`` raises before step K on the first attempt
+    (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so a torchrun restart runs through."""
+    at = int(os.environ.get("MOELAB_CRASH_AT_STEP", "0"))
+    if at <= 0 or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return None
+
+    def crash(step: int, model: MoELM) -> None:
+        if step == at:
+            raise RuntimeError(f"injected crash before step {at} (MOELAB_CRASH_AT_STEP)")
+
+    return crash
 
 
 def _global_batch(cfg: RunConfig, world: World) -> int:
@@ -402,7 +444,7 @@ def _global_batch(cfg: RunConfig, world: World) -> int:
 
 
 def _loop(
-    cfg, model, opt, batcher, corpus, trackers, world, log, out, start, stop, progress
+    cfg, model, opt, batcher, corpus, trackers, world, log, out, start, stop, progress, hooks
 ) -> dict[str, Any]:
     tokens_per_step = (
         cfg.train.batch_size
@@ -416,11 +458,16 @@ def _loop(
             step if cfg.parallel.batch == "global" else step * world.dp_size + world.dp_rank
         )
         batcher.step = step + 1
+        for hook in hooks:
+            hook(step + 1, model)
         r = train_step(model, opt, _micro_batches(batch, cfg, world), cfg, world, step)
-        for tr, c in zip(trackers, _step_counts(r), strict=True):
-            tr.update(c)
         done = step + 1
-        if done % cfg.train.log_every == 0 or done == 1 or done == stop:
+        if r.skipped:
+            log.write({"step": done, "skipped": True, "nonfinite": r.nonfinite})
+        else:
+            for tr, c in zip(trackers, _step_counts(r), strict=True):
+                tr.update(c)
+        if not r.skipped and (done % cfg.train.log_every == 0 or done == 1 or done == stop):
             elapsed = time.perf_counter() - t0
             row = step_row(
                 done,
@@ -485,6 +532,7 @@ def _summary(cfg, model, last_eval, stop, tokens_per_step, elapsed, out, world) 
 
 
 def _save(out, cfg, model, opt, batcher, trackers, world, step) -> None:
+    """Full (single-process layout) state; every rank checks it is finite, rank 0 writes."""
     state = {
         "model": world.full_state_dict(model),
         "optimizer": world.optimizer_state(opt, model),
@@ -493,7 +541,9 @@ def _save(out, cfg, model, opt, batcher, trackers, world, step) -> None:
         "rng": world.gather_rng(rng_state()),
         "step": step,
         "config": to_dict(cfg),
+        "layout": {"world_size": world.world_size, "ep": cfg.parallel.ep},
     }
+    checkpoint.check_finite(state, step)  # on every rank, so that all of them stop together
     if world.is_main:
         checkpoint.save(out, state, step, keep=cfg.train.keep_checkpoints)
     world.barrier()
@@ -506,6 +556,7 @@ def _restore(out, cfg, model, opt, batcher, trackers, world) -> int:
             f"checkpoint in {str(out)!r} was written for another model config; resume with "
             "the same config or start a new --out folder"
         )
+    _check_layout(out, cfg, world, state.get("layout"))
     world.load_full_state_dict(model, state["model"])
     world.load_optimizer_state(opt, model, state["optimizer"])
     batcher.load_state_dict(state["batcher"])
@@ -513,3 +564,15 @@ def _restore(out, cfg, model, opt, batcher, trackers, world) -> int:
         t.load_state_dict(s)
     set_rng_state(world.pick_rng(state["rng"]))
     return int(state["step"])
+
+
+def _check_layout(out, cfg: RunConfig, world: World, saved: dict | None) -> None:
+    """Checkpoints hold the single-process layout, so any EP size loads (experts re-sharded);
+    with ``parallel.batch = "per_rank"`` the world size sets the batch and must not change."""
+    if saved is None or cfg.parallel.batch != "per_rank" or saved["world_size"] == world.world_size:
+        return
+    raise checkpoint.CheckpointError(
+        f"checkpoint in {str(out)!r} was written by {saved['world_size']} ranks with "
+        f"parallel.batch='per_rank' (batch of {saved['world_size']}x{cfg.train.batch_size} "
+        f"sequences); resume with {saved['world_size']} ranks or start a new --out folder"
+    )
