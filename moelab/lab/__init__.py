@@ -1,0 +1,240 @@
+"""``moelab lab``: run the experiment suite (``experiments/*.toml``) and report it.
+
+``lab run NAME [--quick] [--seeds N] [--out DIR]`` trains every variant through
+``moelab.train.train``, runs the experiment's analysis, applies its verdict checks and writes
+``result.json`` + PNGs; ``lab list`` lists experiments; ``lab report`` writes one HTML page
+and ``results/README.md`` from every ``results/*/result.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from moelab.lab.spec import VERDICTS, Experiment, decide, experiment_names, load_experiment
+
+__all__ = ["add_lab_parser", "run_experiment", "decide", "VERDICTS"]
+
+
+def run_experiment(
+    exp: Experiment,
+    out: Path,
+    *,
+    quick: bool = False,
+    seeds: int | None = None,
+    variants: list[str] | None = None,
+    cached_only: bool = False,
+) -> dict[str, Any]:
+    """Train all variants (× seeds), analyse, decide the verdict, write result.json + PNGs."""
+    from moelab.lab import analysis, plots, runner
+
+    t0 = time.time()
+    n_seeds = seeds or (1 if quick else exp.seeds)
+    snapshots = int(exp.options.get("snapshots", 0))
+    if quick and snapshots:
+        snapshots = 2
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[Path]] = {}
+    table: dict[str, Any] = {}
+    setup: dict[str, Any] = {}
+    for name in variants or exp.variant_names(quick):
+        if name not in exp.variants:
+            raise ValueError(f"{exp.name}: no variant {name!r}; variants: {list(exp.variants)}")
+        dirs, nums = [], []
+        for seed in range(n_seeds):
+            cfg = exp.run_config(name, quick=quick, seed=seed)
+            if cached_only and not runner.is_cached(cfg, snapshots):
+                continue
+            print(f"[lab] {exp.name}: {name} seed {seed}", flush=True)
+            d = runner.train_cached(cfg, snapshots=snapshots)
+            dirs.append(d)
+            nums.append(runner.collect(d))
+        if dirs:
+            runs[name], table[name] = dirs, runner.aggregate(nums)
+            setup[name] = _setup(cfg)
+    missing = [v for v in variants or exp.variant_names(quick) if v not in runs]
+    kind = analysis.KINDS[exp.analysis]
+    try:
+        extra, figs = kind(exp, runs) if kind else ({}, {})
+        for name, vals in analysis.extra_evals(exp, runs).items():
+            table[name].update({k: {"mean": v, "std": 0.0, "n": 1} for k, v in vals.items()})
+    except Exception as exc:  # keep the trained numbers; the error is reported in result.json
+        print(f"[lab] {exp.name}: analysis failed: {exc!r}", flush=True)
+        extra, figs = {"error": repr(exc)}, {}
+    figs["curves"] = plots.training_curves({n: runner.curves(d[0]) for n, d in runs.items()})
+    figs["pareto"] = plots.pareto(table)
+    numbers = {**table, "analysis": extra}
+    verdict, checks = decide(exp.checks, numbers)
+    result = {
+        "name": exp.name,
+        "number": exp.number,
+        "title": exp.title,
+        "claim": exp.claim,
+        "verdict": verdict,
+        "checks": checks,
+        "quick": quick,
+        "seeds": n_seeds,
+        "variants_run": list(runs),
+        "missing_variants": missing,
+        "paper": exp.paper,
+        "measured": table,
+        "analysis": extra,
+        "setup": setup,
+        "batch_tokens": _first(setup, "batch_tokens"),
+        "tokens_per_expert_per_step": _first(setup, "tokens_per_expert_per_step"),
+        "wall_seconds": round(time.time() - t0, 1),
+        "plots": [],
+    }
+    for stem, fig in figs.items():
+        plots.save(fig, out / f"{stem}.png")
+        result["plots"].append(f"{stem}.png")
+    (out / "result.json").write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+def _setup(cfg) -> dict[str, Any]:
+    """Batch sizes in tokens: global, computation (micro) batch, and per expert per step."""
+    moe = cfg.model.moe
+    B, L = cfg.train.batch_size, cfg.data.seq_len
+    micro = cfg.train.micro_batch_size or B
+    tok = B * L
+    k, E = (moe.top_k, moe.num_experts) if moe else (0, 1)
+    return {
+        "batch_tokens": tok,
+        "micro_batch_tokens": micro * L,
+        "tokens_per_expert_per_step": tok * k / E,
+        "tokens_per_expert_per_micro_batch": micro * L * k / E,
+        "steps": cfg.train.steps,
+        "train_tokens": tok * cfg.train.steps,
+        "num_experts": E,
+        "top_k": k,
+    }
+
+
+def _first(setup: dict[str, Any], key: str) -> Any:
+    return next(iter(setup.values()))[key] if setup else None
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _variants(exp: Experiment, choice: str | None, quick: bool) -> list[str]:
+    if choice == "reduced":
+        return exp.options.get("reduced_variants") or exp.variant_names(quick)
+    if choice and choice != "all":
+        return choice.split(",")
+    return list(exp.variants) if choice == "all" else exp.variant_names(quick)
+
+
+def pretrain(
+    jobs: list[tuple[Experiment, list[str]]], *, quick: bool, seeds: int | None, workers: int
+) -> None:
+    """Train the distinct runs of several experiments in parallel processes (cache warm-up)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from moelab.lab import runner
+
+    todo = {}
+    for exp, variants in jobs:
+        snaps = int(exp.options.get("snapshots", 0))
+        snaps = 2 if quick and snaps else snaps
+        for v in variants:
+            for seed in range(seeds or (1 if quick else exp.seeds)):
+                cfg = exp.run_config(v, quick=quick, seed=seed)
+                todo.setdefault(runner.run_key(cfg, snaps), (cfg, snaps))
+    with ProcessPoolExecutor(workers) as pool:
+        futs = [pool.submit(runner.train_cached, cfg, snapshots=s) for cfg, s in todo.values()]
+        for f in futs:
+            try:
+                f.result()
+            except Exception as exc:  # reported again when the experiment itself runs
+                print(f"[lab] pretrain failed: {exc}", flush=True)
+
+
+def rescore(exp: Experiment, path: Path) -> dict[str, Any]:
+    """Re-apply the experiment's checks to the numbers of an existing result.json."""
+    res = json.loads(path.read_text())
+    verdict, checks = decide(exp.checks, {**res["measured"], "analysis": res["analysis"]})
+    res |= {"verdict": verdict, "checks": checks}
+    path.write_text(json.dumps(res, indent=1, default=float))
+    return res
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    exps = [load_experiment(n) for n in args.names]
+    if args.rescore:
+        for exp in exps:
+            out = Path(args.out or f"results/{exp.name}")
+            print(f"{exp.name}: {rescore(exp, out / 'result.json')['verdict']}")
+        return 0
+    if args.out and len(exps) > 1:
+        raise ValueError("--out needs a single experiment name")
+    jobs = [(e, _variants(e, args.variants, args.quick)) for e in exps]
+    if args.jobs > 1 or args.pretrain_only:
+        pretrain(jobs, quick=args.quick, seeds=args.seeds, workers=args.jobs)
+    if args.pretrain_only:
+        return 0
+    for exp, variants in jobs:
+        out = Path(args.out or f"results/{exp.name}" + ("-quick" if args.quick else ""))
+        res = run_experiment(
+            exp,
+            out,
+            quick=args.quick,
+            seeds=args.seeds,
+            variants=variants,
+            cached_only=args.cached_only,
+        )
+        print(f"{exp.name}: {res['verdict']} ({res['wall_seconds']} s) -> {out / 'result.json'}")
+        for c in res["checks"]:
+            print(f"  [{'x' if c['passed'] else ' '}] {c['check']}: {c['lhs']} vs {c['bound']}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for name in experiment_names():
+        exp = load_experiment(name)
+        print(f"{exp.number:>3}  {name:<22} {exp.title}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from moelab.lab.report import write_report
+
+    paths = write_report(Path(args.results))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def add_lab_parser(subparsers) -> None:
+    """Add ``lab`` with ``run``, ``list`` and ``report`` to the moelab CLI."""
+    p = subparsers.add_parser("lab", help="run the experiment suite and report it")
+    sub = p.add_subparsers(dest="lab_cmd", required=True)
+    r = sub.add_parser("run", help="run one experiment (experiments/NAME.toml)")
+    r.add_argument("names", nargs="+", metavar="NAME", help="experiment name(s), see `lab list`")
+    r.add_argument(
+        "--jobs", type=int, default=1, help="train the runs in this many parallel processes"
+    )
+    r.add_argument("--quick", action="store_true", help="CI-sized smoke version (~1 min)")
+    r.add_argument(
+        "--seeds", type=int, default=None, help="seeds per variant (default: the file's)"
+    )
+    r.add_argument("--out", default=None, help="output folder (default results/NAME)")
+    r.add_argument(
+        "--variants", default=None, help="'all', 'reduced' (the file's reduced set) or a,b,c"
+    )
+    r.add_argument(
+        "--cached-only", action="store_true", help="analyse only the runs already trained"
+    )
+    r.add_argument(
+        "--rescore", action="store_true", help="re-apply the checks to an existing result.json"
+    )
+    r.add_argument("--pretrain-only", action="store_true", help="train the runs, no analysis")
+    r.set_defaults(func=cmd_run)
+    ls = sub.add_parser("list", help="list the experiments")
+    ls.set_defaults(func=cmd_list)
+    rep = sub.add_parser("report", help="HTML page + results/README.md from results/*")
+    rep.add_argument("--results", default="results")
+    rep.set_defaults(func=cmd_report)

@@ -1,0 +1,297 @@
+"""Analyses beyond the per-variant table, one function per experiment kind.
+
+Each takes ``{variant: [run folder per seed]}`` plus the experiment and returns
+``(numbers, figures)``: a JSON-friendly dict merged into ``result.json`` under ``analysis`` and
+``{file stem: matplotlib Figure}``. Legend: T tokens, K slots, E experts, N chunks, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moelab import metrics
+from moelab.evaluate import evaluate
+from moelab.inspect import load_trained
+from moelab.lab import plots
+from moelab.lab.runner import route_stream, val_stream
+from moelab.logs import read_rows
+from moelab.train import build_config
+
+Runs = dict[str, list[Path]]
+
+
+def sampling_maxvio(tokens: int, num_experts: int, top_k: int, *, trials: int = 64) -> float:
+    """Mean MaxVio of a perfectly balanced *random* router on ``tokens`` tokens (1/√n floor)."""
+    g = torch.Generator().manual_seed(0)
+    picks_NTK = torch.rand(trials, tokens, num_experts, generator=g).topk(top_k, -1).indices
+    counts_NE = torch.zeros(trials, num_experts).scatter_add_(
+        1, picks_NTK.reshape(trials, -1), torch.ones(trials, tokens * top_k)
+    )
+    return float(metrics.max_violation(counts_NE).mean())
+
+
+def chunk_curve(
+    layers: list[tuple[Tensor, Tensor | None]], E: int, sizes: list[int]
+) -> list[float]:
+    """Mean over layers and chunks of MaxVio of consecutive chunks of each size."""
+    out = []
+    for c in sizes:
+        vals = [float(metrics.maxvio_by_chunks(e, E, c, mask=m).mean()) for e, m in layers]
+        out.append(sum(vals) / len(vals))
+    return out
+
+
+def _routed(run_dir: Path, max_seqs: int = 0):
+    run = load_trained(run_dir)
+    tokens_BL = val_stream(run.corpus, run.cfg, max_seqs=max_seqs)
+    return run, tokens_BL, route_stream(run.model, tokens_BL)
+
+
+# ----------------------------------------------------------------------------- kinds
+
+
+def chunks(exp, runs: Runs) -> tuple[dict, dict]:
+    """Wang et al. Fig. 5: MaxVio of trained models on chunks of 2^6 … 2^14 tokens."""
+    res: dict[str, Any] = {}
+    sizes: list[int] = []
+    for name, dirs in runs.items():
+        run, tokens_BL, layers = _routed(dirs[0])
+        T, E, K = tokens_BL.numel(), run.cfg.model.moe.num_experts, run.cfg.model.moe.top_k
+        sizes = [2**p for p in range(6, 15) if 2**p <= T // 2]
+        curve = chunk_curve(layers, E, sizes)
+        res[name] = {"curve": curve, "fall": curve[-1] / max(curve[-5], 1e-9), "at_max": curve[-1]}
+    res["sizes"] = sizes
+    res["reference"] = [sampling_maxvio(n, E, K) for n in sizes]
+    res["reference_fall"] = res["reference"][-1] / res["reference"][-5]
+    return res, {"chunks": plots.chunk_plot(res)}
+
+
+def scope(exp, runs: Runs) -> tuple[dict, dict]:
+    """Domain specialisation heatmaps, MI and balance on the held-out domain."""
+    res: dict[str, Any] = {}
+    heat = {}
+    for name, dirs in runs.items():
+        per_seed = []
+        for d in dirs:
+            ev = [r for r in read_rows(d / "metrics.jsonl") if "domain_freq_layers" in r][-1]
+            cfg = json.loads((d / "config.json").read_text())
+            domains = [k.split("/", 1)[1] for k in ev if k.startswith("val_loss/")]
+            freq_LDE = torch.tensor(ev["domain_freq_layers"], dtype=torch.float64)
+            hold = [domains.index(h) for h in cfg["data"]["holdout_domains"] if h in domains]
+            seen = [i for i in range(len(domains)) if i not in hold]
+            row = {
+                "in_domain_maxvio": float(metrics.max_violation(freq_LDE[:, seen]).mean()),
+                "holdout_maxvio": (
+                    float(metrics.max_violation(freq_LDE[:, hold]).mean()) if hold else None
+                ),
+            }
+            per_seed.append(row)
+            heat[name] = (domains, freq_LDE[-1].numpy())
+        res[name] = {
+            k: float(np.mean([r[k] for r in per_seed]))
+            for k in per_seed[0]
+            if per_seed[0][k] is not None
+        }
+    return res, {"domain_heatmaps": plots.heatmaps(heat)}
+
+
+def batch_size(exp, runs: Runs) -> tuple[dict, dict]:
+    """Seed 000: f_i spread, router-gradient noise, drop rate at CF 1.25 vs batch tokens."""
+    res: dict[str, Any] = {}
+    for name, dirs in runs.items():
+        run, tokens_BL, layers = _routed(dirs[0])
+        B, L = run.cfg.train.batch_size, run.cfg.data.seq_len
+        E, K = run.cfg.model.moe.num_experts, run.cfg.model.moe.top_k
+        n = min(B * L, tokens_BL.numel() // 2)
+        res[name] = {
+            "batch_tokens": B * L,
+            "tokens_per_expert": B * L * K / E,
+            "f_spread": _f_spread(layers, E, K, n),
+            "drop_cf125": _drop_at_cf(layers, E, K, n, 1.25),
+            **_grad_noise(run.model, tokens_BL, B),
+            **fluctuation_numbers(dirs[0]),
+            "reference_maxvio": sampling_maxvio(n, E, K),
+        }
+    return res, {"batch_size": plots.batch_plot(res)}
+
+
+def _f_spread(layers, E: int, K: int, n: int) -> float:
+    """Std over chunks of the load fraction f_i = E·c_i/(K·n), mean over experts and layers."""
+    vals = []
+    for e, m in layers:
+        c = e.shape[0] // n
+        counts_NE = metrics._counts_per_row(
+            e[: c * n].reshape(c, n, -1), E, None if m is None else m[: c * n].reshape(c, n, -1)
+        ).double()
+        vals.append(float((counts_NE * E / (K * n)).std(0).mean()))
+    return sum(vals) / len(vals)
+
+
+def _drop_at_cf(layers, E: int, K: int, n: int, cf: float) -> float:
+    """Share of slots over capacity ceil(n·K/E·CF) per chunk of n tokens (no training change)."""
+    cap = math.ceil(n * K / E * cf)
+    over = total = 0
+    for e, m in layers:
+        c = e.shape[0] // n
+        counts_NE = metrics._counts_per_row(
+            e[: c * n].reshape(c, n, -1), E, None if m is None else m[: c * n].reshape(c, n, -1)
+        )
+        over += int((counts_NE - cap).clamp_min(0).sum())
+        total += int(counts_NE.sum())
+    return over / max(total, 1)
+
+
+def _grad_noise(model, tokens_BL: Tensor, batch: int, n_batches: int = 6) -> dict[str, float]:
+    """Router-gradient noise: relative variance and cosine of consecutive batches' gradients."""
+    model.train()
+    grads = []
+    for i in range(n_batches):
+        x = tokens_BL[i * batch : (i + 1) * batch]
+        if len(x) < batch:
+            break
+        model.zero_grad()
+        out = model(x[:, :-1], x[:, 1:])
+        out.loss.backward()
+        g = [
+            p.grad.flatten()
+            for n, p in model.named_parameters()
+            if "router" in n and p.grad is not None
+        ]
+        grads.append(torch.cat(g).clone())
+    model.zero_grad()
+    model.eval()
+    if len(grads) < 2:
+        return {}
+    G = torch.stack(grads)
+    cos = [
+        float(torch.nn.functional.cosine_similarity(G[i], G[i + 1], 0)) for i in range(len(G) - 1)
+    ]
+    rel_var = float(G.var(0).sum() / G.mean(0).pow(2).sum().clamp_min(1e-12))
+    return {"grad_cos": float(np.mean(cos)), "grad_rel_var": rel_var}
+
+
+def fluctuation_numbers(run_dir: Path) -> dict[str, Any]:
+    """StableMoE last-change step fractions and OLMoE saturation from the run's snapshots."""
+    path = run_dir / "snapshots.pt"
+    if not path.exists():
+        return {}
+    snap = torch.load(path)
+    steps, experts = snap["steps"], snap["experts"]  # experts[snapshot][layer] (T, K)
+    out: dict[str, Any] = {"snapshot_steps": steps}
+    lasts = [
+        metrics.last_change_step([s[j] for s in experts], steps) for j in range(len(experts[0]))
+    ]
+    last_T = torch.cat(lasts)
+    for f in (0.2, 0.5, 0.8):
+        out[f"changed_after_{int(f * 100)}"] = metrics.fraction_changed_after(last_T, steps, f)
+    out["saturation"] = [
+        float(np.mean([metrics.router_saturation(s[j], experts[-1][j]) for j in range(len(s))]))
+        for s in experts
+    ]
+    out["last_change_hist"] = [float((last_T == s).double().mean()) for s in steps]
+    return out
+
+
+def fluctuation(exp, runs: Runs) -> tuple[dict, dict]:
+    res = {name: fluctuation_numbers(dirs[0]) for name, dirs in runs.items()}
+    return res, {"fluctuation": plots.fluctuation_plot(res)}
+
+
+def leakage(exp, runs: Runs) -> tuple[dict, dict]:
+    """Wang et al. §5.2: val loss when the MoE layers route chunks of c tokens, in sequence
+    order (``contig``) or after a fixed shuffle of tokens across the batch (``shuffled``)."""
+    chunk = int(exp.options.get("eval_chunk", 64))
+    res: dict[str, Any] = {"chunk": chunk}
+    for name, dirs in runs.items():
+        run = load_trained(dirs[0])
+        tokens_BL = val_stream(run.corpus, run.cfg, max_seqs=int(exp.options.get("eval_seqs", 64)))
+        res[name] = {
+            mode: _chunked_loss(run.model, tokens_BL, chunk, mode)
+            for mode in ("contig", "shuffled", "whole")
+        }
+        res[name]["shuffle_gap"] = res[name]["shuffled"] - res[name]["contig"]
+    return res, {"leakage": plots.leakage_plot(res)}
+
+
+@torch.no_grad()
+def _chunked_loss(model, tokens_BL: Tensor, chunk: int, mode: str) -> float:
+    """Next-token loss with every MoE layer routing groups of ``chunk`` tokens."""
+    originals = []
+    for layer in model.moe_layers:
+        originals.append(layer.forward)
+        if mode != "whole":
+            layer.forward = _chunked_forward(layer.forward, chunk, shuffle=mode == "shuffled")
+    try:
+        x = tokens_BL
+        out = model(x[:, :-1], x[:, 1:])
+        return float(out.loss)
+    finally:
+        for layer, f in zip(model.moe_layers, originals, strict=True):
+            layer.forward = f
+
+
+def _chunked_forward(forward, chunk: int, *, shuffle: bool):
+    def wrapped(x: Tensor, **kw):
+        D = x.shape[-1]
+        x_TD = x.reshape(-1, D)
+        T = x_TD.shape[0]
+        perm = (
+            torch.randperm(T, generator=torch.Generator().manual_seed(0))
+            if shuffle
+            else torch.arange(T)
+        )
+        ids = kw.get("token_ids")
+        ids_T = None if ids is None else ids.reshape(-1)[perm]
+        outs, first = [], None
+        for s in range(0, T, chunk):
+            sl = perm[s : s + chunk]
+            o = forward(x_TD[sl], token_ids=None if ids_T is None else ids_T[s : s + chunk])
+            first = first or o
+            outs.append(o.output)
+        y_TD = torch.empty_like(x_TD)
+        y_TD[perm] = torch.cat(outs)
+        return dataclasses.replace(first, output=y_TD.reshape(x.shape))
+
+    return wrapped
+
+
+def extra_evals(exp, runs: Runs) -> dict[str, Any]:
+    """``eval_overrides``: re-evaluate each final model under other settings (e.g. dropless)."""
+    spec = exp.options.get("eval_overrides", {})
+    res: dict[str, Any] = {}
+    for name, dirs in runs.items():
+        for label, overrides in spec.items():
+            vals = []
+            for d in dirs:
+                run = load_trained(d)
+                cfg = build_config(json.loads((d / "config.json").read_text()), overrides)
+                model = type(run.model)(cfg.model)
+                model.load_state_dict(run.model.state_dict())
+                ev = evaluate(
+                    model,
+                    run.corpus,
+                    batch_size=cfg.train.batch_size,
+                    seq_len=cfg.data.seq_len,
+                    max_tokens=cfg.train.eval_max_tokens,
+                )
+                vals.append(ev["val_loss"])
+            res.setdefault(name, {})[f"val_loss_{label}"] = float(np.mean(vals))
+    return res
+
+
+KINDS = {
+    "balance": None,
+    "chunks": chunks,
+    "scope": scope,
+    "batch_size": batch_size,
+    "leakage": leakage,
+    "fluctuation": fluctuation,
+}

@@ -1,0 +1,184 @@
+"""Train an experiment's variants through ``moelab.train.train`` and collect their numbers.
+
+Runs are cached by the hash of their resolved config under ``runs/lab/cache/`` so that a
+variant shared by several experiments (e.g. the loss-free model of experiments 1, 3 and 4)
+trains once. ``snapshots=N`` trains in N segments (``max_steps`` + ``resume``) and routes a
+fixed validation stream after each, for routing fluctuation and saturation.
+
+Legend: B sequences, L sequence length, T tokens, K slots per token, E experts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moelab import metrics
+from moelab.config import to_dict
+from moelab.inspect import load_trained
+from moelab.logs import read_rows
+from moelab.train import RunConfig, train
+
+CACHE = Path("runs/lab/cache")
+
+
+def run_key(cfg: RunConfig, snapshots: int) -> str:
+    blob = json.dumps([to_dict(cfg), snapshots], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def is_cached(cfg: RunConfig, snapshots: int = 0, cache: Path = CACHE) -> bool:
+    out = cache / run_key(cfg, snapshots)
+    return (out / "summary.json").exists() and (not snapshots or (out / "snapshots.pt").exists())
+
+
+def train_cached(cfg: RunConfig, *, snapshots: int = 0, cache: Path = CACHE) -> Path:
+    """Train ``cfg`` unless an identical finished run exists; returns the run folder."""
+    out = cache / run_key(cfg, snapshots)
+    if is_cached(cfg, snapshots, cache):
+        return out
+    if not snapshots:
+        train(cfg, out, progress=False)
+        return out
+    steps = _snapshot_steps(cfg.train.steps, snapshots)
+    snaps = []
+    for i, stop in enumerate(steps):
+        train(cfg, out, resume=i > 0, max_steps=stop, progress=False)
+        run = load_trained(out)
+        snaps.append([e for e, _ in route_stream(run.model, val_stream(run.corpus, cfg))])
+    torch.save({"steps": steps, "experts": snaps}, out / "snapshots.pt")
+    return out
+
+
+def _snapshot_steps(total: int, n: int) -> list[int]:
+    return sorted({max(1, round(total * (i + 1) / n)) for i in range(n)})
+
+
+def val_stream(corpus, cfg: RunConfig, *, max_seqs: int = 0, seed: int = 0) -> Tensor:
+    """(B, L) validation sequences of the training domains, interleaved by a fixed shuffle.
+
+    ``max_seqs`` caps B (0 = ``lab_val_tokens`` worth: 32768 tokens).
+    """
+    L = cfg.data.seq_len
+    seqs = []
+    for name in corpus.domains:
+        if name in corpus.holdout:
+            continue
+        ids = corpus.val[name].astype(np.int64)
+        n = (len(ids) - 1) // L
+        seqs.append(ids[: n * L].reshape(n, L))
+    x = np.concatenate(seqs)
+    x = x[np.random.default_rng(seed).permutation(len(x))]
+    cap = max_seqs or max(1, 32768 // L)
+    return torch.from_numpy(x[:cap])
+
+
+@torch.no_grad()
+def route_stream(
+    model, tokens_BL: Tensor, *, batch: int = 16
+) -> list[tuple[Tensor, Tensor | None]]:
+    """Per MoE layer ``(experts (T, K), slot mask (T, K) or None)`` over the stream, in order."""
+    per_layer: list[list[tuple[Tensor, Tensor | None]]] = []
+    for i in range(0, len(tokens_BL), batch):
+        out = model(tokens_BL[i : i + batch])
+        for j, o in enumerate(out.moe):
+            if len(per_layer) <= j:
+                per_layer.append([])
+            per_layer[j].append((o.experts, o.slot_mask))
+    result = []
+    for parts in per_layer:
+        experts = torch.cat([e for e, _ in parts])
+        masks = [m for _, m in parts]
+        result.append((experts, None if masks[0] is None else torch.cat(masks)))
+    return result
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def collect(run_dir: Path) -> dict[str, Any]:
+    """Scalar numbers and curves of one finished run (summary, eval row and training log)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = read_rows(run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    counts_lE = torch.tensor(evals[-1]["counts_layers"], dtype=torch.float64) if evals else None
+    tail = train_rows[-max(1, len(train_rows) // 4) :]
+    num = {
+        k: summary.get(k)
+        for k in ("val_loss", "maxvio_global", "maxvio_seq", "mi", "tokens", "steps")
+    }
+    num |= {
+        "seconds_per_step": summary["seconds"] / max(1, summary["steps"]),
+        "maxvio_batch_tail": _mean(r.get("maxvio_batch") for r in tail),
+        "drop_rate": _mean(r.get("drop_rate") for r in train_rows[1:]),
+        "dead_window": _last(train_rows, "dead_window_layers"),
+        "dead_train_batch": _last(train_rows, "dead_layers"),
+        "spikes": count_spikes([r["loss"] for r in train_rows]),
+        "max_z": max((max(r.get("z_layers") or [0]) for r in train_rows), default=0.0),
+    }
+    if counts_lE is not None:
+        num |= {
+            "dead_val": int(metrics.dead_experts(counts_lE).sum()),
+            "max_over_mean": float(metrics.max_over_mean(counts_lE).mean()),
+            "cv": float(metrics.cv(counts_lE).mean()),
+        }
+    for key, value in summary.items():
+        if key.startswith("val_loss/"):
+            num[key.replace("/", ":")] = value
+    return num
+
+
+def curves(run_dir: Path) -> dict[str, list]:
+    rows = [r for r in read_rows(run_dir / "metrics.jsonl") if "loss" in r]
+    return {
+        "step": [r["step"] for r in rows],
+        "loss": [r["loss"] for r in rows],
+        "maxvio_batch": [r.get("maxvio_batch", 0.0) for r in rows],
+        "dead": [sum(r.get("dead_window_layers", [])) for r in rows],
+        "drop_rate": [r.get("drop_rate", 0.0) for r in rows],
+    }
+
+
+def count_spikes(losses: list[float], *, ratio: float = 1.2, skip: int = 3) -> int:
+    """Loss spikes: logged losses above ``ratio`` × the running minimum (after ``skip`` rows)."""
+    best, n = math.inf, 0
+    for i, v in enumerate(losses):
+        if not math.isfinite(v):
+            n += 1
+            continue
+        if i >= skip and v > ratio * best:
+            n += 1
+        best = min(best, v)
+    return n
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if isinstance(v, (int, float))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _last(rows: list[dict], key: str) -> int | None:
+    for r in reversed(rows):
+        if key in r:
+            return int(sum(r[key]))
+    return None
+
+
+def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std over seeds of every numeric key (std 0 for one seed)."""
+    out: dict[str, Any] = {}
+    for key in per_seed[0]:
+        vals = [s.get(key) for s in per_seed if isinstance(s.get(key), (int, float))]
+        if not vals:
+            continue
+        arr = np.asarray(vals, dtype=np.float64)
+        out[key] = {"mean": float(arr.mean()), "std": float(arr.std()), "n": len(vals)}
+    return out

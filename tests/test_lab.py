@@ -1,0 +1,87 @@
+"""The lab: experiment files parse and build, the CLI lists and runs them, verdict rules."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+
+from moelab.lab import add_lab_parser
+from moelab.lab.spec import VERDICTS, Check, decide, experiment_names, load_experiment
+
+REQUIRED = {"name", "claim", "verdict", "measured", "paper", "batch_tokens",
+            "tokens_per_expert_per_step"}  # fmt: skip
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_lab_parser(p.add_subparsers(dest="cmd"))
+    return p.parse_args(argv)
+
+
+def test_list_shows_every_experiment(capsys):
+    """`lab list` prints one line per experiments/*.toml, all ten of the issue's (+7b)."""
+    args = _parse(["lab", "list"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    names = experiment_names()
+    assert len(names) >= 11
+    for n in names:
+        assert n in out
+
+
+@pytest.mark.parametrize("name", experiment_names())
+def test_experiment_parses_and_variants_build(name):
+    """Every experiment has a claim, paper numbers, checks, and valid RunConfigs (quick too)."""
+    exp = load_experiment(name)
+    assert exp.claim and exp.paper and exp.checks and exp.variants
+    for v in exp.variants:
+        assert exp.run_config(v).model.moe is not None
+    for v in exp.variant_names(quick=True):
+        cfg = exp.run_config(v, quick=True)
+        assert cfg.train.steps <= 20, "quick versions must stay CI-sized"
+
+
+def test_verdict_rules_on_synthetic_numbers():
+    """All checks pass -> reproduced; some -> partial; none -> not_reproduced; missing = failed."""
+    checks = [
+        Check("aux.maxvio_global", "<", "none.maxvio_global", factor=0.5),
+        Check("none.val_loss", ">", "lf.val_loss"),
+    ]
+
+    def nums(aux_mv, none_loss):
+        return {
+            "aux": {"maxvio_global": {"mean": aux_mv, "std": 0.0}},
+            "none": {"maxvio_global": {"mean": 4.0}, "val_loss": {"mean": none_loss}},
+            "lf": {"val_loss": {"mean": 5.0}},
+        }
+
+    assert decide(checks, nums(0.3, 5.1))[0] == "reproduced"
+    assert decide(checks, nums(3.0, 5.1))[0] == "partial"
+    assert decide(checks, nums(3.0, 4.9))[0] == "not_reproduced"
+    verdict, rows = decide(checks, {"aux": {}})
+    assert verdict == "not_reproduced" and rows[0]["undecided"]
+    assert Check("a.x", "<", 1.0, offset=0.5).evaluate({"a": {"x": 1.2}})["passed"]
+
+
+def test_lab_run_quick_end_to_end(tmp_path, monkeypatch):
+    """`lab run collapse --quick` through the CLI function writes result.json + PNGs."""
+    from moelab.lab import runner
+
+    monkeypatch.setattr(runner, "CACHE", tmp_path / "cache")
+    exp = load_experiment("collapse")
+    # CI-sized even for a test: 3 steps, 1 layer, tiny batches.
+    shrink = ["train.steps=3", "model.n_layers=1", "train.batch_size=4", "data.seq_len=32",
+              "train.eval_max_tokens=512", "train.log_every=1", "train.warmup_steps=1"]  # fmt: skip
+    exp = dataclasses.replace(exp, quick=shrink)
+    out = tmp_path / "collapse"
+    args = _parse(["lab", "run", "collapse", "--quick", "--out", str(out)])
+    monkeypatch.setattr("moelab.lab.load_experiment", lambda name: exp)
+    assert args.func(args) == 0
+    res = json.loads((out / "result.json").read_text())
+    assert REQUIRED <= set(res)
+    assert res["verdict"] in VERDICTS
+    assert res["tokens_per_expert_per_step"] == 4 * 32 * 2 / 16
+    assert (out / "curves.png").exists()
