@@ -80,6 +80,24 @@ class Experts(nn.Module):
             return self.forward_split(x_SD.to(dtype), splits)
         return GroupedSwiGLU.apply(x_SD.to(dtype), w13, w2, splits)
 
+    def forward_tokens(
+        self, x_TD: Tensor, token_S: Tensor, weight_S: Tensor, splits: list[int]
+    ) -> Tensor:
+        """Gather, run and combine in one step: y_t = Σ_s weight_s · expert_s(x_{token_s}).
+
+        x_TD (T, D); token_S (S,) token of each slot, sorted by expert; weight_S (S,) gate
+        weights; splits: slots per expert. Returns (T, D). Equals
+        ``unpermute(forward(permute(x)))`` but, as one :class:`TokenSwiGLU` node, saves only the
+        (S, 2F) pre-activation for backward instead of three (S, D) buffers.
+        """
+        dtype = _compute_dtype(x_TD)
+        if self.training and self.dropout > 0:
+            y_SD = self.forward_split(x_TD.to(dtype).index_select(0, token_S), splits)
+            y_SD = y_SD * weight_S.to(dtype).unsqueeze(1)
+            return y_SD.new_zeros(x_TD.shape[0], y_SD.shape[1]).index_add(0, token_S, y_SD)
+        w13, w2 = self.w13_ED2F.to(dtype), self.w2_EFD.to(dtype)
+        return TokenSwiGLU.apply(x_TD.to(dtype), w13, w2, token_S, weight_S, splits)
+
     def forward_split(self, x_SD: Tensor, splits: list[int]) -> Tensor:
         """Same as :meth:`forward` through plain autograd: ``unbind`` the stacks once, ``split``
         the buffer by counts, one SwiGLU per expert, ``cat`` (used with expert dropout)."""
@@ -183,6 +201,111 @@ class GroupedSwiGLU(torch.autograd.Function):
                 torch.mm(x_SD[a:b].t(), dh13_S2F[a:b], out=dw13_ED2F[e])
                 torch.mm(dh13_S2F[a:b], w13_ED2F[e].t(), out=dx_SD[a:b])
         return dx_SD, dw13_ED2F, dw2_EFD, None
+
+
+def _mm_segments(a_SX: Tensor, w_EXY: Tensor, segments: list, out_SY: Tensor) -> Tensor:
+    """out[a:b] = a[a:b] @ w[e] for every segment (e, a, b): one matmul per expert."""
+    for e, a, b in segments:
+        torch.mm(a_SX[a:b], w_EXY[e], out=out_SY[a:b])
+    return out_SY
+
+
+def _swiglu_grads(h13_N2F: Tensor, weight_N1: Tensor, dhw_NF: Tensor):
+    """Backward of hw = weight·silu(gate)·up at the pre-activation h13 = [gate, up].
+
+    dhw_NF: gradient with respect to hw (overwritten). Returns (hw_NF, dweight_N, dh13_N2F).
+    """
+    gate_NF, up_NF = h13_N2F.chunk(2, dim=-1)
+    sig_NF = torch.sigmoid(gate_NF)
+    silu_NF = gate_NF * sig_NF
+    hw_NF = silu_NF * up_NF  # h for now
+    dweight_N = torch.bmm(dhw_NF.unsqueeze(1), hw_NF.unsqueeze(2)).view(-1)  # <dhw_n, h_n>
+    hw_NF.mul_(weight_N1)
+    dh_NF = dhw_NF.mul_(weight_N1)
+    dh13_N2F = torch.empty_like(h13_N2F)
+    dgate_NF, dup_NF = dh13_N2F.chunk(2, dim=-1)
+    torch.mul(dh_NF, silu_NF, out=dup_NF)
+    del silu_NF
+    # d silu(g)/dg = sig(g)·(1 + g·(1 − sig(g)))
+    dsilu_NF = torch.sub(1.0, sig_NF).mul_(gate_NF).add_(1.0).mul_(sig_NF)
+    torch.mul(dh_NF.mul_(up_NF), dsilu_NF, out=dgate_NF)
+    return hw_NF, dweight_N, dh13_N2F
+
+
+CHUNK_SLOTS = 4096  # token-slots per chunk in TokenSwiGLU: bounds its temporary buffers
+
+
+def _chunks(segments: list, min_rows: int) -> list[tuple[int, int, list]]:
+    """Group consecutive expert segments into chunks of >= ``min_rows`` rows: (start, end,
+    segments with offsets relative to start)."""
+    out, group = [], []
+    for seg in segments:
+        group.append(seg)
+        if seg[2] - group[0][1] >= min_rows:
+            out.append(group)
+            group = []
+    if group:
+        out.append(group)
+    return [(g[0][1], g[-1][2], [(e, a - g[0][1], b - g[0][1]) for e, a, b in g]) for g in out]
+
+
+class TokenSwiGLU(torch.autograd.Function):
+    """Gather -> SwiGLU experts on contiguous segments -> gate-weighted sum per token, as one
+    autograd node: x (T, D) -> y (T, D), y_t = Σ_{s: token_s = t} w_s · expert_s(x_t).
+
+    The gate weight is folded into the hidden activation (w·(h W2) = (w·h) W2), so its
+    gradient is <dL/d(w·h), h> on (S, F) rather than on (S, D). Only the (S, 2F)
+    pre-activation is saved (x is the caller's). Work runs in chunks of about
+    ``CHUNK_SLOTS`` slots (whole experts), so the gathered inputs, outputs and gradients are
+    never materialised for all S slots: temporary memory is O(CHUNK_SLOTS·(D + 2F)), not
+    O(S·D). One matmul per expert, elementwise work once per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, w13_ED2F, w2_EFD, token_S, weight_S, splits):
+        T, D = x_TD.shape
+        chunks = _chunks(_segments(splits), CHUNK_SLOTS)
+        h13_S2F = x_TD.new_empty(token_S.shape[0], w13_ED2F.shape[2])
+        y_TD = x_TD.new_zeros(T, D)
+        w_S1 = weight_S.detach().to(x_TD.dtype).unsqueeze(1)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            for A, B, segs in chunks:
+                x_ND = x_TD.index_select(0, token_S[A:B])
+                h13_N2F = _mm_segments(x_ND, w13_ED2F, segs, h13_S2F[A:B])
+                hw_NF = _swiglu_act(h13_N2F).mul_(w_S1[A:B])
+                y_ND = _mm_segments(hw_NF, w2_EFD, segs, x_ND)  # reuse x's buffer
+                y_TD.index_add_(0, token_S[A:B], y_ND)
+        ctx.save_for_backward(x_TD, w13_ED2F, w2_EFD, token_S, weight_S, h13_S2F)
+        ctx.chunks = chunks
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        x_TD, w13_ED2F, w2_EFD, token_S, weight_S, h13_S2F = ctx.saved_tensors
+        segments = [(e, A + a, A + b) for A, _, segs in ctx.chunks for e, a, b in segs]
+        dy_TD = dy_TD.to(x_TD.dtype)
+        w_S1 = weight_S.detach().to(x_TD.dtype).unsqueeze(1)
+        dw13_ED2F = _empty_grad(w13_ED2F, segments)
+        dw2_EFD = _empty_grad(w2_EFD, segments)
+        dweight_S = w_S1.new_empty(token_S.shape[0])
+        dx_TD = torch.zeros_like(x_TD)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            for A, B, segs in ctx.chunks:
+                dy_ND = dy_TD.index_select(0, token_S[A:B])
+                dhw_NF = h13_S2F.new_empty(B - A, w2_EFD.shape[1])
+                for e, a, b in segs:
+                    torch.mm(dy_ND[a:b], w2_EFD[e].t(), out=dhw_NF[a:b])
+                hw_NF, dweight_S[A:B], dh13_N2F = _swiglu_grads(h13_S2F[A:B], w_S1[A:B], dhw_NF)
+                del dhw_NF
+                for e, a, b in segs:
+                    torch.mm(hw_NF[a:b].t(), dy_ND[a:b], out=dw2_EFD[e])
+                del hw_NF
+                x_ND = torch.index_select(x_TD, 0, token_S[A:B], out=dy_ND)  # reuse the buffer
+                for e, a, b in segs:
+                    torch.mm(x_ND[a:b].t(), dh13_N2F[a:b], out=dw13_ED2F[e])
+                    torch.mm(dh13_N2F[a:b], w13_ED2F[e].t(), out=x_ND[a:b])  # now dx
+                dx_TD.index_add_(0, token_S[A:B], x_ND)
+        return dx_TD, dw13_ED2F, dw2_EFD, None, dweight_S.to(weight_S.dtype), None
 
 
 def _swiglu_act(h13_N2F: Tensor) -> Tensor:
