@@ -116,7 +116,8 @@ def collect(run_dir: Path) -> dict[str, Any]:
         for k in ("val_loss", "maxvio_global", "maxvio_seq", "mi", "tokens", "steps")
     }
     num |= {
-        "seconds_per_step": summary["seconds"] / max(1, summary["steps"]),
+        # From the logged throughput: summary["seconds"] covers only the last resumed segment.
+        "seconds_per_step": _seconds_per_step(summary, train_rows),
         "maxvio_batch_tail": _mean(r.get("maxvio_batch") for r in tail),
         "drop_rate": _mean(r.get("drop_rate") for r in train_rows[1:]),
         "dead_window": _last(train_rows, "dead_window_layers"),
@@ -134,6 +135,13 @@ def collect(run_dir: Path) -> dict[str, Any]:
         if key.startswith("val_loss/"):
             num[key.replace("/", ":")] = value
     return num
+
+
+def _seconds_per_step(summary: dict[str, Any], rows: list[dict]) -> float:
+    tps = sorted(r["tokens_per_s"] for r in rows if r.get("tokens_per_s"))
+    if not tps:
+        return summary["seconds"] / max(1, summary["steps"])
+    return summary["tokens"] / max(1, summary["steps"]) / tps[len(tps) // 2]
 
 
 def curves(run_dir: Path) -> dict[str, list]:
