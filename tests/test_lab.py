@@ -85,3 +85,29 @@ def test_lab_run_quick_end_to_end(tmp_path, monkeypatch):
     assert res["verdict"] in VERDICTS
     assert res["tokens_per_expert_per_step"] == 4 * 32 * 2 / 16
     assert (out / "curves.png").exists()
+
+
+def test_lookup_handles_dotted_variant_names():
+    """Variant names may contain dots (`cf1.0_score`); the metric path still resolves."""
+    from moelab.lab.spec import lookup
+
+    nums = {"cf1.0_score": {"drop_rate": {"mean": 0.4}}, "analysis": {"a": {"fall": 0.9}}}
+    assert lookup(nums, "cf1.0_score.drop_rate") == 0.4
+    assert lookup(nums, "analysis.a.fall") == 0.9
+    assert lookup(nums, "cf1.0_score.missing") is None
+
+
+def test_sampling_floor_falls_as_one_over_sqrt_n():
+    """A balanced random router's MaxVio over n tokens falls ≈ 4× per 16× more tokens."""
+    from moelab.lab.analysis import sampling_maxvio
+
+    ratio = sampling_maxvio(4096, 16, 2) / sampling_maxvio(256, 16, 2)
+    assert 0.2 < ratio < 0.3
+
+
+def test_count_spikes():
+    """Spikes: losses above 1.2 × the running minimum after the first rows; NaN counts."""
+    from moelab.lab.runner import count_spikes
+
+    assert count_spikes([8, 7, 6, 5, 4, 3]) == 0
+    assert count_spikes([8, 7, 6, 5, 7, 4, float("nan")]) == 2
