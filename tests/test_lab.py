@@ -111,3 +111,20 @@ def test_count_spikes():
 
     assert count_spikes([8, 7, 6, 5, 4, 3]) == 0
     assert count_spikes([8, 7, 6, 5, 7, 4, float("nan")]) == 2
+
+
+def test_chunk_counts_match_a_loop():
+    """Per-chunk counts equal metrics.expert_counts of each chunk (mask respected)."""
+    import torch
+
+    from moelab import metrics
+    from moelab.lab.analysis import _chunk_counts
+
+    g = torch.Generator().manual_seed(0)
+    experts_TK = torch.randint(0, 8, (100, 2), generator=g)
+    mask_TK = torch.rand(100, 2, generator=g) > 0.3
+    got_NE = _chunk_counts(experts_TK, mask_TK, 8, 16)
+    for i in range(6):
+        sl = slice(16 * i, 16 * (i + 1))
+        want = metrics.expert_counts(experts_TK[sl], 8, mask=mask_TK[sl])
+        assert torch.equal(got_NE[i], want)

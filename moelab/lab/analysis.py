@@ -123,14 +123,19 @@ def batch_size(exp, runs: Runs) -> tuple[dict, dict]:
     return res, {"batch_size": plots.batch_plot(res)}
 
 
+def _chunk_counts(experts_TK: Tensor, mask_TK: Tensor | None, E: int, n: int) -> Tensor:
+    """(N, E) slot counts of each run of n consecutive tokens (last partial chunk dropped)."""
+    N = experts_TK.shape[0] // n
+    ids_NS = experts_TK[: N * n].reshape(N, -1)
+    w_NS = torch.ones_like(ids_NS) if mask_TK is None else mask_TK[: N * n].reshape(N, -1).long()
+    return torch.zeros(N, E, dtype=torch.int64).scatter_add_(1, ids_NS, w_NS)
+
+
 def _f_spread(layers, E: int, K: int, n: int) -> float:
     """Std over chunks of the load fraction f_i = E·c_i/(K·n), mean over experts and layers."""
     vals = []
     for e, m in layers:
-        c = e.shape[0] // n
-        counts_NE = metrics._counts_per_row(
-            e[: c * n].reshape(c, n, -1), E, None if m is None else m[: c * n].reshape(c, n, -1)
-        ).double()
+        counts_NE = _chunk_counts(e, m, E, n).double()
         vals.append(float((counts_NE * E / (K * n)).std(0).mean()))
     return sum(vals) / len(vals)
 
@@ -140,10 +145,7 @@ def _drop_at_cf(layers, E: int, K: int, n: int, cf: float) -> float:
     cap = math.ceil(n * K / E * cf)
     over = total = 0
     for e, m in layers:
-        c = e.shape[0] // n
-        counts_NE = metrics._counts_per_row(
-            e[: c * n].reshape(c, n, -1), E, None if m is None else m[: c * n].reshape(c, n, -1)
-        )
+        counts_NE = _chunk_counts(e, m, E, n)
         over += int((counts_NE - cap).clamp_min(0).sum())
         total += int(counts_NE.sum())
     return over / max(total, 1)
