@@ -22,7 +22,7 @@ from moelab.train import RunConfig, load_run_config, train
 DENSE_PRESET = "dense-tiny"
 REQUEST_FILE = "demo_request.json"
 TIMING_FILE = "demo_timing.json"
-DEFAULT_STEPS = 40  # ~5 min for all four runs on 2 idle cores; collapse shows by step 10
+DEFAULT_STEPS = 150  # the lab's collapse experiment size: the story shows (see results/collapse)
 
 
 @dataclass(frozen=True)
