@@ -104,6 +104,7 @@ def experiment_markdown(res: dict[str, Any], folder: str, all_variants: list[str
         lines.append(
             f"- {mark} `{c['check']}`: {_number(c['lhs'])} vs {_number(c['bound'])} — {c['why']}"
         )
+    lines += [f"Note: {n}" for n in res.get("notes", [])]
     lines += ["", "Plots: " + " · ".join(f"[{p}]({folder}/{p})" for p in res["plots"]), ""]
     return "\n".join(lines)
 
