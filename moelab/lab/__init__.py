@@ -29,45 +29,14 @@ def run_experiment(
     cached_only: bool = False,
 ) -> dict[str, Any]:
     """Train all variants (× seeds), analyse, decide the verdict, write result.json + PNGs."""
-    from moelab.lab import analysis, plots, runner
+    from moelab.lab import plots
 
     t0 = time.time()
     n_seeds = seeds or (1 if quick else exp.seeds)
-    snapshots = int(exp.options.get("snapshots", 0))
-    if quick and snapshots:
-        snapshots = 2
-    out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[Path]] = {}
-    table: dict[str, Any] = {}
-    setup: dict[str, Any] = {}
-    for name in variants or exp.variant_names(quick):
-        if name not in exp.variants:
-            raise ValueError(f"{exp.name}: no variant {name!r}; variants: {list(exp.variants)}")
-        dirs, nums = [], []
-        for seed in range(n_seeds):
-            cfg = exp.run_config(name, quick=quick, seed=seed)
-            if cached_only and not runner.is_cached(cfg, snapshots):
-                continue
-            print(f"[lab] {exp.name}: {name} seed {seed}", flush=True)
-            d = runner.train_cached(cfg, snapshots=snapshots)
-            dirs.append(d)
-            nums.append(runner.collect(d))
-        if dirs:
-            runs[name], table[name] = dirs, runner.aggregate(nums)
-            setup[name] = _setup(cfg)
-    missing = [v for v in variants or exp.variant_names(quick) if v not in runs]
-    kind = analysis.KINDS[exp.analysis]
-    try:
-        extra, figs = kind(exp, runs) if kind else ({}, {})
-        for name, vals in analysis.extra_evals(exp, runs).items():
-            table[name].update({k: {"mean": v, "std": 0.0, "n": 1} for k, v in vals.items()})
-    except Exception as exc:  # keep the trained numbers; the error is reported in result.json
-        print(f"[lab] {exp.name}: analysis failed: {exc!r}", flush=True)
-        extra, figs = {"error": repr(exc)}, {}
-    figs["curves"] = plots.training_curves({n: runner.curves(d[0]) for n, d in runs.items()})
-    figs["pareto"] = plots.pareto(table)
-    numbers = {**table, "analysis": extra}
-    verdict, checks = decide(exp.checks, numbers)
+    names = variants or exp.variant_names(quick)
+    runs, table, setup = _train_variants(exp, names, quick, n_seeds, cached_only)
+    extra, figs = _analyse(exp, runs, table)
+    verdict, checks = decide(exp.checks, {**table, "analysis": extra})
     result = {
         "name": exp.name,
         "number": exp.number,
@@ -78,7 +47,7 @@ def run_experiment(
         "quick": quick,
         "seeds": n_seeds,
         "variants_run": list(runs),
-        "missing_variants": missing,
+        "missing_variants": [v for v in names if v not in runs],
         "paper": exp.paper,
         "measured": table,
         "analysis": extra,
@@ -88,11 +57,56 @@ def run_experiment(
         "wall_seconds": round(time.time() - t0, 1),
         "plots": [],
     }
+    out.mkdir(parents=True, exist_ok=True)
     for stem, fig in figs.items():
         plots.save(fig, out / f"{stem}.png")
         result["plots"].append(f"{stem}.png")
     (out / "result.json").write_text(json.dumps(result, indent=1, default=float))
     return result
+
+
+def _train_variants(
+    exp: Experiment, names: list[str], quick: bool, n_seeds: int, cached_only: bool
+):
+    """Train (or find cached) every variant × seed; returns run folders, numbers, setups."""
+    from moelab.lab import runner
+
+    snapshots = int(exp.options.get("snapshots", 0))
+    snapshots = 2 if quick and snapshots else snapshots
+    runs: dict[str, list[Path]] = {}
+    table: dict[str, Any] = {}
+    setup: dict[str, Any] = {}
+    for name in names:
+        if name not in exp.variants:
+            raise ValueError(f"{exp.name}: no variant {name!r}; variants: {list(exp.variants)}")
+        dirs, nums = [], []
+        for seed in range(n_seeds):
+            cfg = exp.run_config(name, quick=quick, seed=seed)
+            if cached_only and not runner.is_cached(cfg, snapshots):
+                continue
+            print(f"[lab] {exp.name}: {name} seed {seed}", flush=True)
+            dirs.append(runner.train_cached(cfg, snapshots=snapshots))
+            nums.append(runner.collect(dirs[-1]))
+        if dirs:
+            runs[name], table[name], setup[name] = dirs, runner.aggregate(nums), _setup(cfg)
+    return runs, table, setup
+
+
+def _analyse(exp: Experiment, runs: dict[str, list[Path]], table: dict[str, Any]):
+    """The experiment's analysis kind + extra evaluations + the common figures."""
+    from moelab.lab import analysis, plots, runner
+
+    kind = analysis.KINDS[exp.analysis]
+    try:
+        extra, figs = kind(exp, runs) if kind else ({}, {})
+        for name, vals in analysis.extra_evals(exp, runs).items():
+            table[name].update({k: {"mean": v, "std": 0.0, "n": 1} for k, v in vals.items()})
+    except Exception as exc:  # keep the trained numbers; the error is reported in result.json
+        print(f"[lab] {exp.name}: analysis failed: {exc!r}", flush=True)
+        extra, figs = {"error": repr(exc)}, {}
+    figs["curves"] = plots.training_curves({n: runner.curves(d[0]) for n, d in runs.items()})
+    figs["pareto"] = plots.pareto(table)
+    return extra, figs
 
 
 def _setup(cfg) -> dict[str, Any]:
