@@ -34,13 +34,14 @@ def run_key(cfg: RunConfig, snapshots: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def is_cached(cfg: RunConfig, snapshots: int = 0, cache: Path = CACHE) -> bool:
-    out = cache / run_key(cfg, snapshots)
+def is_cached(cfg: RunConfig, snapshots: int = 0, cache: Path | None = None) -> bool:
+    out = (cache or CACHE) / run_key(cfg, snapshots)
     return (out / "summary.json").exists() and (not snapshots or (out / "snapshots.pt").exists())
 
 
-def train_cached(cfg: RunConfig, *, snapshots: int = 0, cache: Path = CACHE) -> Path:
+def train_cached(cfg: RunConfig, *, snapshots: int = 0, cache: Path | None = None) -> Path:
     """Train ``cfg`` unless an identical finished run exists; returns the run folder."""
+    cache = cache or CACHE  # read at call time so that tests can point it elsewhere
     out = cache / run_key(cfg, snapshots)
     if is_cached(cfg, snapshots, cache):
         return out
