@@ -75,7 +75,7 @@ def test_lab_run_quick_end_to_end(tmp_path, monkeypatch):
     # CI-sized even for a test: 3 steps, 1 layer, tiny batches.
     shrink = ["train.steps=3", "model.n_layers=1", "train.batch_size=4", "data.seq_len=32",
               "train.eval_max_tokens=512", "train.log_every=1", "train.warmup_steps=1"]  # fmt: skip
-    exp = dataclasses.replace(exp, quick=shrink)
+    exp = dataclasses.replace(exp, quick=shrink, quick_variants=["none", "aux"])
     out = tmp_path / "collapse"
     args = _parse(["lab", "run", "collapse", "--quick", "--out", str(out)])
     monkeypatch.setattr("moelab.lab.load_experiment", lambda name: exp)
