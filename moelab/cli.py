@@ -14,6 +14,7 @@ import os
 import sys
 
 from moelab.checkpoint import CheckpointError
+from moelab.errors import RunError
 
 # (module, function adding the subcommand parser): each sets ``func`` returning an exit code.
 _PLUGINS = [
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, CheckpointError, FileNotFoundError, PermissionError, OSError) as exc:
+    except (ValueError, CheckpointError, RunError, OSError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"moelab {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -36,10 +36,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moelab import dispatch
+from moelab.errors import RunError
 from moelab.moe import MoELayer, MoEOutput
 
 
-class DistributedError(RuntimeError):
+class DistributedError(RunError):
     """A collective failed or timed out; the message names the rank and the operation."""
 
 
@@ -289,7 +290,14 @@ def _init_process_group(timeout_s: float) -> bool:
     if torch.cuda.is_available():
         backend = "cpu:gloo,cuda:nccl"
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    # torchrun shares its rendezvous store with the workers; after a restart the new workers
+    # would read the dead attempt's gloo keys from it (pytorch/pytorch#135712). Each attempt
+    # gets its own key prefix.
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"moelab/attempt{attempt}/", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return True
 
 

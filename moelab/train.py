@@ -34,6 +34,7 @@ from moelab.config import (
     to_dict,
 )
 from moelab.data import Batcher, Corpus, DataConfig, load_corpus
+from moelab.errors import RunError
 from moelab.evaluate import evaluate
 from moelab.logs import MetricsLog, step_row
 from moelab.model import ModelConfig, MoELM
@@ -252,7 +253,7 @@ def build_model(cfg: RunConfig, corpus: Corpus) -> tuple[RunConfig, MoELM]:
 # ----------------------------------------------------------------------------- the loop
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunError):
     """NaN or inf router logits, loss or gradient with ``train.nonfinite = "stop"``."""
 
 

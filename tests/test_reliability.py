@@ -596,9 +596,9 @@ def test_ep2_torchrun_restart_after_a_crash_ends_like_an_uninterrupted_run(ep2_r
     """`torchrun --max-restarts=1 --nproc-per-node 2 -m moelab train ... --resume` (EP = 2) with
     a crash before step N + 5 on every rank restarts and logs the uninterrupted run's losses."""
     args = ["train", "--config", str(MICRO), "--out", str(tmp_path), "--quiet", "--resume"]
-    # torchrun shares its rendezvous store with the restarted workers, whose gloo init then reads
-    # the dead attempt's addresses (pytorch/pytorch#135712); this opts out of the sharing.
-    env = {"MOELAB_CRASH_AT_STEP": str(N + 5), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    # No TORCH_DISABLE_SHARE_RDZV_TCP_STORE: moelab prefixes its store keys per restart
+    # attempt, so restarted workers never read the dead attempt's gloo keys (pytorch#135712).
+    env = {"MOELAB_CRASH_AT_STEP": str(N + 5)}
     proc = _run(_torchrun(2, *args, *_cli_sets(*EP), restarts=1), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "injected crash before step 15" in proc.stderr
