@@ -1,0 +1,461 @@
+"""Forward+backward speed and peak memory of ``moelab.MoELayer`` against its floors.
+
+Compares, on the CPU in fp32 with ``torch.set_num_threads(2)``:
+  * ``moelab``  MoELayer (dropless softmax top-k SwiGLU, the default config);
+  * ``dense``   a SwiGLU FFN with the same *active* FLOPs (hidden size k·f): the practical floor;
+  * ``hf_<impl>``  transformers' ``Qwen3MoeSparseMoeBlock`` with the same weights copied in, for
+    each expert implementation transformers registers (``eager`` and the ``ExpertsInterface``
+    entries, e.g. ``grouped_mm``, ``batched_mm``); outputs are checked against moelab's first.
+moelab's time is broken down into router (gate + routing), dispatch (plan + permute + unpermute)
+and experts (the SwiGLU segments), each timed alone with its own forward and backward.
+
+Timing: each round runs every candidate once, in turn, after warm-up; the JSON holds the median
+time per candidate and the median of the per-round ratios to ``dense`` (robust when the machine
+is shared: a busy spell slows every candidate of that round alike).
+
+Memory: for every (config, candidate) a fresh subprocess resets the kernel's peak-RSS mark
+(``/proc/self/clear_refs``) after a warm-up step, runs one forward+backward and reports
+VmHWM − VmRSS before: the extra resident memory of one training step (glibc's mmap threshold
+is fixed at 64 KiB so that freed buffers leave the resident set). The weight gradients are
+subtracted (an MoE has E/k times the dense layer's parameters, so its gradients are larger
+whatever the tokens): the goal is on the *activation* peak, the part that grows with T. Also
+the activation bytes autograd saves for backward (parameters excluded).
+
+Usage: ``python benchmarks/moe_layer.py [--configs A B A_T256 A_T16384] [--rounds 5]``
+writes ``benchmarks/results/moe_layer.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import moelab  # noqa: E402
+from moelab import dispatch  # noqa: E402
+from moelab.experts import swiglu  # noqa: E402
+
+CONFIGS = {  # name: (T tokens, d model, E experts, k top-k, f expert hidden)
+    "A": (4096, 512, 64, 8, 256),
+    "B": (4096, 512, 8, 2, 1024),
+    "A_T256": (256, 512, 64, 8, 256),
+    "A_T16384": (16384, 512, 64, 8, 256),
+}
+GOALS = {"A": 1.2, "B": 1.0, "A_T256": 2.5}  # moelab / dense
+HF_SPEEDUP_GOAL = 1.5  # fastest transformers implementation / moelab, at A
+MEMORY_GOAL = 1.8  # moelab / dense peak activation memory
+BATCHED_MM_LIMIT = 4 * 2**30  # batched_mm copies a (D, 2F) weight per token-slot
+THREADS = 2
+# glibc: a fixed mmap threshold makes every buffer over 64 KiB its own mapping, returned on
+# free, so resident memory follows live tensors (the default threshold adapts upwards and
+# keeps freed buffers in the heap, hiding a second step's peak).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+# ----------------------------------------------------------------------------- candidates
+
+
+def moelab_layer(T: int, d: int, E: int, k: int, f: int) -> moelab.MoELayer:
+    torch.manual_seed(0)
+    layer = moelab.MoELayer(moelab.MoEConfig(d_model=d, num_experts=E, top_k=k, d_expert=f))
+    with torch.no_grad():  # a router that is not near-uniform, so top-k has no near-ties
+        layer.router.weight.normal_(0.0, 0.1)
+    return layer
+
+
+def dense_params(d: int, k: int, f: int) -> list[torch.nn.Parameter]:
+    torch.manual_seed(1)
+    w13 = torch.nn.Parameter(torch.randn(d, 2 * k * f) * 0.02)
+    w2 = torch.nn.Parameter(torch.randn(k * f, d) * 0.02)
+    return [w13, w2]
+
+
+def hf_implementations() -> list[str]:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return ["eager", *sorted(ALL_EXPERTS_FUNCTIONS.valid_keys())]
+
+
+def hf_block(layer: moelab.MoELayer, impl: str) -> torch.nn.Module:
+    """transformers' Qwen3-MoE sparse block holding ``layer``'s weights."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    cfg = layer.cfg
+    hf_cfg = Qwen3MoeConfig(
+        hidden_size=cfg.d_model,
+        moe_intermediate_size=cfg.d_expert,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        norm_topk_prob=cfg.router.normalize,
+        hidden_act="silu",
+    )
+    hf_cfg._experts_implementation = impl
+    block = Qwen3MoeSparseMoeBlock(hf_cfg)
+    with torch.no_grad():  # theirs: gate_up (E, 2F, D) [gate; up], down (E, D, F); ours transposed
+        block.gate.weight.copy_(layer.router.weight)
+        block.experts.gate_up_proj.copy_(layer.experts.w13_ED2F.transpose(1, 2))
+        block.experts.down_proj.copy_(layer.experts.w2_EFD.transpose(1, 2))
+    return block
+
+
+def step_fns(T: int, d: int, E: int, k: int, f: int, impls: list[str]) -> dict[str, Callable]:
+    """name -> a function running one forward+backward (grads dropped before each)."""
+    layer = moelab_layer(T, d, E, k, f)
+    w13, w2 = dense_params(d, k, f)
+    torch.manual_seed(2)
+    x = torch.randn(T, d, requires_grad=True)
+    g = torch.randn(T, d)
+
+    def run(fwd: Callable[[], torch.Tensor], params: list[torch.nn.Parameter]) -> Callable:
+        def step() -> None:
+            for p in params:
+                p.grad = None
+            x.grad = None
+            fwd().backward(g)
+
+        return step
+
+    fns = {
+        "moelab": run(lambda: layer(x).output, list(layer.parameters())),
+        "dense": run(lambda: swiglu(x, w13, w2), [w13, w2]),
+    }
+    for impl in impls:
+        block = hf_block(layer, impl)
+        fns[f"hf_{impl}"] = run(
+            lambda b=block: b(x.unsqueeze(0)).squeeze(0), list(block.parameters())
+        )
+    fns["_layer"], fns["_x"] = layer, x  # for checks and the breakdown
+    return fns
+
+
+def check_hf(layer: moelab.MoELayer, x: torch.Tensor, impl: str) -> float:
+    """Max |moelab − transformers| of outputs and input gradients (asserts it is tiny)."""
+    block = hf_block(layer, impl)
+    g = torch.randn_like(x)
+    xs = [x.detach().clone().requires_grad_() for _ in range(2)]
+    ours = layer(xs[0]).output
+    theirs = block(xs[1].unsqueeze(0)).squeeze(0)
+    (ours * g).sum().backward()
+    (theirs * g).sum().backward()
+    err = max(
+        (ours - theirs).abs().max().item(),
+        (xs[0].grad - xs[1].grad).abs().max().item(),
+        (layer.experts.w2_EFD.grad - block.experts.down_proj.grad.transpose(1, 2))
+        .abs()
+        .max()
+        .item(),
+    )
+    layer.zero_grad(set_to_none=True)
+    scale = ours.abs().max().item()
+    assert err <= 1e-4 * max(scale, 1.0), f"hf_{impl} differs from moelab by {err}"
+    return err
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def interleaved(
+    fns: dict[str, Callable], rounds: int, warmup: int = 1, clock: Callable = time.perf_counter
+) -> dict[str, list[float]]:
+    """Seconds per call for every candidate, each round running all candidates in turn."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = clock()
+            fn()
+            times[name].append(clock() - t0)
+    return times
+
+
+def one_thread_cpu(fns: dict[str, Callable], rounds: int) -> dict[str, float]:
+    """Median CPU seconds of the calling thread with one intra-op thread: a load-robust
+    measure of the work itself (a shared, oversubscribed machine inflates 2-thread wall
+    time by the synchronisation cost of every parallel region, which punishes many small
+    ops far more than a few large ones)."""
+    torch.set_num_threads(1)
+    try:
+        times = interleaved(fns, rounds, clock=time.thread_time)
+    finally:
+        torch.set_num_threads(THREADS)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def breakdown_fns(layer: moelab.MoELayer, x: torch.Tensor) -> dict[str, Callable]:
+    """moelab's parts, each timed alone with its own forward and backward.
+
+    router: gate + routing. dispatch: plan + permute + unpermute (as separate steps, the path
+    expert parallelism uses). experts: the SwiGLU segments on the permuted buffer.
+    fused_dispatch_experts: permute + experts + unpermute as the single autograd node the
+    single-process layer runs (``Experts.forward_tokens``).
+    """
+    T, E = x.shape[0], layer.cfg.num_experts
+    routing = layer.router(x.detach())
+    experts_TK, weights_TK = routing.experts, routing.weights.detach().requires_grad_()
+    p = dispatch.plan(experts_TK, weights_TK, E)
+    x_SD = dispatch.permute(x.detach(), p).detach().requires_grad_()
+    g_TD, g_SD = torch.randn_like(x), torch.randn_like(x_SD)
+    x_ = x.detach().requires_grad_()
+
+    def router() -> None:
+        layer.zero_grad(set_to_none=True)
+        r = layer.router(x_)
+        r.weights.backward(torch.ones_like(r.weights))
+
+    def plan() -> None:
+        dispatch.plan(experts_TK, weights_TK, E)
+
+    def dispatch_step() -> None:
+        q = dispatch.plan(experts_TK, weights_TK, E)
+        dispatch.unpermute(dispatch.permute(x_, q), q, T).backward(g_TD)
+
+    def experts() -> None:
+        layer.zero_grad(set_to_none=True)
+        layer.experts(x_SD, p.splits).backward(g_SD)
+
+    def fused() -> None:
+        layer.zero_grad(set_to_none=True)
+        q = dispatch.plan(experts_TK, weights_TK, E)
+        layer.experts.forward_tokens(x_, q.token_S, q.weight_S, q.splits).backward(g_TD)
+
+    return {
+        "router": router,
+        "plan": plan,
+        "dispatch": dispatch_step,
+        "experts": experts,
+        "fused_dispatch_experts": fused,
+    }
+
+
+def bench_config(name: str, rounds: int, impls: list[str]) -> dict:
+    T, d, E, k, f = CONFIGS[name]
+    S = T * k
+    usable = [i for i in impls if i != "batched_mm" or S * 3 * d * f * 4 <= BATCHED_MM_LIMIT]
+    skipped = {
+        f"hf_{i}": f"needs {S * 3 * d * f * 4 / 2**30:.0f} GiB of per-slot weight copies"
+        for i in impls
+        if i not in usable
+    }
+    layer, x = moelab_layer(T, d, E, k, f), torch.randn(T, d)
+    errors = {}
+    for impl in list(usable):
+        try:
+            errors[f"hf_{impl}"] = check_hf(layer, x, impl)
+        except (ImportError, RuntimeError, ValueError, NotImplementedError) as exc:
+            usable.remove(impl)  # e.g. GPU-only kernels (deepgemm, sonicmoe)
+            skipped[f"hf_{impl}"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+    fns = step_fns(T, d, E, k, f, usable)
+    layer, x = fns.pop("_layer"), fns.pop("_x")
+    times = interleaved(fns, rounds)
+    parts = interleaved(breakdown_fns(layer, x), rounds)
+    cpu1 = one_thread_cpu({n: f for n, f in fns.items() if n != "hf_eager" or T <= 256}, 3)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    ratio = {
+        n: statistics.median(a / b for a, b in zip(t, times["dense"], strict=True))
+        for n, t in times.items()
+    }
+    hf = {n: v for n, v in med.items() if n.startswith("hf_")}
+    fastest_hf = min(hf, key=hf.get) if hf else None
+    out = {
+        "shape": dict(T=T, d=d, E=E, k=k, f=f),
+        "seconds_median": med,
+        "ratio_to_dense_median": ratio,
+        "moelab_breakdown_seconds": {n: statistics.median(t) for n, t in parts.items()},
+        "one_thread_cpu_seconds": cpu1,
+        "one_thread_cpu_ratio_to_dense": {n: v / cpu1["dense"] for n, v in cpu1.items()},
+        "hf_max_abs_error": errors,
+        "hf_skipped": skipped,
+        "rounds": rounds,
+    }
+    if fastest_hf:
+        out["fastest_hf"] = fastest_hf
+        out["fastest_hf_over_moelab"] = statistics.median(
+            a / b for a, b in zip(times[fastest_hf], times["moelab"], strict=True)
+        )
+    if fastest_hf and fastest_hf in cpu1:
+        out["one_thread_cpu_fastest_hf_over_moelab"] = cpu1[fastest_hf] / cpu1["moelab"]
+    if name in GOALS:
+        out["goal_ratio_to_dense"] = GOALS[name]
+        out["meets_goal"] = ratio["moelab"] <= GOALS[name]
+    return out
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def saved_bytes(fwd: Callable[[], torch.Tensor]) -> int:
+    """Bytes of distinct storages autograd saves for backward during ``fwd``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fwd()
+    return sum(seen.values())
+
+
+def memory_child(name: str, cand: str) -> dict:
+    """Run in a fresh process: peak extra RSS of one forward+backward, and saved bytes."""
+    torch.set_num_threads(THREADS)
+    T, d, E, k, f = CONFIGS[name]
+    if cand == "moelab":
+        layer = moelab_layer(T, d, E, k, f)
+        fwd: Callable[[], torch.Tensor] = lambda: layer(x).output
+    else:
+        w13, w2 = dense_params(d, k, f)
+        fwd = lambda: swiglu(x, w13, w2)
+    x = torch.randn(T, d, requires_grad=True)
+    g = torch.randn(T, d)
+    params = list(layer.parameters()) if cand == "moelab" else [w13, w2]
+    saved = saved_bytes(fwd) - sum(p.numel() * p.element_size() for p in params)
+    fwd().backward(g)  # warm-up: lazily loaded kernels and libraries are not activations
+    for t in [*params, x]:
+        t.grad = None
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _rss_kib("VmRSS")
+    fwd().backward(g)
+    peak = (_rss_kib("VmHWM") - before) * 1024
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in [*params, x])
+    return {
+        "peak_extra_bytes": peak,
+        "param_grad_bytes": grads,
+        "peak_activation_bytes": peak - grads,
+        "saved_activation_bytes": saved,
+    }
+
+
+def memory(names: list[str]) -> dict:
+    out: dict = {}
+    for name in names:
+        row = {}
+        for cand in ("moelab", "dense"):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--memory-child", name, cand],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, **MALLOC_ENV},
+            )
+            row[cand] = json.loads(proc.stdout.strip().splitlines()[-1])
+        m, d = row["moelab"], row["dense"]
+        row["peak_activation_ratio"] = m["peak_activation_bytes"] / d["peak_activation_bytes"]
+        row["peak_total_ratio"] = m["peak_extra_bytes"] / d["peak_extra_bytes"]
+        row["saved_ratio"] = m["saved_activation_bytes"] / d["saved_activation_bytes"]
+        row["moelab_activation_bytes_per_token"] = m["peak_activation_bytes"] / CONFIGS[name][0]
+        out[name] = row
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def machine() -> dict:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "threads": THREADS,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers' implementations")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/moe_layer.json"))
+    ap.add_argument(
+        "--memory-child", nargs=2, metavar=("CONFIG", "CANDIDATE"), help=argparse.SUPPRESS
+    )
+    args = ap.parse_args()
+    if args.memory_child:
+        print(json.dumps(memory_child(*args.memory_child)))
+        return
+    torch.set_num_threads(THREADS)
+    info = machine()
+    impls = [] if args.no_hf else hf_implementations()
+    results = {}
+    for name in args.configs:
+        big = CONFIGS[name][0] > 4096  # no transformers goal there; eager would take minutes
+        rounds = max(3, args.rounds // 2) if big else args.rounds
+        results[name] = bench_config(name, rounds, [] if big else impls)
+        print(name, json.dumps(results[name]["ratio_to_dense_median"]), flush=True)
+    mem = memory([n for n in ("A_T256", "A", "A_T16384") if n in args.configs] or args.configs)
+    info["loadavg_end"] = os.getloadavg()
+    report = {"machine": info, "speed": results, "memory": mem, "goals": _goals(results, mem)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["goals"], indent=2))
+
+
+def _goals(results: dict, mem: dict) -> dict:
+    goals = {}
+    for name, limit in GOALS.items():
+        if name in results:
+            r = results[name]
+            goals[f"{name}: moelab/dense <= {limit} (2-thread wall)"] = r["ratio_to_dense_median"][
+                "moelab"
+            ]
+            goals[f"{name}: moelab/dense <= {limit} (1-thread CPU)"] = r[
+                "one_thread_cpu_ratio_to_dense"
+            ]["moelab"]
+    if "A" in results and "fastest_hf_over_moelab" in results["A"]:
+        r = results["A"]
+        goals[f"A: {r['fastest_hf']}/moelab >= {HF_SPEEDUP_GOAL} (2-thread wall)"] = r[
+            "fastest_hf_over_moelab"
+        ]
+        goals[f"A: {r['fastest_hf']}/moelab >= {HF_SPEEDUP_GOAL} (1-thread CPU)"] = r.get(
+            "one_thread_cpu_fastest_hf_over_moelab"
+        )
+    for name, row in mem.items():
+        goals[f"{name}: peak activation memory moelab/dense <= {MEMORY_GOAL}"] = row[
+            "peak_activation_ratio"
+        ]
+    per_token = {n: r["moelab_activation_bytes_per_token"] for n, r in mem.items()}
+    if len(per_token) > 1:
+        goals["moelab peak activation bytes per token (flat = linear in T)"] = per_token
+        by_T = sorted((CONFIGS[n][0], r["moelab"]["peak_activation_bytes"]) for n, r in mem.items())
+        goals["moelab marginal activation bytes per extra token, between consecutive T"] = {
+            f"{t0}->{t1}": (m1 - m0) / (t1 - t0)
+            for (t0, m0), (t1, m1) in zip(by_T, by_T[1:], strict=False)
+        }
+    return goals
+
+
+if __name__ == "__main__":
+    main()
