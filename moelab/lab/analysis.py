@@ -23,19 +23,10 @@ from moelab.inspect import load_trained
 from moelab.lab import plots
 from moelab.lab.runner import route_stream, val_stream
 from moelab.logs import read_rows
+from moelab.report import sampling_maxvio
 from moelab.train import build_config
 
 Runs = dict[str, list[Path]]
-
-
-def sampling_maxvio(tokens: int, num_experts: int, top_k: int, *, trials: int = 64) -> float:
-    """Mean MaxVio of a perfectly balanced *random* router on ``tokens`` tokens (1/√n floor)."""
-    g = torch.Generator().manual_seed(0)
-    picks_NTK = torch.rand(trials, tokens, num_experts, generator=g).topk(top_k, -1).indices
-    counts_NE = torch.zeros(trials, num_experts).scatter_add_(
-        1, picks_NTK.reshape(trials, -1), torch.ones(trials, tokens * top_k)
-    )
-    return float(metrics.max_violation(counts_NE).mean())
 
 
 def chunk_curve(
