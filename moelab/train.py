@@ -377,6 +377,8 @@ def train(
     ``on_step(step, model)`` runs before every optimizer step."""
     out = Path(out_dir)
     world = make_world(cfg.parallel) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else LocalWorld()
+    if world.is_main:
+        _check_writable(out)
     if resume and checkpoint.latest(out) is None:
         if world.is_main:
             print(f"moelab: no checkpoint in {str(out)!r} yet; starting fresh", file=sys.stderr)
@@ -431,6 +433,20 @@ def _injected_crash() -> StepHook | None:
             raise RuntimeError(f"injected crash before step {at} (MOELAB_CRASH_AT_STEP)")
 
     return crash
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any work if the run folder cannot be created or written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(
+            f"cannot write to the run folder {str(out)!r} ({exc.strerror or exc}); "
+            "give a writable --out"
+        ) from exc
 
 
 def _global_batch(cfg: RunConfig, world: World) -> int:

@@ -82,6 +82,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         (base + out + ["--set", "model.moe.top_k=5"], "top_k=5 is out of range"),
         (["eval", str(tmp_path / "nothing")], "checkpoint"),
         (["train", "--config", "nosuchpreset", "--out", str(tmp_path / "x")], "preset"),
+        (base + ["--out", "/proc/moelab-unwritable"], "give a writable --out"),
     ]
     for args, message in cases:
         line = _error(run(*args, check=False))
