@@ -118,7 +118,10 @@ class MoELayer(nn.Module):
         plan = self._plan(routing, slot_mask_TK, cap)
         y_TD = self._experts_forward(x_TD, plan)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            shared_TD = self.shared(x_TD)
+            if mask_T is not None:  # padding gets no FFN output at all
+                shared_TD = shared_TD * mask_T.unsqueeze(1).to(shared_TD.dtype)
+            y_TD = y_TD + shared_TD
         if self.training:
             self._accumulate(global_E)
         return MoEOutput(

@@ -161,12 +161,12 @@ def test_aux_loss_uses_the_routing_before_capacity_drops():
 
 
 def test_padding_is_excluded_from_counts_losses_and_compute():
-    """Masked tokens: zero MoE output, not counted; real tokens' outputs, counts and losses
-    equal those of the layer run on the real tokens alone."""
+    """Masked tokens: zero MoE output (shared experts included), not counted; real tokens'
+    outputs, counts and losses equal those of the layer run on the real tokens alone."""
     bcfg = BalanceConfig(
         aux_coef=1.0, z_coef=1.0, importance_coef=1.0, entropy_coef=1.0, batch_entropy_coef=1.0
     )
-    layer = make(balance=bcfg)
+    layer = make(balance=bcfg, num_shared=1)
     x = tokens(2, 6)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
     full = layer(x, mask=mask)
