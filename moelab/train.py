@@ -18,171 +18,31 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from moelab import checkpoint, metrics
-from moelab.config import (
-    _check_literals,
-    apply_overrides,
-    check_range,
-    from_dict,
-    load_toml,
-    to_dict,
-)
-from moelab.data import Batcher, Corpus, DataConfig, load_corpus
+from moelab.config import to_dict
+from moelab.data import Batcher, Corpus, load_corpus
 from moelab.errors import RunError
 from moelab.evaluate import evaluate
 from moelab.logs import MetricsLog, step_row
-from moelab.model import ModelConfig, MoELM
+from moelab.model import MoELM
 from moelab.moe import NonFiniteRouterError
+from moelab.runconfig import (  # noqa: F401 - re-exported: moelab.train is the public entry
+    PRESETS,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+    build_config,
+    load_config_dict,
+    load_run_config,
+    preset_names,
+)
 from moelab.world import LocalWorld, World, make_world
-
-PRESETS = Path(__file__).parent / "presets"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation and bookkeeping.
-
-    batch_size: sequences per optimizer step over all ranks (the global batch).
-    micro_batch_size: sequences per forward pass on one rank; the rest is gradient
-        accumulation. 0 = the rank's whole share in one pass.
-    nonfinite: what NaN/inf router logits, loss or gradient do: ``stop`` (raise, naming the
-        step and the MoE layer) or ``skip`` (no update, balance accumulators reset, a
-        ``skipped`` row logged, and go on).
-    eval_max_tokens: validation tokens per domain per evaluation (0 = the whole split).
-    """
-
-    _prefix = "train"
-
-    steps: int = 300
-    batch_size: int = 16
-    micro_batch_size: int = 0
-    lr: float = 3.0e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    seed: int = 0
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    log_every: int = 10
-    eval_every: int = 100
-    eval_max_tokens: int = 32768
-    ckpt_every: int = 0
-    keep_checkpoints: int = 2
-    nonfinite: Literal["stop", "skip"] = "stop"
-    threads: int = 0
-    tensorboard: bool = True
-
-    def __post_init__(self) -> None:
-        _check_literals(self)
-        for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
-            check_range(f"train.{name}", getattr(self, name), lo=1)
-        for name in (
-            "micro_batch_size",
-            "warmup_steps",
-            "eval_every",
-            "eval_max_tokens",
-            "ckpt_every",
-            "threads",
-            "weight_decay",
-            "grad_clip",
-        ):
-            check_range(f"train.{name}", getattr(self, name), lo=0)
-        check_range("train.lr", self.lr, lo=0, lo_open=True)
-        check_range("train.min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """Expert parallelism under torchrun (see moelab.parallel).
-
-    ep: expert-parallel group size (must divide the world size and the expert count).
-    batch: ``global`` — train.batch_size is the global batch, split over data ranks (same loss
-        curve for any world size); ``per_rank`` — train.batch_size sequences on *each* rank, so
-        more ranks mean a larger computation batch (seed 003's setting).
-    timeout_s: a collective that does not finish in this time raises on every rank.
-    """
-
-    _prefix = "parallel"
-
-    ep: int = 1
-    batch: Literal["global", "per_rank"] = "global"
-    timeout_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        _check_literals(self)
-        check_range("parallel.ep", self.ep, lo=1)
-        check_range("parallel.timeout_s", self.timeout_s, lo=0, lo_open=True)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything a run needs; written as ``config.json`` beside its metrics."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-
-
-def preset_names() -> list[str]:
-    """Names of the built-in presets (``moelab/presets/*.toml``)."""
-    return sorted(p.stem for p in PRESETS.glob("*.toml"))
-
-
-def load_config_dict(source: str | None) -> dict[str, Any]:
-    """A preset name or a TOML path as a dict; ``base = "preset"`` inherits from a preset."""
-    if source is None:
-        return {}
-    if source in preset_names():
-        data = load_toml(PRESETS / f"{source}.toml")
-    elif source.endswith(".toml") or os.path.sep in source:
-        data = load_toml(source)
-    else:
-        raise ValueError(
-            f"config {source!r} is neither a TOML file nor a preset; presets: {preset_names()}"
-        )
-    base = data.pop("base", None)
-    return _merge(load_config_dict(base), data) if base else data
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def build_config(data: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
-    """Resolve a config dict + ``--set`` overrides into a validated RunConfig."""
-    data = apply_overrides(data, list(overrides))
-    model = data.setdefault("model", {})
-    moe = model.get("moe", {})
-    if moe in (False, "none", None):
-        model["moe"] = None
-    elif isinstance(moe, dict):
-        moe.setdefault("d_model", model.get("d_model", ModelConfig.d_model))
-        for key in ("num_experts", "top_k", "d_expert"):
-            moe.setdefault(key, getattr(_default_moe(), key))
-        model["moe"] = moe
-    return from_dict(RunConfig, data)
-
-
-def _default_moe():
-    return ModelConfig().moe
-
-
-def load_run_config(source: str | None, overrides: list[str] = ()) -> RunConfig:
-    """``load_config_dict`` then ``build_config``."""
-    return build_config(load_config_dict(source), overrides)
-
 
 # ----------------------------------------------------------------------------- setup
 
