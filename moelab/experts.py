@@ -210,24 +210,27 @@ def _mm_segments(a_SX: Tensor, w_EXY: Tensor, segments: list, out_SY: Tensor) ->
     return out_SY
 
 
-def _swiglu_grads(h13_N2F: Tensor, weight_N1: Tensor, dhw_NF: Tensor):
+def _swiglu_grads(
+    h13_N2F: Tensor, weight_N1: Tensor, dhw_NF: Tensor, hw_NF: Tensor, dh13_N2F: Tensor
+) -> Tensor:
     """Backward of hw = weight·silu(gate)·up at the pre-activation h13 = [gate, up].
 
-    dhw_NF: gradient with respect to hw (overwritten). Returns (hw_NF, dweight_N, dh13_N2F).
-    Seven passes over (N, F); ``silu_backward`` fuses silu's derivative.
+    dhw_NF: gradient with respect to hw (overwritten). Writes hw into ``hw_NF`` and the
+    gradient with respect to h13 into ``dh13_N2F`` (preallocated buffers, reused across
+    chunks); returns dweight_N = <dhw_n, h_n> (``vecdot``: one fused pass, unlike a
+    (N, 1, F) @ (N, F, 1) ``bmm``). silu(gate) lives in dup's half until it becomes dup;
+    ``silu_backward`` fuses silu's derivative.
     """
     gate_NF, up_NF = h13_N2F.chunk(2, dim=-1)
-    silu_NF = F.silu(gate_NF)
-    hw_NF = silu_NF * up_NF  # h for now
-    dweight_N = torch.bmm(dhw_NF.unsqueeze(1), hw_NF.unsqueeze(2)).view(-1)  # <dhw_n, h_n>
+    dgate_NF, dup_NF = dh13_N2F.chunk(2, dim=-1)
+    silu_NF = torch.ops.aten.silu.out(gate_NF, out=dup_NF)
+    torch.mul(silu_NF, up_NF, out=hw_NF)  # h for now
+    dweight_N = torch.linalg.vecdot(dhw_NF, hw_NF)
     hw_NF.mul_(weight_N1)
     dh_NF = dhw_NF.mul_(weight_N1)
-    dh13_N2F = torch.empty_like(h13_N2F)
-    dgate_NF, dup_NF = dh13_N2F.chunk(2, dim=-1)
-    torch.mul(dh_NF, silu_NF, out=dup_NF)
-    del silu_NF
+    dup_NF.mul_(dh_NF)  # silu · dh
     torch.ops.aten.silu_backward.grad_input(dh_NF.mul_(up_NF), gate_NF, grad_input=dgate_NF)
-    return hw_NF, dweight_N, dh13_N2F
+    return dweight_N
 
 
 CHUNK_SLOTS = 4096  # token-slots per chunk in TokenSwiGLU: bounds its temporary buffers
@@ -256,22 +259,30 @@ class TokenSwiGLU(torch.autograd.Function):
     pre-activation is saved (x is the caller's). Work runs in chunks of about
     ``CHUNK_SLOTS`` slots (whole experts), so the gathered inputs, outputs and gradients are
     never materialised for all S slots: temporary memory is O(CHUNK_SLOTS·(D + 2F)), not
-    O(S·D). One matmul per expert, elementwise work once per chunk.
+    O(S·D). One matmul per expert, elementwise work once per chunk. The per-chunk buffers
+    are allocated once per call (for the largest chunk) and reused through ``out=``.
     """
 
     @staticmethod
     def forward(ctx, x_TD, w13_ED2F, w2_EFD, token_S, weight_S, splits):
         T, D = x_TD.shape
+        F_ = w2_EFD.shape[1]
         chunks = _chunks(_segments(splits), CHUNK_SLOTS)
         h13_S2F = x_TD.new_empty(token_S.shape[0], w13_ED2F.shape[2])
         y_TD = x_TD.new_zeros(T, D)
         w_S1 = weight_S.detach().to(x_TD.dtype).unsqueeze(1)
+        n_max = max((B - A for A, B, _ in chunks), default=0)
+        xbuf = x_TD.new_empty(n_max, D)
+        hbuf = x_TD.new_empty(n_max, F_)
         with torch.autocast(x_TD.device.type, enabled=False):
             for A, B, segs in chunks:
-                x_ND = x_TD.index_select(0, token_S[A:B])
+                n = B - A
+                x_ND = torch.index_select(x_TD, 0, token_S[A:B], out=xbuf[:n])
                 h13_N2F = _mm_segments(x_ND, w13_ED2F, segs, h13_S2F[A:B])
-                hw_NF = _swiglu_act(h13_N2F).mul_(w_S1[A:B])
-                y_ND = _mm_segments(hw_NF, w2_EFD, segs, x_ND)  # reuse x's buffer
+                gate_NF, up_NF = h13_N2F.chunk(2, dim=-1)
+                hw_NF = torch.ops.aten.silu.out(gate_NF, out=hbuf[:n])
+                hw_NF.mul_(up_NF).mul_(w_S1[A:B])
+                y_ND = _mm_segments(hw_NF, w2_EFD, segs, x_ND)
                 y_TD.index_add_(0, token_S[A:B], y_ND)
         ctx.save_for_backward(x_TD, w13_ED2F, w2_EFD, token_S, weight_S, h13_S2F)
         ctx.chunks = chunks
@@ -280,29 +291,35 @@ class TokenSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_TD):
         x_TD, w13_ED2F, w2_EFD, token_S, weight_S, h13_S2F = ctx.saved_tensors
-        segments = [(e, A + a, A + b) for A, _, segs in ctx.chunks for e, a, b in segs]
-        dy_TD = dy_TD.to(x_TD.dtype)
+        chunks = ctx.chunks
+        segments = [(e, A + a, A + b) for A, _, segs in chunks for e, a, b in segs]
+        dy_TD = dy_TD.to(x_TD.dtype).contiguous()
         w_S1 = weight_S.detach().to(x_TD.dtype).unsqueeze(1)
         dw13_ED2F = _empty_grad(w13_ED2F, segments)
         dw2_EFD = _empty_grad(w2_EFD, segments)
         dweight_S = w_S1.new_empty(token_S.shape[0])
         dx_TD = torch.zeros_like(x_TD)
+        D, F_ = x_TD.shape[1], w2_EFD.shape[1]
+        n_max = max((B - A for A, B, _ in chunks), default=0)
+        dybuf = x_TD.new_empty(n_max, D)
+        xbuf = x_TD.new_empty(n_max, D)
+        dhwbuf = x_TD.new_empty(n_max, F_)
+        hwbuf = x_TD.new_empty(n_max, F_)
+        dh13buf = x_TD.new_empty(n_max, 2 * F_)
         with torch.autocast(x_TD.device.type, enabled=False):
-            for A, B, segs in ctx.chunks:
-                dy_ND = dy_TD.index_select(0, token_S[A:B])
-                dhw_NF = h13_S2F.new_empty(B - A, w2_EFD.shape[1])
-                for e, a, b in segs:
-                    torch.mm(dy_ND[a:b], w2_EFD[e].t(), out=dhw_NF[a:b])
-                hw_NF, dweight_S[A:B], dh13_N2F = _swiglu_grads(h13_S2F[A:B], w_S1[A:B], dhw_NF)
-                del dhw_NF
+            for A, B, segs in chunks:
+                n = B - A
+                idx = token_S[A:B]
+                dy_ND = torch.index_select(dy_TD, 0, idx, out=dybuf[:n])
+                dhw_NF = _mm_segments(dy_ND, w2_EFD.transpose(1, 2), segs, dhwbuf[:n])
+                hw_NF, dh13_N2F = hwbuf[:n], dh13buf[:n]
+                dweight_S[A:B] = _swiglu_grads(h13_S2F[A:B], w_S1[A:B], dhw_NF, hw_NF, dh13_N2F)
+                x_ND = torch.index_select(x_TD, 0, idx, out=xbuf[:n])
                 for e, a, b in segs:
                     torch.mm(hw_NF[a:b].t(), dy_ND[a:b], out=dw2_EFD[e])
-                del hw_NF
-                x_ND = torch.index_select(x_TD, 0, token_S[A:B], out=dy_ND)  # reuse the buffer
-                for e, a, b in segs:
                     torch.mm(x_ND[a:b].t(), dh13_N2F[a:b], out=dw13_ED2F[e])
-                    torch.mm(dh13_N2F[a:b], w13_ED2F[e].t(), out=x_ND[a:b])  # now dx
-                dx_TD.index_add_(0, token_S[A:B], x_ND)
+                _mm_segments(dh13_N2F, w13_ED2F.transpose(1, 2), segs, dy_ND)  # now dx
+                dx_TD.index_add_(0, idx, dy_ND)
         return dx_TD, dw13_ED2F, dw2_EFD, None, dweight_S.to(weight_S.dtype), None
 
 
