@@ -80,14 +80,8 @@ def _eval_batch(model: MoELM, tokens_BL: Tensor, targets_BL: Tensor, d: int, s: 
         s.joint_lDE[i, d] += metrics.expert_counts(o.experts, s.num_experts, mask=o.slot_mask)
         experts_BLK = o.experts.view(B, L, -1)
         mask_BLK = None if o.slot_mask is None else o.slot_mask.view(B, L, -1)
-        s.seq_maxvio.extend(_seq_maxvio(experts_BLK, mask_BLK, s.num_experts))
-
-
-def _seq_maxvio(experts_BLK: Tensor, mask_BLK: Tensor | None, E: int) -> list[float]:
-    hot = torch.nn.functional.one_hot(experts_BLK, E)  # (B, L, K, E)
-    if mask_BLK is not None:
-        hot = hot * mask_BLK.unsqueeze(-1)
-    return metrics.max_violation(hot.sum((1, 2))).tolist()
+        seq = metrics.maxvio_per_sequence(experts_BLK, s.num_experts, mask_BL=mask_BLK)
+        s.seq_maxvio.extend(seq.tolist())
 
 
 def _summarise(s: EvalStats, corpus: Corpus) -> dict:

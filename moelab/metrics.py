@@ -102,7 +102,8 @@ def maxvio_per_sequence(
 ) -> Tensor:
     """MaxVio of each sequence's own counts (sequence-wise balance, DeepSeek-V3 §2.1.2).
 
-    experts_BLK ``(B, L, K)``, mask_BL ``(B, L)`` -> ``(B,)`` float32.
+    experts_BLK ``(B, L, K)``, mask_BL ``(B, L)`` (or a slot mask ``(B, L, K)``) -> ``(B,)``
+    float32.
     """
     _check_ids(experts_BLK, num_experts)
     return max_violation(_counts_per_row(experts_BLK, num_experts, mask_BL))

@@ -27,6 +27,7 @@ from moelab import balance as bal
 from moelab import dispatch
 from moelab.config import MoEConfig
 from moelab.experts import Experts, SharedExperts
+from moelab.metrics import max_violation
 from moelab.routing import Router, Routing
 
 
@@ -295,9 +296,7 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def _stats(self, routing: Routing, mask_T: Tensor | None) -> dict[str, Tensor]:
-        logits = routing.logits if mask_T is None else routing.logits[mask_T]
-        z = torch.logsumexp(logits, dim=-1).pow(2).mean() if logits.numel() else logits.sum()
-        return {"z": z}
+        return {"z": bal.z_loss(routing.logits, mask=mask_T)}
 
     # ------------------------------------------------------------------ step boundary
 
@@ -317,7 +316,7 @@ class MoELayer(nn.Module):
                     bal.update_bias(self.bias, counts_E, rate, b.bias_rule, center=b.bias_center)
                 )
             if b.adaptive_target > 0:
-                maxvio = float((counts_E.max() - counts_E.float().mean()) / counts_E.float().mean())
+                maxvio = float(max_violation(counts_E))
                 self.aux_coef.fill_(
                     bal.adapt_coef(
                         float(self.aux_coef),
