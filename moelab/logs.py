@@ -80,7 +80,7 @@ def step_row(step: int, r, model, trackers, lr: float, tokens: int, tok_s: float
         sum(float(metrics.max_violation(mc[i])) for mc in r.micro_counts) / n_micro
         for i in range(len(layers))
     ]
-    counts = [sum(mc[i] for mc in r.micro_counts) for i in range(len(layers))]
+    counts = r.step_counts()
     total_slots = sum(int(c.sum()) for c in counts)
     row |= {
         "maxvio_batch": sum(mv) / len(mv),

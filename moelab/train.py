@@ -138,6 +138,10 @@ class StepResult:
     moe_stats: list[list[dict[str, Tensor]]] = field(default_factory=list)  # [micro][layer]
     nonfinite: str = ""  # what was not finite when ``skipped``
 
+    def step_counts(self) -> list[Tensor]:
+        """[layer] (E,) slots routed per expert, summed over the step's micro-batches."""
+        return [sum(mc[i] for mc in self.micro_counts) for i in range(len(self.kept))]
+
 
 def train_step(
     model: MoELM, opt: torch.optim.Optimizer, micro: list, cfg: RunConfig, world: World, step: int
@@ -342,7 +346,7 @@ def _loop(
         if r.skipped:
             log.write({"step": done, "skipped": True, "nonfinite": r.nonfinite})
         else:
-            for tr, c in zip(trackers, _step_counts(r), strict=True):
+            for tr, c in zip(trackers, r.step_counts(), strict=True):
                 tr.update(c)
         if not r.skipped and (done % cfg.train.log_every == 0 or done == 1 or done == stop):
             elapsed = time.perf_counter() - t0
@@ -378,10 +382,6 @@ def _loop(
 
 def _due(done: int, every: int, stop: int) -> bool:
     return done == stop or (every > 0 and done % every == 0)
-
-
-def _step_counts(r: StepResult) -> list[Tensor]:
-    return [sum(mc[i] for mc in r.micro_counts) for i in range(len(r.kept))]
 
 
 def _progress(start: int, stop: int, enabled: bool):
