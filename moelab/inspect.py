@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +84,3 @@ def route_text(run: TrainedRun, text: str) -> dict[str, Any]:
         "tokens": [run.corpus.decode([i]) for i in ids],
         "layers": [o.experts.tolist() for o in out.moe],
     }
-
-
-def save_json(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2))
