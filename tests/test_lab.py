@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 
@@ -128,3 +129,38 @@ def test_chunk_counts_match_a_loop():
         sl = slice(16 * i, 16 * (i + 1))
         want = metrics.expert_counts(experts_TK[sl], 8, mask=mask_TK[sl])
         assert torch.equal(got_NE[i], want)
+
+
+def test_pretrain_is_seed_major_and_threads_reach_every_run(monkeypatch):
+    """`lab run A B --pretrain-only --threads 1`: every variant's seed 0 is queued before any
+    seed 1 (an interrupted pretrain still covers every variant), and each run has threads=1."""
+    from moelab.lab import runner
+
+    calls = []
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", _InlinePool)
+    monkeypatch.setattr(runner, "train_cached", lambda cfg, snapshots: calls.append(cfg))
+    args = _parse(["lab", "run", "stability", "collapse", "--pretrain-only", "--threads", "1"])
+    assert args.func(args) == 0
+    seeds = [c.train.seed for c in calls]
+    assert seeds == sorted(seeds) and seeds[0] == 0 and max(seeds) == 2
+    assert {c.train.threads for c in calls} == {1}
+    n_first = len(load_experiment("stability").variants) + len(load_experiment("collapse").variants)
+    assert seeds.count(0) == n_first
+
+
+class _InlinePool:
+    """ProcessPoolExecutor stand-in that runs each job at submit time, in order."""
+
+    def __init__(self, workers):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args, **kw):
+        fut = concurrent.futures.Future()
+        fut.set_result(fn(*args, **kw))
+        return fut

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -151,12 +152,15 @@ def pretrain(
 
     from moelab.lab import runner
 
-    todo = {}
-    for exp, variants in jobs:
-        snaps = int(exp.options.get("snapshots", 0))
-        snaps = 2 if quick and snaps else snaps
-        for v in variants:
-            for seed in range(seeds or (1 if quick else exp.seeds)):
+    def n_seeds(exp: Experiment) -> int:
+        return seeds or (1 if quick else exp.seeds)
+
+    todo = {}  # seed-major: an interrupted pretrain still has every variant's first seed
+    for seed in range(max(n_seeds(exp) for exp, _ in jobs)):
+        for exp, variants in jobs:
+            snaps = int(exp.options.get("snapshots", 0))
+            snaps = 2 if quick and snaps else snaps
+            for v in variants if seed < n_seeds(exp) else []:
                 cfg = exp.run_config(v, quick=quick, seed=seed)
                 todo.setdefault(runner.run_key(cfg, snaps), (cfg, snaps))
     with ProcessPoolExecutor(workers) as pool:
@@ -179,6 +183,8 @@ def rescore(exp: Experiment, path: Path) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     exps = [load_experiment(n) for n in args.names]
+    if args.threads:  # part of each run's config, hence of its cache key
+        exps = [replace(e, common=[*e.common, f"train.threads={args.threads}"]) for e in exps]
     if args.rescore:
         for exp in exps:
             out = Path(args.out or f"results/{exp.name}")
@@ -246,6 +252,12 @@ def add_lab_parser(subparsers) -> None:
         "--rescore", action="store_true", help="re-apply the checks to an existing result.json"
     )
     r.add_argument("--pretrain-only", action="store_true", help="train the runs, no analysis")
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="set train.threads of every run (default: the file's)",
+    )
     r.set_defaults(func=cmd_run)
     ls = sub.add_parser("list", help="list the experiments")
     ls.set_defaults(func=cmd_list)
