@@ -137,8 +137,65 @@ def step_fns(T: int, d: int, E: int, k: int, f: int, impls: list[str]) -> dict[s
         fns[f"hf_{impl}"] = run(
             lambda b=block: b(x.unsqueeze(0)).squeeze(0), list(block.parameters())
         )
+    fns.update(matmul_floors(layer, x, w13, w2))
     fns["_layer"], fns["_x"] = layer, x  # for checks and the breakdown
     return fns
+
+
+def matmul_floors(layer: moelab.MoELayer, x: torch.Tensor, w13, w2) -> dict[str, Callable]:
+    """The six matmuls of a SwiGLU forward+backward and nothing else, into preallocated
+    buffers: per expert on its segment of the routed slots (``mm_experts``, the floor of any
+    loop- or group-based MoE layer on this BLAS) and for the dense layer (``mm_dense``).
+    Their ratio is how much slower E small matmuls are than one large one of the same FLOPs."""
+    with torch.no_grad():
+        counts = torch.bincount(layer.router(x).experts.flatten(), minlength=layer.cfg.num_experts)
+    sizes = counts.tolist()
+    We13, We2 = layer.experts.w13_ED2F.detach(), layer.experts.w2_EFD.detach()
+    S, D, F2 = int(counts.sum()), We13.shape[1], We13.shape[2]
+    xs, h13, h, y = (
+        torch.randn(S, D),
+        torch.empty(S, F2),
+        torch.randn(S, F2 // 2),
+        torch.empty(S, D),
+    )
+    g13, g2 = torch.empty_like(We13), torch.empty_like(We2)
+
+    views = list(  # made once, outside the timed function: the floor has no Python slicing
+        zip(
+            *(t.split(sizes) for t in (xs, h13, h, y)),
+            *(t.unbind(0) for t in (We13, We2, g13, g2)),
+            strict=True,
+        )
+    )
+
+    def experts() -> None:
+        for x_, h13_, h_, y_, w13_, w2_, g13_, g2_ in views:
+            torch.mm(x_, w13_, out=h13_)  # forward
+            torch.mm(h_, w2_, out=y_)
+            torch.mm(y_, w2_.t(), out=h_)  # backward: dh, dW2, dW13, dx
+            torch.mm(h_.t(), y_, out=g2_)
+            torch.mm(x_.t(), h13_, out=g13_)
+            torch.mm(h13_, w13_.t(), out=y_)
+
+    W13, W2 = w13.detach(), w2.detach()
+    T = x.shape[0]
+    X, H13, H, Y = (
+        torch.randn(T, D),
+        torch.empty(T, W13.shape[1]),
+        torch.randn(T, W2.shape[0]),
+        torch.empty(T, D),
+    )
+    G13, G2 = torch.empty_like(W13), torch.empty_like(W2)
+
+    def dense() -> None:
+        torch.mm(X, W13, out=H13)
+        torch.mm(H, W2, out=Y)
+        torch.mm(Y, W2.t(), out=H)
+        torch.mm(H.t(), Y, out=G2)
+        torch.mm(X.t(), H13, out=G13)
+        torch.mm(H13, W13.t(), out=Y)
+
+    return {"mm_experts": experts, "mm_dense": dense}
 
 
 def check_hf(layer: moelab.MoELayer, x: torch.Tensor, impl: str) -> float:
@@ -260,7 +317,7 @@ def bench_config(name: str, rounds: int, impls: list[str]) -> dict:
             usable.remove(impl)  # e.g. GPU-only kernels (deepgemm, sonicmoe)
             skipped[f"hf_{impl}"] = f"{type(exc).__name__}: {str(exc)[:160]}"
     fns = step_fns(T, d, E, k, f, usable)
-    layer, x = fns.pop("_layer"), fns.pop("_x")
+    layer, x = fns.pop("_layer"), fns.pop("_x")  # mm_* : the matmul floor, see matmul_floors
     times = interleaved(fns, rounds)
     parts = interleaved(breakdown_fns(layer, x), rounds)
     cpu1 = one_thread_cpu({n: f for n, f in fns.items() if n != "hf_eager" or T <= 256}, 3)

@@ -12,7 +12,6 @@ per expert, which costs seconds per step at E=64 on a CPU.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -129,20 +128,25 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def _segments(splits: list[int]) -> list[tuple[int, int, int]]:
-    """(e, start, end) for every non-empty segment of a buffer split by ``splits``."""
-    ends = list(itertools.accumulate(splits))
-    return [(e, end - n, end) for e, (n, end) in enumerate(zip(splits, ends, strict=True)) if n]
+def _mm_split(a_SX: Tensor, w_views: tuple, sizes: list[int], out_SY: Tensor) -> Tensor:
+    """out_e = a_e @ w_e for the row blocks a_e, out_e of ``split(sizes)``: one matmul per
+    expert. ``split``/``unbind`` make all the views in one call each (no Python slicing per
+    expert); an empty block costs one call and writes nothing."""
+    for a, w, o in zip(a_SX.split(sizes), w_views, out_SY.split(sizes), strict=True):
+        torch.mm(a, w, out=o)
+    return out_SY
 
 
-def _empty_grad(w_EAB: Tensor, segments: list[tuple[int, int, int]]) -> Tensor:
-    """Uninitialised gradient for a weight stack; experts without tokens get zeros."""
-    g_EAB = torch.empty_like(w_EAB)
-    hit = {e for e, _, _ in segments}
-    for e in range(w_EAB.shape[0]):
-        if e not in hit:
-            g_EAB[e].zero_()
-    return g_EAB
+def _mm_split_t(a_SX: Tensor, b_SY: Tensor, sizes: list[int], out_views: tuple) -> None:
+    """out_e = a_eᵀ @ b_e (a weight gradient per expert); an expert with no rows gets zeros
+    (a matmul over an empty dimension), so the gradient stack needs no zero-fill."""
+    for a, b, o in zip(a_SX.split(sizes), b_SY.split(sizes), out_views, strict=True):
+        torch.mm(a.t(), b, out=o)
+
+
+def _transposed_views(w_EAB: Tensor) -> tuple:
+    """Per-expert views of w_e transposed, (B, A) each."""
+    return w_EAB.transpose(1, 2).unbind(0)
 
 
 class GroupedSwiGLU(torch.autograd.Function):
@@ -158,36 +162,28 @@ class GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SD: Tensor, w13_ED2F: Tensor, w2_EFD: Tensor, splits: list[int]) -> Tensor:
         S, D = x_SD.shape
-        F2 = w13_ED2F.shape[2]
         with torch.autocast(x_SD.device.type, enabled=False):
             x_SD = x_SD.contiguous()
-            h13_S2F = x_SD.new_empty(S, F2)
-            segments = _segments(splits)
-            for e, a, b in segments:
-                torch.mm(x_SD[a:b], w13_ED2F[e], out=h13_S2F[a:b])
-            h_SF = _swiglu_act(h13_S2F)
-            y_SD = x_SD.new_empty(S, D)
-            for e, a, b in segments:
-                torch.mm(h_SF[a:b], w2_EFD[e], out=y_SD[a:b])
+            h13_S2F = x_SD.new_empty(S, w13_ED2F.shape[2])
+            _mm_split(x_SD, w13_ED2F.unbind(0), splits, h13_S2F)
+            y_SD = _mm_split(_swiglu_act(h13_S2F), w2_EFD.unbind(0), splits, x_SD.new_empty(S, D))
         ctx.save_for_backward(x_SD, w13_ED2F, w2_EFD, h13_S2F)
-        ctx.segments = segments
+        ctx.splits = splits
         return y_SD
 
     @staticmethod
     def backward(ctx, dy_SD: Tensor):
         x_SD, w13_ED2F, w2_EFD, h13_S2F = ctx.saved_tensors
-        segments = ctx.segments
+        sz = ctx.splits
         with torch.autocast(x_SD.device.type, enabled=False):
             dy_SD = dy_SD.contiguous()
             gate_SF, up_SF = h13_S2F.chunk(2, dim=-1)
             sig_SF = torch.sigmoid(gate_SF)
             silu_SF = gate_SF * sig_SF
             h_SF = silu_SF * up_SF
-            dw2_EFD = _empty_grad(w2_EFD, segments)
-            dh_SF = torch.empty_like(h_SF)
-            for e, a, b in segments:
-                torch.mm(h_SF[a:b].t(), dy_SD[a:b], out=dw2_EFD[e])
-                torch.mm(dy_SD[a:b], w2_EFD[e].t(), out=dh_SF[a:b])
+            dw2_EFD = torch.empty_like(w2_EFD)
+            _mm_split_t(h_SF, dy_SD, sz, dw2_EFD.unbind(0))
+            dh_SF = _mm_split(dy_SD, _transposed_views(w2_EFD), sz, torch.empty_like(h_SF))
             del h_SF
             dh13_S2F = torch.empty_like(h13_S2F)
             dgate_SF, dup_SF = dh13_S2F.chunk(2, dim=-1)
@@ -195,19 +191,10 @@ class GroupedSwiGLU(torch.autograd.Function):
             # d silu(g)/dg = sig(g)·(1 + g·(1 − sig(g)))
             torch.mul(dh_SF * up_SF, sig_SF * (1 + gate_SF * (1 - sig_SF)), out=dgate_SF)
             del dh_SF, silu_SF, sig_SF
-            dw13_ED2F = _empty_grad(w13_ED2F, segments)
-            dx_SD = torch.empty_like(x_SD)
-            for e, a, b in segments:
-                torch.mm(x_SD[a:b].t(), dh13_S2F[a:b], out=dw13_ED2F[e])
-                torch.mm(dh13_S2F[a:b], w13_ED2F[e].t(), out=dx_SD[a:b])
+            dw13_ED2F = torch.empty_like(w13_ED2F)
+            _mm_split_t(x_SD, dh13_S2F, sz, dw13_ED2F.unbind(0))
+            dx_SD = _mm_split(dh13_S2F, _transposed_views(w13_ED2F), sz, torch.empty_like(x_SD))
         return dx_SD, dw13_ED2F, dw2_EFD, None
-
-
-def _mm_segments(a_SX: Tensor, w_EXY: Tensor, segments: list, out_SY: Tensor) -> Tensor:
-    """out[a:b] = a[a:b] @ w[e] for every segment (e, a, b): one matmul per expert."""
-    for e, a, b in segments:
-        torch.mm(a_SX[a:b], w_EXY[e], out=out_SY[a:b])
-    return out_SY
 
 
 def _swiglu_grads(
@@ -236,18 +223,18 @@ def _swiglu_grads(
 CHUNK_SLOTS = 4096  # token-slots per chunk in TokenSwiGLU: bounds its temporary buffers
 
 
-def _chunks(segments: list, min_rows: int) -> list[tuple[int, int, list]]:
-    """Group consecutive expert segments into chunks of >= ``min_rows`` rows: (start, end,
-    segments with offsets relative to start)."""
-    out, group = [], []
-    for seg in segments:
-        group.append(seg)
-        if seg[2] - group[0][1] >= min_rows:
-            out.append(group)
-            group = []
-    if group:
-        out.append(group)
-    return [(g[0][1], g[-1][2], [(e, a - g[0][1], b - g[0][1]) for e, a, b in g]) for g in out]
+def _chunks(splits: list[int], min_rows: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive experts grouped into chunks of >= ``min_rows`` rows (the last may have
+    fewer): (e0, e1, row0, row1) for experts [e0, e1); every expert is in exactly one chunk."""
+    out, e0, r0, r = [], 0, 0, 0
+    for e, n in enumerate(splits):
+        r += n
+        if r - r0 >= min_rows:
+            out.append((e0, e + 1, r0, r))
+            e0, r0 = e + 1, r
+    if e0 < len(splits):
+        out.append((e0, len(splits), r0, r))
+    return out
 
 
 class TokenSwiGLU(torch.autograd.Function):
@@ -266,59 +253,54 @@ class TokenSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w13_ED2F, w2_EFD, token_S, weight_S, splits):
         T, D = x_TD.shape
-        F_ = w2_EFD.shape[1]
-        chunks = _chunks(_segments(splits), CHUNK_SLOTS)
+        chunks = _chunks(splits, CHUNK_SLOTS)
         h13_S2F = x_TD.new_empty(token_S.shape[0], w13_ED2F.shape[2])
         y_TD = x_TD.new_zeros(T, D)
         w_S1 = weight_S.detach().to(x_TD.dtype).unsqueeze(1)
-        n_max = max((B - A for A, B, _ in chunks), default=0)
-        xbuf = x_TD.new_empty(n_max, D)
-        hbuf = x_TD.new_empty(n_max, F_)
+        n_max = max(B - A for _, _, A, B in chunks)
+        xbuf, hbuf = x_TD.new_empty(n_max, D), x_TD.new_empty(n_max, w2_EFD.shape[1])
+        w13s, w2s = w13_ED2F.unbind(0), w2_EFD.unbind(0)
         with torch.autocast(x_TD.device.type, enabled=False):
-            for A, B, segs in chunks:
-                n = B - A
+            for e0, e1, A, B in chunks:
+                n, sz = B - A, splits[e0:e1]
                 x_ND = torch.index_select(x_TD, 0, token_S[A:B], out=xbuf[:n])
-                h13_N2F = _mm_segments(x_ND, w13_ED2F, segs, h13_S2F[A:B])
+                h13_N2F = _mm_split(x_ND, w13s[e0:e1], sz, h13_S2F[A:B])
                 gate_NF, up_NF = h13_N2F.chunk(2, dim=-1)
                 hw_NF = torch.ops.aten.silu.out(gate_NF, out=hbuf[:n])
                 hw_NF.mul_(up_NF).mul_(w_S1[A:B])
-                y_ND = _mm_segments(hw_NF, w2_EFD, segs, x_ND)
+                y_ND = _mm_split(hw_NF, w2s[e0:e1], sz, x_ND)
                 y_TD.index_add_(0, token_S[A:B], y_ND)
         ctx.save_for_backward(x_TD, w13_ED2F, w2_EFD, token_S, weight_S, h13_S2F)
-        ctx.chunks = chunks
+        ctx.chunks, ctx.splits = chunks, splits
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
         x_TD, w13_ED2F, w2_EFD, token_S, weight_S, h13_S2F = ctx.saved_tensors
-        chunks = ctx.chunks
-        segments = [(e, A + a, A + b) for A, _, segs in chunks for e, a, b in segs]
+        chunks, splits = ctx.chunks, ctx.splits
         dy_TD = dy_TD.to(x_TD.dtype).contiguous()
         w_S1 = weight_S.detach().to(x_TD.dtype).unsqueeze(1)
-        dw13_ED2F = _empty_grad(w13_ED2F, segments)
-        dw2_EFD = _empty_grad(w2_EFD, segments)
+        dw13_ED2F, dw2_EFD = torch.empty_like(w13_ED2F), torch.empty_like(w2_EFD)
+        dw13s, dw2s = dw13_ED2F.unbind(0), dw2_EFD.unbind(0)
+        w13Ts, w2Ts = _transposed_views(w13_ED2F), _transposed_views(w2_EFD)
         dweight_S = w_S1.new_empty(token_S.shape[0])
         dx_TD = torch.zeros_like(x_TD)
         D, F_ = x_TD.shape[1], w2_EFD.shape[1]
-        n_max = max((B - A for A, B, _ in chunks), default=0)
-        dybuf = x_TD.new_empty(n_max, D)
-        xbuf = x_TD.new_empty(n_max, D)
-        dhwbuf = x_TD.new_empty(n_max, F_)
-        hwbuf = x_TD.new_empty(n_max, F_)
+        n_max = max(B - A for _, _, A, B in chunks)
+        dybuf, xbuf = x_TD.new_empty(n_max, D), x_TD.new_empty(n_max, D)
+        dhwbuf, hwbuf = x_TD.new_empty(n_max, F_), x_TD.new_empty(n_max, F_)
         dh13buf = x_TD.new_empty(n_max, 2 * F_)
         with torch.autocast(x_TD.device.type, enabled=False):
-            for A, B, segs in chunks:
-                n = B - A
-                idx = token_S[A:B]
+            for e0, e1, A, B in chunks:
+                n, sz, idx = B - A, splits[e0:e1], token_S[A:B]
                 dy_ND = torch.index_select(dy_TD, 0, idx, out=dybuf[:n])
-                dhw_NF = _mm_segments(dy_ND, w2_EFD.transpose(1, 2), segs, dhwbuf[:n])
+                dhw_NF = _mm_split(dy_ND, w2Ts[e0:e1], sz, dhwbuf[:n])
                 hw_NF, dh13_N2F = hwbuf[:n], dh13buf[:n]
                 dweight_S[A:B] = _swiglu_grads(h13_S2F[A:B], w_S1[A:B], dhw_NF, hw_NF, dh13_N2F)
                 x_ND = torch.index_select(x_TD, 0, idx, out=xbuf[:n])
-                for e, a, b in segs:
-                    torch.mm(hw_NF[a:b].t(), dy_ND[a:b], out=dw2_EFD[e])
-                    torch.mm(x_ND[a:b].t(), dh13_N2F[a:b], out=dw13_ED2F[e])
-                _mm_segments(dh13_N2F, w13_ED2F.transpose(1, 2), segs, dy_ND)  # now dx
+                _mm_split_t(hw_NF, dy_ND, sz, dw2s[e0:e1])
+                _mm_split_t(x_ND, dh13_N2F, sz, dw13s[e0:e1])
+                _mm_split(dh13_N2F, w13Ts[e0:e1], sz, dy_ND)  # now dx
                 dx_TD.index_add_(0, idx, dy_ND)
         return dx_TD, dw13_ED2F, dw2_EFD, None, dweight_S.to(weight_S.dtype), None
 
