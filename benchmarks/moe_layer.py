@@ -21,8 +21,12 @@ subtracted (an MoE has E/k times the dense layer's parameters, so its gradients 
 whatever the tokens): the goal is on the *activation* peak, the part that grows with T. Also
 the activation bytes autograd saves for backward (parameters excluded).
 
-Usage: ``python benchmarks/moe_layer.py [--configs A B A_T256 A_T16384] [--rounds 5]``
-writes ``benchmarks/results/moe_layer.json``.
+Matmul floor: ``mm_experts`` runs only the six per-expert matmuls of a forward+backward (the
+routed counts, preallocated buffers) and ``mm_dense`` the dense layer's six; no MoE layer built
+from per-expert or grouped matmuls on this BLAS can beat ``mm_experts``.
+
+Usage: ``python benchmarks/moe_layer.py [--configs A B A_T256 A_T16384] [--rounds 5]
+[--malloc keep] [--out PATH]`` writes ``benchmarks/results/moe_layer.json``.
 """
 
 from __future__ import annotations
@@ -450,12 +454,32 @@ def machine() -> dict:
     }
 
 
+def keep_freed_buffers() -> None:
+    """glibc: never mmap (hence never unmap) a buffer under 1 GiB and never trim the heap, so
+    a freed buffer is reused without page faults. By default every buffer over 32 MiB is its
+    own mapping; a fresh 64 MiB weight-gradient stack costs ~30 ms of page faults per step
+    here, and an MoE's weight gradients are E/k times the dense layer's."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        raise RuntimeError("mallopt failed: --malloc keep needs glibc")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' implementations")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/moe_layer.json"))
+    ap.add_argument(
+        "--malloc",
+        choices=["default", "keep"],
+        default="default",
+        help="'keep': glibc keeps freed buffers in the heap (mallopt) instead of returning "
+        "every buffer over 32 MiB to the OS and page-faulting it back in on the next step",
+    )
     ap.add_argument(
         "--memory-child", nargs=2, metavar=("CONFIG", "CANDIDATE"), help=argparse.SUPPRESS
     )
@@ -464,7 +488,9 @@ def main() -> None:
         print(json.dumps(memory_child(*args.memory_child)))
         return
     torch.set_num_threads(THREADS)
-    info = machine()
+    if args.malloc == "keep":
+        keep_freed_buffers()
+    info = machine() | {"malloc": args.malloc}
     impls = [] if args.no_hf else hf_implementations()
     results = {}
     for name in args.configs:

@@ -220,7 +220,9 @@ def _swiglu_grads(
     return dweight_N
 
 
-CHUNK_SLOTS = 4096  # token-slots per chunk in TokenSwiGLU: bounds its temporary buffers
+# Token-slots per chunk in TokenSwiGLU (at most T, so that at small T the temporaries stay
+# within the dense layer's T·k·F activations): bounds its temporary buffers.
+CHUNK_SLOTS = 4096
 
 
 def _chunks(splits: list[int], min_rows: int) -> list[tuple[int, int, int, int]]:
@@ -244,16 +246,17 @@ class TokenSwiGLU(torch.autograd.Function):
     The gate weight is folded into the hidden activation (w·(h W2) = (w·h) W2), so its
     gradient is <dL/d(w·h), h> on (S, F) rather than on (S, D). Only the (S, 2F)
     pre-activation is saved (x is the caller's). Work runs in chunks of about
-    ``CHUNK_SLOTS`` slots (whole experts), so the gathered inputs, outputs and gradients are
-    never materialised for all S slots: temporary memory is O(CHUNK_SLOTS·(D + 2F)), not
-    O(S·D). One matmul per expert, elementwise work once per chunk. The per-chunk buffers
-    are allocated once per call (for the largest chunk) and reused through ``out=``.
+    C = min(``CHUNK_SLOTS``, T) slots (whole experts), so the gathered inputs, outputs and
+    gradients are never materialised for all S = T·k slots: temporary memory is
+    O(C·(D + 2F)), not O(S·D). One matmul per expert, elementwise work once per chunk. The
+    per-chunk buffers are allocated once per call (for the largest chunk) and reused
+    through ``out=``.
     """
 
     @staticmethod
     def forward(ctx, x_TD, w13_ED2F, w2_EFD, token_S, weight_S, splits):
         T, D = x_TD.shape
-        chunks = _chunks(splits, CHUNK_SLOTS)
+        chunks = _chunks(splits, min(CHUNK_SLOTS, T))
         h13_S2F = x_TD.new_empty(token_S.shape[0], w13_ED2F.shape[2])
         y_TD = x_TD.new_zeros(T, D)
         w_S1 = weight_S.detach().to(x_TD.dtype).unsqueeze(1)
