@@ -31,7 +31,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         default="tiny",
-        help="a TOML file or a preset name (default: tiny); see `moelab presets`",
+        help="a TOML file, a run's config.json or a preset name (default: tiny); "
+        "see `moelab presets`",
     )
     p.add_argument(
         "--set",

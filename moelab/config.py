@@ -414,11 +414,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file into a dict with a clear error for a missing or malformed file."""
+    """Read a TOML file (or, by its ``.json`` suffix, a run's config.json) into a dict, with a
+    clear error for a missing or malformed file."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config file {str(p)!r} does not exist")
+    kind, parse = ("JSON", json.loads) if p.suffix == ".json" else ("TOML", tomllib.loads)
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"config file {str(p)!r} is not valid TOML: {exc}") from exc
+        return parse(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {str(p)!r} is not valid {kind}: {exc}") from exc

@@ -114,16 +114,18 @@ def preset_names() -> list[str]:
 
 
 def load_config_dict(source: str | None) -> dict[str, Any]:
-    """A preset name or a TOML path as a dict; ``base = "preset"`` inherits from a preset."""
+    """A preset name, a TOML path or a run's ``config.json`` as a dict; ``base = "preset"``
+    inherits from a preset."""
     if source is None:
         return {}
     if source in preset_names():
         data = load_toml(PRESETS / f"{source}.toml")
-    elif source.endswith(".toml") or os.path.sep in source:
-        data = load_toml(source)
+    elif source.endswith((".toml", ".json")) or os.path.sep in source:
+        data = load_toml(source)  # .json: a run's config.json, to rerun exactly that config
     else:
         raise ValueError(
-            f"config {source!r} is neither a TOML file nor a preset; presets: {preset_names()}"
+            f"config {source!r} is neither a TOML or config.json file nor a preset; presets: "
+            f"{preset_names()}"
         )
     base = data.pop("base", None)
     return _merge(load_config_dict(base), data) if base else data

@@ -245,3 +245,19 @@ def test_apply_overrides_round_trip():
 def test_int_is_accepted_for_float_fields():
     cfg = from_dict(MoEConfig, {**SIZES, "capacity": {"factor": 2}})
     assert isinstance(cfg.capacity.factor, float)
+
+
+def test_a_runs_config_json_is_a_config_source(tmp_path):
+    """`moelab train --config RUN/config.json` rebuilds exactly the run's config; a broken
+    JSON file gets an error naming the file."""
+    import json
+
+    from moelab.runconfig import build_config, load_config_dict
+
+    cfg = build_config(load_config_dict("tiny"), ["model.moe.balance.bias_rate=0.001"])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(to_dict(cfg)))
+    assert build_config(load_config_dict(str(path))) == cfg
+    path.write_text("{not json")
+    with raises("config.json", "not valid JSON"):
+        load_config_dict(str(path))

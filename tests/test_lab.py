@@ -138,7 +138,7 @@ def test_pretrain_is_seed_major_and_threads_reach_every_run(monkeypatch):
 
     calls = []
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", _InlinePool)
-    monkeypatch.setattr(runner, "train_cached", lambda cfg, snapshots: calls.append(cfg))
+    monkeypatch.setattr(runner, "train_cached", lambda cfg, snapshots, nproc: calls.append(cfg))
     args = _parse(["lab", "run", "stability", "collapse", "--pretrain-only", "--threads", "1"])
     assert args.func(args) == 0
     seeds = [c.train.seed for c in calls]
@@ -164,3 +164,24 @@ class _InlinePool:
         fut = concurrent.futures.Future()
         fut.set_result(fn(*args, **kw))
         return fut
+
+
+def test_nproc_table_and_the_computation_batch_of_a_torchrun_variant(tmp_path):
+    """`[nproc]` sets torchrun processes per variant (validated); with per-rank batches the
+    setup counts W ranks in the batch and tokens per expert; a bad entry names the table."""
+    from moelab.lab import _setup
+
+    exp = load_experiment("computation_batch")
+    assert exp.nproc("lf_w4") == 4 and exp.nproc("aux") == 1
+    s1 = _setup(exp.run_config("lf_w1"), 1)
+    s4 = _setup(exp.run_config("lf_w4"), exp.nproc("lf_w4"))
+    assert s4["micro_batch_tokens"] == 4 * s1["micro_batch_tokens"] == 4 * 4 * 128
+    assert s4["tokens_per_expert_per_step"] == 4 * s1["tokens_per_expert_per_step"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text('title = "t"\nclaim = "c"\nbase = "tiny"\nanalysis = "balance"\n'
+                   'number = "0"\n[variants]\na = []\n[nproc]\na = 0\n')  # fmt: skip
+    with pytest.raises(ValueError, match="missing.*paper"):
+        load_experiment(bad)
+    bad.write_text(bad.read_text() + "[paper]\nsource = 's'\n")
+    with pytest.raises(ValueError, match=r"\[nproc\]"):
+        load_experiment(bad)

@@ -82,14 +82,15 @@ def _train_variants(
             raise ValueError(f"{exp.name}: no variant {name!r}; variants: {list(exp.variants)}")
         dirs, nums = [], []
         for seed in range(n_seeds):
-            cfg = exp.run_config(name, quick=quick, seed=seed)
-            if cached_only and not runner.is_cached(cfg, snapshots):
+            cfg, nproc = exp.run_config(name, quick=quick, seed=seed), exp.nproc(name)
+            if cached_only and not runner.is_cached(cfg, snapshots, nproc=nproc):
                 continue
             print(f"[lab] {exp.name}: {name} seed {seed}", flush=True)
-            dirs.append(runner.train_cached(cfg, snapshots=snapshots))
+            dirs.append(runner.train_cached(cfg, snapshots=snapshots, nproc=nproc))
             nums.append(runner.collect(dirs[-1]))
         if dirs:
-            runs[name], table[name], setup[name] = dirs, runner.aggregate(nums), _setup(cfg)
+            runs[name], table[name] = dirs, runner.aggregate(nums)
+            setup[name] = _setup(cfg, exp.nproc(name))
     return runs, table, setup
 
 
@@ -110,14 +111,17 @@ def _analyse(exp: Experiment, runs: dict[str, list[Path]], table: dict[str, Any]
     return extra, figs
 
 
-def _setup(cfg) -> dict[str, Any]:
-    """Batch sizes in tokens: global, computation (micro) batch, and per expert per step."""
+def _setup(cfg, nproc: int = 1) -> dict[str, Any]:
+    """Batch sizes in tokens: global, computation batch (a micro-batch on every rank), and
+    per expert per step; ``nproc`` ranks with ``parallel.batch = "per_rank"`` multiply both."""
     moe = cfg.model.moe
-    B, L = cfg.train.batch_size, cfg.data.seq_len
-    micro = cfg.train.micro_batch_size or B
+    W = nproc if cfg.parallel.batch == "per_rank" else 1
+    B, L = cfg.train.batch_size * W, cfg.data.seq_len
+    micro = (cfg.train.micro_batch_size or cfg.train.batch_size) * W
     tok = B * L
     k, E = (moe.top_k, moe.num_experts) if moe else (0, 1)
     return {
+        "processes": nproc,
         "batch_tokens": tok,
         "micro_batch_tokens": micro * L,
         "tokens_per_expert_per_step": tok * k / E,
@@ -161,10 +165,13 @@ def pretrain(
             snaps = int(exp.options.get("snapshots", 0))
             snaps = 2 if quick and snaps else snaps
             for v in variants if seed < n_seeds(exp) else []:
-                cfg = exp.run_config(v, quick=quick, seed=seed)
-                todo.setdefault(runner.run_key(cfg, snaps), (cfg, snaps))
+                cfg, nproc = exp.run_config(v, quick=quick, seed=seed), exp.nproc(v)
+                todo.setdefault(runner.run_key(cfg, snaps, nproc), (cfg, snaps, nproc))
     with ProcessPoolExecutor(workers) as pool:
-        futs = [pool.submit(runner.train_cached, cfg, snapshots=s) for cfg, s in todo.values()]
+        futs = [
+            pool.submit(runner.train_cached, cfg, snapshots=s, nproc=n)
+            for cfg, s, n in todo.values()
+        ]
         for f in futs:
             try:
                 f.result()

@@ -62,7 +62,35 @@ def chunks(exp, runs: Runs) -> tuple[dict, dict]:
     res["sizes"] = sizes
     res["reference"] = [sampling_maxvio(n, E, K) for n in sizes]
     res["reference_fall"] = res["reference"][-1] / res["reference"][-5]
-    return res, {"chunks": plots.chunk_plot(res)}
+    figs = {"chunks": plots.chunk_plot(res)}
+    groups = exp.options.get("rank_scaling", {})
+    if any(v in runs for vs in groups.values() for v in vs):
+        res["ranks"] = rank_scaling(runs, groups, E, K)
+        figs["ranks"] = plots.chunk_plot(res["ranks"], ylabel="MaxVio_batch in training")
+    return res, figs
+
+
+def rank_scaling(runs: Runs, groups: dict[str, list[str]], E: int, K: int) -> dict[str, Any]:
+    """Seed 003, the real thing: MaxVio_batch logged in training (last 25 % of steps) of runs
+    with 1, 2, 4 … ranks and a fixed per-rank micro-batch, against their computation batch
+    (tokens per micro-batch × ranks). ``fall`` = last / first of each group."""
+    from moelab.lab import runner
+
+    res: dict[str, Any] = {}
+    for group, names in groups.items():
+        names = [n for n in names if n in runs]
+        curve = [_mean_over_seeds(runs[n], "maxvio_batch_tail") for n in names]
+        res[group] = {"variants": names, "curve": curve, "fall": curve[-1] / max(curve[0], 1e-9)}
+        res["sizes"] = [runner.computation_batch_tokens(runs[n][0]) for n in names]
+    res["reference"] = [sampling_maxvio(n, E, K) for n in res["sizes"]]
+    res["reference_fall"] = res["reference"][-1] / res["reference"][0]
+    return res
+
+
+def _mean_over_seeds(dirs: list[Path], key: str) -> float:
+    from moelab.lab import runner
+
+    return float(np.mean([runner.collect(d)[key] for d in dirs]))
 
 
 def scope(exp, runs: Runs) -> tuple[dict, dict]:

@@ -49,7 +49,7 @@ def pareto(table: dict[str, dict[str, Any]]) -> Figure:
     return fig
 
 
-def chunk_plot(res: dict[str, Any]) -> Figure:
+def chunk_plot(res: dict[str, Any], ylabel: str = "MaxVio over chunks") -> Figure:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     sizes = res["sizes"]
     for name, r in res.items():
@@ -59,7 +59,7 @@ def chunk_plot(res: dict[str, Any]) -> Figure:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("computation batch (tokens)")
-    ax.set_ylabel("MaxVio over chunks")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +31,34 @@ from moelab.train import RunConfig, train
 CACHE = Path("runs/lab/cache")
 
 
-def run_key(cfg: RunConfig, snapshots: int) -> str:
-    blob = json.dumps([to_dict(cfg), snapshots], sort_keys=True)
+def run_key(cfg: RunConfig, snapshots: int, nproc: int = 1) -> str:
+    parts = [to_dict(cfg), snapshots] + ([nproc] if nproc > 1 else [])
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def is_cached(cfg: RunConfig, snapshots: int = 0, cache: Path | None = None) -> bool:
-    out = (cache or CACHE) / run_key(cfg, snapshots)
+def is_cached(
+    cfg: RunConfig, snapshots: int = 0, cache: Path | None = None, nproc: int = 1
+) -> bool:
+    out = (cache or CACHE) / run_key(cfg, snapshots, nproc)
     return (out / "summary.json").exists() and (not snapshots or (out / "snapshots.pt").exists())
 
 
-def train_cached(cfg: RunConfig, *, snapshots: int = 0, cache: Path | None = None) -> Path:
-    """Train ``cfg`` unless an identical finished run exists; returns the run folder."""
+def train_cached(
+    cfg: RunConfig, *, snapshots: int = 0, cache: Path | None = None, nproc: int = 1
+) -> Path:
+    """Train ``cfg`` unless an identical finished run exists; returns the run folder.
+
+    ``nproc`` > 1 trains under torchrun with that many processes (``parallel`` decides the
+    layout, e.g. ``parallel.batch = "per_rank"``: more ranks, larger computation batch)."""
     cache = cache or CACHE  # read at call time so that tests can point it elsewhere
-    out = cache / run_key(cfg, snapshots)
-    if is_cached(cfg, snapshots, cache):
+    out = cache / run_key(cfg, snapshots, nproc)
+    if is_cached(cfg, snapshots, cache, nproc):
+        return out
+    if nproc > 1:
+        if snapshots:
+            raise ValueError("lab: snapshots are not supported for torchrun (nproc > 1) runs")
+        torchrun_train(cfg, out, nproc)
         return out
     if not snapshots:
         train(cfg, out, progress=False)
@@ -56,6 +71,21 @@ def train_cached(cfg: RunConfig, *, snapshots: int = 0, cache: Path | None = Non
         snaps.append([e for e, _ in route_stream(run.model, val_stream(run.corpus, cfg))])
     torch.save({"steps": steps, "experts": snaps}, out / "snapshots.pt")
     return out
+
+
+def torchrun_train(cfg: RunConfig, out: Path, nproc: int) -> None:
+    """``torchrun --standalone --nproc-per-node nproc -m moelab train`` on ``cfg`` (passed as
+    the resolved config.json); a failed launch raises with the end of its output."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg_file = out.parent / f"{out.name}.config.json"
+    cfg_file.write_text(json.dumps(to_dict(cfg), indent=1))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "moelab", "train", "--config", str(cfg_file),
+           "--out", str(out), "--quiet"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-2000:]
+        raise RuntimeError(f"lab: torchrun with {nproc} processes failed:\n{tail}")
 
 
 def _snapshot_steps(total: int, n: int) -> list[int]:
@@ -136,6 +166,17 @@ def collect(run_dir: Path) -> dict[str, Any]:
         if key.startswith("val_loss/"):
             num[key.replace("/", ":")] = value
     return num
+
+
+def computation_batch_tokens(run_dir: Path) -> int:
+    """Tokens routed together in one training forward: sequences per micro-batch on a rank ×
+    sequence length × ranks (the logged ``world_size``; 1 without torchrun)."""
+    cfg = json.loads((run_dir / "config.json").read_text())
+    rows = read_rows(run_dir / "metrics.jsonl")
+    W = next((r["world_size"] for r in rows if "world_size" in r), 1)
+    train_cfg = cfg["train"]
+    local = train_cfg["batch_size"] // (1 if cfg["parallel"]["batch"] == "per_rank" else W)
+    return (train_cfg["micro_batch_size"] or local) * cfg["data"]["seq_len"] * W
 
 
 def _seconds_per_step(summary: dict[str, Any], rows: list[dict]) -> float:

@@ -84,6 +84,10 @@ class Experiment:
             load_config_dict(self.base), self.overrides(variant, quick=quick, seed=seed)
         )
 
+    def nproc(self, variant: str) -> int:
+        """Processes the variant trains with (``[nproc]`` table; > 1 means torchrun)."""
+        return int(self.options.get("nproc", {}).get(variant, 1))
+
     def variant_names(self, quick: bool) -> list[str]:
         return list(self.quick_variants or self.variants) if quick else list(self.variants)
 
@@ -102,13 +106,21 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
             raise ValueError(f"{path.name}: check op {c.op!r} not in {sorted(_OPS)}")
     known = {f for f in Experiment.__dataclass_fields__ if f not in ("checks", "path", "options")}
     opts = {k: d.pop(k) for k in list(d) if k not in known}
-    if "variants" not in d:
-        raise ValueError(f"{path.name}: needs a [variants] table")
     d.setdefault("name", path.stem)
+    required = ["number", "title", "claim", "paper", "base", "analysis", "variants"]
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{path.name}: missing {missing} (an experiment needs {required})")
     exp = Experiment(**d, checks=checks, options=opts, path=path)
     unknown = [v for v in exp.quick_variants if v not in exp.variants]
     if unknown:
         raise ValueError(f"{path.name}: quick_variants {unknown} are not variants")
+    nproc = exp.options.get("nproc", {})
+    bad = {
+        v: n for v, n in nproc.items() if v not in exp.variants or not isinstance(n, int) or n < 1
+    }
+    if bad:
+        raise ValueError(f"{path.name}: [nproc] needs variant = integer >= 1, got {bad}")
     return exp
 
 
