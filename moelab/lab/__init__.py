@@ -263,7 +263,9 @@ def add_lab_parser(subparsers) -> None:
         "--threads",
         type=int,
         default=0,
-        help="set train.threads of every run (default: the file's)",
+        help="set train.threads of every run (default: the file's); with --jobs N give "
+        "CPUs / N: oversubscribed OpenMP threads run several times slower. Part of each "
+        "run's config, so analyse with the same value",
     )
     r.set_defaults(func=cmd_run)
     ls = sub.add_parser("list", help="list the experiments")
