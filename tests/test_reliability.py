@@ -18,25 +18,22 @@ The EP tests need ``moelab.parallel`` and are skipped, saying so, without it.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import multiprocessing
 import os
 import platform
-import queue
 import shutil
-import socket
 import stat
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from ranks import spawn, values
 
 from moelab import checkpoint
 from moelab.checkpoint import CheckpointError
@@ -637,53 +634,6 @@ def test_ep1_and_ep2_train_the_same_curve(tmp_path):
 # -- spawned ranks (torch.multiprocessing, gloo), for tests that need hooks inside a rank
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world_size: int, port: int, fn, args: tuple, q) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    try:
-        q.put((rank, "ok", fn(rank, *args)))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        q.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-
-
-def _spawn(world_size: int, fn, *args, timeout: float, expect: int) -> dict:
-    """Run ``fn(rank, *args)`` in spawned ranks until ``expect`` report; kill what is left."""
-    ctx = torch.multiprocessing.get_context("spawn")
-    q, port = ctx.Queue(), _free_port()
-    procs = [
-        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, q))
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    results, deadline = {}, time.monotonic() + timeout
-    try:
-        while len(results) < expect and time.monotonic() < deadline:
-            try:
-                rank, status, value = q.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            results[rank] = (status, value)
-    finally:
-        for p in procs:
-            p.join(timeout=2)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return results
-
-
 def _load_worker(rank: int, folder: str) -> dict | None:
     """Resume a single-process checkpoint at EP = 2 and gather the state back (rank 0)."""
     from moelab import train as tr
@@ -713,9 +663,7 @@ def _load_worker(rank: int, folder: str) -> dict | None:
         "step": step,
         "expert_rows": int(model.moe_layers[0].experts.w2_EFD.shape[0]),
     }
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue() if rank == 0 else None
+    return state if rank == 0 else None
 
 
 @needs_parallel
@@ -723,9 +671,7 @@ def _load_worker(rank: int, folder: str) -> dict | None:
 def test_a_single_process_checkpoint_loads_exactly_at_ep2(reference):
     """A checkpoint written by one process resumes at EP = 2 with each rank holding half the
     experts, and gathering them back gives the checkpoint's model and AdamW state exactly."""
-    res = _spawn(2, _load_worker, str(reference), timeout=300, expect=2)
-    assert all(s == "ok" for s, _ in res.values()), res
-    got = torch.load(io.BytesIO(res[0][1]), weights_only=False)
+    got = values(spawn(2, _load_worker, str(reference), timeout=300, expect=2), 2)[0]
     want = checkpoint.load(reference)
     assert got["step"] == want["step"] and got["expert_rows"] == 2
     assert_same(got["model"], want["model"])
@@ -768,7 +714,7 @@ def test_a_dead_or_hung_rank_makes_the_others_raise_within_the_timeout(tmp_path,
     before the combine) makes rank 0 raise DistributedError within parallel.timeout_s = 10 s,
     naming its rank and the operation, instead of waiting forever."""
     timeout_s = 10.0
-    res = _spawn(2, _failing_rank_worker, mode, timeout_s, str(tmp_path), timeout=300, expect=1)
+    res = spawn(2, _failing_rank_worker, mode, timeout_s, str(tmp_path), timeout=300, expect=1)
     status, message = res[0]
     assert status == "error", message
     assert "DistributedError" in message and "rank 0 of 2" in message, message
