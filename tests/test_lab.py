@@ -169,7 +169,7 @@ class _InlinePool:
 def test_nproc_table_and_the_computation_batch_of_a_torchrun_variant(tmp_path):
     """`[nproc]` sets torchrun processes per variant (validated); with per-rank batches the
     setup counts W ranks in the batch and tokens per expert; a bad entry names the table."""
-    from moelab.lab import _setup
+    from moelab.lab import _setup, runner
 
     exp = load_experiment("computation_batch")
     assert exp.nproc("lf_w4") == 4 and exp.nproc("aux") == 1
@@ -177,6 +177,8 @@ def test_nproc_table_and_the_computation_batch_of_a_torchrun_variant(tmp_path):
     s4 = _setup(exp.run_config("lf_w4"), exp.nproc("lf_w4"))
     assert s4["micro_batch_tokens"] == 4 * s1["micro_batch_tokens"] == 4 * 4 * 128
     assert s4["tokens_per_expert_per_step"] == 4 * s1["tokens_per_expert_per_step"]
+    glob = exp.run_config("aux")  # global batch of 16 sequences of 128 tokens
+    assert runner.computation_batch_tokens(glob, 4) == (16 // 4) * 128 * 4
     bad = tmp_path / "bad.toml"
     bad.write_text('title = "t"\nclaim = "c"\nbase = "tiny"\nanalysis = "balance"\n'
                    'number = "0"\n[variants]\na = []\n[nproc]\na = 0\n')  # fmt: skip

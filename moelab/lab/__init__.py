@@ -90,7 +90,7 @@ def _train_variants(
             nums.append(runner.collect(dirs[-1]))
         if dirs:
             runs[name], table[name] = dirs, runner.aggregate(nums)
-            setup[name] = _setup(cfg, exp.nproc(name))
+            setup[name] = _setup(cfg, nproc)
     return runs, table, setup
 
 
@@ -112,20 +112,21 @@ def _analyse(exp: Experiment, runs: dict[str, list[Path]], table: dict[str, Any]
 
 
 def _setup(cfg, nproc: int = 1) -> dict[str, Any]:
-    """Batch sizes in tokens: global, computation batch (a micro-batch on every rank), and
-    per expert per step; ``nproc`` ranks with ``parallel.batch = "per_rank"`` multiply both."""
+    """Batch sizes in tokens: global (``nproc`` ranks with ``parallel.batch = "per_rank"``
+    multiply it), computation batch (a micro-batch on every rank) and per expert per step."""
+    from moelab.lab.runner import computation_batch_tokens
+
     moe = cfg.model.moe
     W = nproc if cfg.parallel.batch == "per_rank" else 1
-    B, L = cfg.train.batch_size * W, cfg.data.seq_len
-    micro = (cfg.train.micro_batch_size or cfg.train.batch_size) * W
-    tok = B * L
+    tok = cfg.train.batch_size * W * cfg.data.seq_len
+    micro = computation_batch_tokens(cfg, nproc)
     k, E = (moe.top_k, moe.num_experts) if moe else (0, 1)
     return {
         "processes": nproc,
         "batch_tokens": tok,
-        "micro_batch_tokens": micro * L,
+        "micro_batch_tokens": micro,
         "tokens_per_expert_per_step": tok * k / E,
-        "tokens_per_expert_per_micro_batch": micro * L * k / E,
+        "tokens_per_expert_per_micro_batch": micro * k / E,
         "steps": cfg.train.steps,
         "train_tokens": tok * cfg.train.steps,
         "num_experts": E,
@@ -164,7 +165,9 @@ def pretrain(
         for exp, variants in jobs:
             snaps = int(exp.options.get("snapshots", 0))
             snaps = 2 if quick and snaps else snaps
-            for v in variants if seed < n_seeds(exp) else []:
+            if seed >= n_seeds(exp):
+                continue
+            for v in variants:
                 cfg, nproc = exp.run_config(v, quick=quick, seed=seed), exp.nproc(v)
                 todo.setdefault(runner.run_key(cfg, snaps, nproc), (cfg, snaps, nproc))
     with ProcessPoolExecutor(workers) as pool:

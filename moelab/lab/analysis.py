@@ -21,7 +21,7 @@ from moelab import metrics
 from moelab.evaluate import evaluate
 from moelab.inspect import load_trained
 from moelab.lab import plots
-from moelab.lab.runner import route_stream, val_stream
+from moelab.lab.runner import collect, route_stream, run_computation_batch, val_stream
 from moelab.logs import read_rows
 from moelab.report import sampling_maxvio
 from moelab.train import build_config
@@ -74,23 +74,19 @@ def rank_scaling(runs: Runs, groups: dict[str, list[str]], E: int, K: int) -> di
     """Seed 003, the real thing: MaxVio_batch logged in training (last 25 % of steps) of runs
     with 1, 2, 4 … ranks and a fixed per-rank micro-batch, against their computation batch
     (tokens per micro-batch × ranks). ``fall`` = last / first of each group."""
-    from moelab.lab import runner
-
     res: dict[str, Any] = {}
     for group, names in groups.items():
         names = [n for n in names if n in runs]
         curve = [_mean_over_seeds(runs[n], "maxvio_batch_tail") for n in names]
         res[group] = {"variants": names, "curve": curve, "fall": curve[-1] / max(curve[0], 1e-9)}
-        res["sizes"] = [runner.computation_batch_tokens(runs[n][0]) for n in names]
+        res["sizes"] = [run_computation_batch(runs[n][0]) for n in names]
     res["reference"] = [sampling_maxvio(n, E, K) for n in res["sizes"]]
     res["reference_fall"] = res["reference"][-1] / res["reference"][0]
     return res
 
 
 def _mean_over_seeds(dirs: list[Path], key: str) -> float:
-    from moelab.lab import runner
-
-    return float(np.mean([runner.collect(d)[key] for d in dirs]))
+    return float(np.mean([collect(d)[key] for d in dirs]))
 
 
 def scope(exp, runs: Runs) -> tuple[dict, dict]:

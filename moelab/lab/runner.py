@@ -26,7 +26,7 @@ from moelab import metrics
 from moelab.config import to_dict
 from moelab.inspect import load_trained
 from moelab.logs import read_rows
-from moelab.train import RunConfig, train
+from moelab.train import RunConfig, build_config, train
 
 CACHE = Path("runs/lab/cache")
 
@@ -168,15 +168,21 @@ def collect(run_dir: Path) -> dict[str, Any]:
     return num
 
 
-def computation_batch_tokens(run_dir: Path) -> int:
+def computation_batch_tokens(cfg: RunConfig, world_size: int = 1) -> int:
     """Tokens routed together in one training forward: sequences per micro-batch on a rank ×
-    sequence length × ranks (the logged ``world_size``; 1 without torchrun)."""
-    cfg = json.loads((run_dir / "config.json").read_text())
+    sequence length × ranks (``parallel.batch = "global"`` splits the batch over the ranks)."""
+    local = cfg.train.batch_size // (1 if cfg.parallel.batch == "per_rank" else world_size)
+    return (cfg.train.micro_batch_size or local) * cfg.data.seq_len * world_size
+
+
+def run_computation_batch(run_dir: Path) -> int:
+    """:func:`computation_batch_tokens` of a finished run (its config.json and the logged
+    ``world_size``; 1 without torchrun)."""
+    cfg = build_config(json.loads((run_dir / "config.json").read_text()))
     rows = read_rows(run_dir / "metrics.jsonl")
-    W = next((r["world_size"] for r in rows if "world_size" in r), 1)
-    train_cfg = cfg["train"]
-    local = train_cfg["batch_size"] // (1 if cfg["parallel"]["batch"] == "per_rank" else W)
-    return (train_cfg["micro_batch_size"] or local) * cfg["data"]["seq_len"] * W
+    return computation_batch_tokens(
+        cfg, next((r["world_size"] for r in rows if "world_size" in r), 1)
+    )
 
 
 def _seconds_per_step(summary: dict[str, Any], rows: list[dict]) -> float:
