@@ -22,8 +22,13 @@ whatever the tokens): the goal is on the *activation* peak, the part that grows 
 the activation bytes autograd saves for backward (parameters excluded).
 
 Matmul floor: ``mm_experts`` runs only the six per-expert matmuls of a forward+backward (the
-routed counts, preallocated buffers) and ``mm_dense`` the dense layer's six; no MoE layer built
-from per-expert or grouped matmuls on this BLAS can beat ``mm_experts``.
+routed counts, preallocated buffers), ``bmm_experts`` the same six as ``bmm`` over experts padded
+to the largest count (what moelab runs at few slots per expert), and ``mm_dense`` the dense
+layer's six; no MoE layer built from these kernels on this BLAS beats the faster of the two.
+
+Allocator: importing moelab sets ``THP_MEM_ALLOC_ENABLE=1`` (unless set): torch backs buffers of
+2 MiB and more with huge pages, which cuts the page faults of the fresh weight gradients of every
+step (moelab and dense alike; ``machine.thp`` records it). The memory children run without it.
 
 Usage: ``python benchmarks/moe_layer.py [--configs A B A_T256 A_T16384] [--rounds 5]
 [--malloc keep] [--out PATH]`` writes ``benchmarks/results/moe_layer.json``.
@@ -65,7 +70,8 @@ THREADS = 2
 # glibc: a fixed mmap threshold makes every buffer over 64 KiB its own mapping, returned on
 # free, so resident memory follows live tensors (the default threshold adapts upwards and
 # keeps freed buffers in the heap, hiding a second step's peak).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# Huge pages off there: they would round small peaks up to 2 MiB pages.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "THP_MEM_ALLOC_ENABLE": "0"}
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -148,14 +154,14 @@ def step_fns(T: int, d: int, E: int, k: int, f: int, impls: list[str]) -> dict[s
 
 def matmul_floors(layer: moelab.MoELayer, x: torch.Tensor, w13, w2) -> dict[str, Callable]:
     """The six matmuls of a SwiGLU forward+backward and nothing else, into preallocated
-    buffers: per expert on its segment of the routed slots (``mm_experts``, the floor of any
-    loop- or group-based MoE layer on this BLAS) and for the dense layer (``mm_dense``).
+    buffers: per expert on its segment of the routed slots (``mm_experts``), as ``bmm`` over
+    experts padded to the largest count (``bmm_experts``) and for the dense layer (``mm_dense``).
     Their ratio is how much slower E small matmuls are than one large one of the same FLOPs."""
     with torch.no_grad():
         counts = torch.bincount(layer.router(x).experts.flatten(), minlength=layer.cfg.num_experts)
     sizes = counts.tolist()
     We13, We2 = layer.experts.w13_ED2F.detach(), layer.experts.w2_EFD.detach()
-    S, D, F2 = int(counts.sum()), We13.shape[1], We13.shape[2]
+    S, E, D, F2 = int(counts.sum()), We13.shape[0], We13.shape[1], We13.shape[2]
     xs, h13, h, y = (
         torch.randn(S, D),
         torch.empty(S, F2),
@@ -181,6 +187,18 @@ def matmul_floors(layer: moelab.MoELayer, x: torch.Tensor, w13, w2) -> dict[str,
             torch.mm(x_.t(), h13_, out=g13_)
             torch.mm(h13_, w13_.t(), out=y_)
 
+    M = max(sizes)  # padded: every expert gets M rows
+    P = [torch.randn(E * M, n).view(E, M, n) for n in (D, F2, F2 // 2, D)]
+
+    def experts_bmm() -> None:
+        x_, h13_, h_, y_ = P
+        torch.bmm(x_, We13, out=h13_)
+        torch.bmm(h_, We2, out=y_)
+        torch.bmm(y_, We2.transpose(1, 2), out=h_)
+        torch.bmm(h_.transpose(1, 2), y_, out=g2)
+        torch.bmm(x_.transpose(1, 2), h13_, out=g13)
+        torch.bmm(h13_, We13.transpose(1, 2), out=y_)
+
     W13, W2 = w13.detach(), w2.detach()
     T = x.shape[0]
     X, H13, H, Y = (
@@ -199,7 +217,7 @@ def matmul_floors(layer: moelab.MoELayer, x: torch.Tensor, w13, w2) -> dict[str,
         torch.mm(X.t(), H13, out=G13)
         torch.mm(H13, W13.t(), out=Y)
 
-    return {"mm_experts": experts, "mm_dense": dense}
+    return {"mm_experts": experts, "bmm_experts": experts_bmm, "mm_dense": dense}
 
 
 def check_hf(layer: moelab.MoELayer, x: torch.Tensor, impl: str) -> float:
@@ -451,6 +469,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "loadavg_start": os.getloadavg(),
+        "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"),
     }
 
 

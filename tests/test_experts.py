@@ -154,11 +154,14 @@ def test_autocast_runs_experts_in_the_autocast_dtype():
 
 @pytest.mark.parametrize("capacity", [0, 3])
 @pytest.mark.parametrize("chunk", [1, 5, 4096])
-def test_fused_token_path_equals_permute_experts_unpermute(capacity, chunk, monkeypatch):
+@pytest.mark.parametrize("pad_rows", [0, 64])
+def test_fused_token_path_equals_permute_experts_unpermute(capacity, chunk, pad_rows, monkeypatch):
     """Experts.forward_tokens (one TokenSwiGLU node: gather, experts, weighted combine) equals
     unpermute(forward(permute(x))) in outputs and gradients of x, gate weights and weights,
-    whether the slots run in one chunk or in chunks of one or a few experts."""
+    whether the slots run in one chunk or in chunks of one or a few experts, one matmul per
+    expert or one bmm over experts padded to the chunk's largest (pad_rows 64)."""
     monkeypatch.setattr(experts_mod, "CHUNK_SLOTS", chunk)
+    monkeypatch.setattr(experts_mod, "PAD_ROWS", pad_rows)
     ex = experts()
     T, K = 12, 2
     torch.manual_seed(2)
@@ -175,16 +178,19 @@ def test_fused_token_path_equals_permute_experts_unpermute(capacity, chunk, monk
         torch.testing.assert_close(a, b)
 
 
-def test_token_swiglu_passes_gradcheck():
+@pytest.mark.parametrize("pad_rows", [0, 64])
+def test_token_swiglu_passes_gradcheck(pad_rows, monkeypatch):
     """TokenSwiGLU's hand-written backward agrees with finite differences (float64), with a
-    token routed twice and a token not routed at all."""
+    token routed twice and a token not routed at all, on back-to-back slots and on experts
+    padded to the largest (3 slots and 1 slot + 2 pad rows)."""
+    monkeypatch.setattr(experts_mod, "PAD_ROWS", pad_rows)
     torch.manual_seed(0)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     w13 = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     w2 = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
     token_S = torch.tensor([0, 2, 0, 1])
     weight_S = torch.rand(4, dtype=torch.float64, requires_grad=True)
-    splits = [2, 2]
+    splits = [3, 1]
 
     def fn(x, w13, w2, weight_S):
         return TokenSwiGLU.apply(x, w13, w2, token_S, weight_S, splits)
