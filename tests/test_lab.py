@@ -187,3 +187,39 @@ def test_nproc_table_and_the_computation_batch_of_a_torchrun_variant(tmp_path):
     bad.write_text(bad.read_text() + "[paper]\nsource = 's'\n")
     with pytest.raises(ValueError, match=r"\[nproc\]"):
         load_experiment(bad)
+
+
+def _fake_run(folder, cfg, world_size: int, maxvio: list[float]):
+    """A finished run's folder: config.json, summary.json and a training log (tests only)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (folder / "summary.json").write_text(json.dumps({"seconds": 1.0, "steps": len(maxvio)}))
+    rows = [{"world_size": world_size}]
+    rows += [{"step": i, "loss": 5.0, "maxvio_batch": v} for i, v in enumerate(maxvio)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_rank_scaling_reads_maxvio_tails_against_the_computation_batch(tmp_path):
+    """rank_scaling: per group, the mean over seeds of each run's last-quarter MaxVio_batch
+    against micro-batch tokens × the logged world size, fall = last / first, and the sampling
+    reference on the same sizes."""
+    from moelab.lab.analysis import rank_scaling
+    from moelab.report import sampling_maxvio
+
+    exp = load_experiment("computation_batch")
+    tails = {"lf_w1": [2.0, 4.0], "lf_w2": [1.0, 1.0], "aux_w1": [3.0, 3.0], "aux_w2": [2.4, 2.4]}
+    runs = {}
+    for name, per_seed in tails.items():
+        W = exp.nproc(name)
+        runs[name] = [  # 8 steps: the tail is the last 2; the first 6 must not count
+            _fake_run(tmp_path / f"{name}-{s}", exp.run_config(name), W, [9.0] * 6 + [v, v])
+            for s, v in enumerate(per_seed)
+        ]
+    res = rank_scaling(runs, {"lf": ["lf_w1", "lf_w2", "lf_w4"], "aux": ["aux_w1", "aux_w2"]},
+                       16, 2)  # fmt: skip
+    assert res["lf"]["variants"] == ["lf_w1", "lf_w2"]  # lf_w4 never ran: left out
+    assert res["lf"]["curve"] == [3.0, 1.0] and res["lf"]["fall"] == pytest.approx(1 / 3)
+    assert res["aux"]["fall"] == pytest.approx(0.8)
+    assert res["sizes"] == res["lf"]["sizes"] == [4 * 128, 2 * 4 * 128]
+    assert res["reference"] == [sampling_maxvio(n, 16, 2) for n in res["sizes"]]

@@ -78,8 +78,10 @@ def rank_scaling(runs: Runs, groups: dict[str, list[str]], E: int, K: int) -> di
     for group, names in groups.items():
         names = [n for n in names if n in runs]
         curve = [_mean_over_seeds(runs[n], "maxvio_batch_tail") for n in names]
+        sizes = [run_computation_batch(runs[n][0]) for n in names]
         res[group] = {"variants": names, "curve": curve, "fall": curve[-1] / max(curve[0], 1e-9)}
-        res["sizes"] = [run_computation_batch(runs[n][0]) for n in names]
+        res[group]["sizes"] = sizes
+        res.setdefault("sizes", sizes)  # the first group's: the reference is drawn on them
     res["reference"] = [sampling_maxvio(n, E, K) for n in res["sizes"]]
     res["reference_fall"] = res["reference"][-1] / res["reference"][0]
     return res

@@ -54,7 +54,7 @@ def chunk_plot(res: dict[str, Any], ylabel: str = "MaxVio over chunks") -> Figur
     sizes = res["sizes"]
     for name, r in res.items():
         if isinstance(r, dict) and "curve" in r:
-            ax.plot(sizes, r["curve"], "o-", label=name)
+            ax.plot(r.get("sizes", sizes), r["curve"], "o-", label=name)
     ax.plot(sizes, res["reference"], "k--", label="random balanced router (∝1/√n)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
