@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moelab import demo, report
+from moelab import demo, plots, runs
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,10 @@ def test_quick_demo_writes_the_report(quick_demo):
     """report.html (images embedded), report.md and every PNG exist; the CLI says where."""
     out, proc = quick_demo
     assert str(out / "report.html") in proc.stdout
-    for plot in report.PLOTS:
+    for plot in plots.PLOTS:
         assert (out / plot.file).stat().st_size > 1000
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == len(report.PLOTS)
+    assert html.count("data:image/png;base64,") == len(plots.PLOTS)
 
 
 def test_quick_demo_table_has_the_four_runs(quick_demo):
@@ -43,7 +43,7 @@ def test_quick_demo_table_has_the_four_runs(quick_demo):
     for name in ("none", "aux", "loss-free", "dense"):
         assert f"| {name} |" in md
         assert (out / name / "summary.json").exists()
-    rows = report.summary_table(report.load_runs({r.name: out / r.name for r in demo.demo_runs()}))
+    rows = runs.summary_table(runs.load_runs({r.name: out / r.name for r in demo.demo_runs()}))
     assert all(r["val loss"] is not None for r in rows)
     assert rows[-1]["MaxVio_global"] is None  # the dense twin has no experts
 

@@ -205,7 +205,7 @@ def test_rank_scaling_reads_maxvio_tails_against_the_computation_batch(tmp_path)
     against micro-batch tokens × the logged world size, fall = last / first, and the sampling
     reference on the same sizes."""
     from moelab.lab.analysis import rank_scaling
-    from moelab.report import sampling_maxvio
+    from moelab.runs import sampling_maxvio
 
     exp = load_experiment("computation_batch")
     tails = {"lf_w1": [2.0, 4.0], "lf_w2": [1.0, 1.0], "aux_w1": [3.0, 3.0], "aux_w2": [2.4, 2.4]}

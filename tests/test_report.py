@@ -1,4 +1,5 @@
-"""moelab.report: reading run folders, the sampling floor of MaxVio, the HTML/Markdown report."""
+"""moelab.runs, plots and report: reading run folders, the sampling floor of MaxVio, the
+figures and the HTML/Markdown report."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from moelab import report
+from moelab import plots, report
+from moelab import runs as run_folders
 
 E, K, LAYERS, DOMAINS = 8, 2, 2, ["prose", "code"]
 
@@ -67,16 +69,16 @@ def runs(tmp_path: Path) -> dict[str, Path]:
 
 def test_load_run_splits_training_and_evaluation_rows(runs):
     """Training rows carry ``loss``, evaluation rows ``val_loss``; the config gives T, E, k."""
-    run = report.load_run("none", runs["none"])
+    run = run_folders.load_run("none", runs["none"])
     assert len(run.train_rows) == 20 and len(run.eval_rows) == 2
     assert run.is_moe and run.num_experts == E and run.top_k == K
     assert run.batch_tokens == 8 * 64
-    assert not report.load_run("dense", runs["dense"]).is_moe
+    assert not run_folders.load_run("dense", runs["dense"]).is_moe
 
 
 def test_summary_table_has_the_final_numbers(runs):
     """One row per run, with the last evaluation's numbers and '–' where nothing applies."""
-    rows = report.summary_table(report.load_runs(runs))
+    rows = run_folders.summary_table(run_folders.load_runs(runs))
     assert [r["run"] for r in rows] == ["none", "aux", "dense"]
     none, aux, dense = rows
     assert none["val loss"] == pytest.approx(3.21 + 1 / 20)
@@ -93,10 +95,10 @@ def test_write_report_embeds_images_and_table(runs, tmp_path):
     out = tmp_path / "report"
     html_path, md_path = report.write_report(runs, out, "Test report", "Some `intro`.")
     html_text, md_text = html_path.read_text(), md_path.read_text()
-    for plot in report.PLOTS:
+    for plot in plots.PLOTS:
         assert (out / plot.file).stat().st_size > 1000
         assert f"]({plot.file})" in md_text
-    assert html_text.count('src="data:image/png;base64,') == len(report.PLOTS)
+    assert html_text.count('src="data:image/png;base64,') == len(plots.PLOTS)
     assert 'src="loss.png"' not in html_text  # nothing points outside the file
     for value in ("4.567", "0.123", "3.260", "<code>intro</code>"):
         assert value in html_text
@@ -116,7 +118,7 @@ def _reference_maxvio(tokens: int, experts: int, k: int, trials: int) -> float:
 @pytest.mark.parametrize(("tokens", "experts", "k"), [(256, 8, 2), (1024, 16, 1), (2048, 16, 2)])
 def test_sampling_maxvio_matches_direct_multinomial_simulation(tokens, experts, k):
     """The floor agrees with a plain torch.multinomial simulation (within ~3 standard errors)."""
-    ours = report.sampling_maxvio(tokens, experts, k, trials=200)
+    ours = run_folders.sampling_maxvio(tokens, experts, k, trials=200)
     ref = _reference_maxvio(tokens, experts, k, trials=200)
     assert ours == pytest.approx(ref, rel=0.08)
 
@@ -125,11 +127,11 @@ def test_sampling_maxvio_falls_with_tokens_like_the_square_root_law():
     """The floor falls with batch size as 1/sqrt(T); sqrt(2 ln E·E/(T·k)) bounds it from above
     within a factor < 1.6 for E = 16."""
     sizes = [128, 512, 2048, 8192]
-    floors = [report.sampling_maxvio(t, 16, 2, trials=400) for t in sizes]
+    floors = [run_folders.sampling_maxvio(t, 16, 2, trials=400) for t in sizes]
     assert all(a > b for a, b in zip(floors, floors[1:], strict=False))
     assert floors[0] / floors[-1] == pytest.approx(math.sqrt(sizes[-1] / sizes[0]), rel=0.15)
     for t, f in zip(sizes, floors, strict=True):
-        approx = report.maxvio_floor_approx(t, 16, 2)
+        approx = run_folders.maxvio_floor_approx(t, 16, 2)
         assert f < approx < 1.6 * f
 
 
