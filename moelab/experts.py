@@ -233,25 +233,30 @@ PAD_WASTE = 2.0  # never pad a chunk to more than this many times its slots
 
 
 class _Chunk(NamedTuple):
-    """Experts [e0, e1) in buffer rows [r0, r1); ``width`` rows per expert when padded (each
-    expert's slots first, then pad rows of weight 0), 0 when the slots lie back to back."""
+    """Experts [e0, e1): slots [s0, s1) in buffer rows [r0, r1); ``width`` rows per expert when
+    padded (each expert's slots first, then pad rows of weight 0), 0 when the slots lie back
+    to back (then the rows are the slots, shifted)."""
 
     e0: int
     e1: int
     r0: int
     r1: int
     width: int
+    s0: int
+    s1: int
 
 
 def _chunks(splits: list[int], min_rows: int) -> list[tuple[int, int, int, int]]:
-    """Consecutive experts grouped into chunks of >= ``min_rows`` rows (the last may have
-    fewer): (e0, e1, row0, row1) for experts [e0, e1); every expert is in exactly one chunk."""
-    out, e0, r0, r = [], 0, 0, 0
+    """Consecutive experts grouped into chunks that reach ``min_rows`` rows once padded to
+    their largest expert (the last may have fewer; padded rows >= slots, so a chunk never
+    holds more than min_rows + one expert's slots): (e0, e1, slot0, slot1) for experts
+    [e0, e1); every expert is in exactly one chunk."""
+    out, e0, r0, r, widest = [], 0, 0, 0, 0
     for e, n in enumerate(splits):
-        r += n
-        if r - r0 >= min_rows:
+        r, widest = r + n, max(widest, n)
+        if widest * (e + 1 - e0) >= min_rows:
             out.append((e0, e + 1, r0, r))
-            e0, r0 = e + 1, r
+            e0, r0, widest = e + 1, r, 0
     if e0 < len(splits):
         out.append((e0, len(splits), r0, r))
     return out
@@ -270,7 +275,7 @@ def _layout(splits: list[int], min_rows: int) -> tuple[list[_Chunk], list[int] |
         width = width if padded else 0
         rows = [width] * len(sz) if padded else sz
         first_E += [r0 + sum(rows[:i]) for i in range(len(sz))]
-        out.append(_Chunk(e0, e1, r0, r0 + sum(rows), width))
+        out.append(_Chunk(e0, e1, r0, r0 + sum(rows), width, a, b))
         r0 += sum(rows)
     return out, (first_E if any(c.width for c in out) else None)
 
@@ -312,14 +317,15 @@ class TokenSwiGLU(torch.autograd.Function):
     autograd node: x (T, D) -> y (T, D), y_t = Σ_{s: token_s = t} w_s · expert_s(x_t).
 
     The gate weight is folded into the hidden activation (w·(h W2) = (w·h) W2), so its
-    gradient is <dL/d(w·h), h> on (S, F) rather than on (S, D). Only the (R, 2F)
+    gradient is <dL/d(w·h), h> on (S, F) rather than on (S, D). Only the (S, 2F)
     pre-activation is saved (x is the caller's). Work runs in chunks of about
     C = min(``CHUNK_SLOTS``, T) slots (whole experts), so the gathered inputs, outputs and
     gradients are never materialised for all S = T·k slots: temporary memory is
     O(C·(D + 2F)), not O(S·D). Per chunk, one matmul per expert, or at few slots per expert
     one ``bmm`` over experts padded to the chunk's largest (R rows in all, R <= 2S; a pad row
     has gate weight 0, so it adds nothing to y and its gradients are zero); elementwise work
-    once per chunk. The per-chunk buffers are allocated once per call and reused (``out=``).
+    once per chunk. The pre-activation is saved unpadded, (S, 2F): padding lives only in the
+    per-chunk buffers, which are allocated once per call and reused (``out=``).
     """
 
     @staticmethod
@@ -330,28 +336,32 @@ class TokenSwiGLU(torch.autograd.Function):
         token_R, w_R, row_S = token_S, w_S, None
         if first_E is not None:
             token_R, w_R, row_S = _pad_slots(token_S, w_S, splits, first_E, chunks[-1].r1)
-        h13_R2F = x_TD.new_empty(token_R.shape[0], w13_ED2F.shape[2])
+        h13_S2F = x_TD.new_empty(token_S.shape[0], w13_ED2F.shape[2])
         y_TD = x_TD.new_zeros(T, D)
         w_R1 = w_R.unsqueeze(1)
         n_max = max(c.r1 - c.r0 for c in chunks)
         xbuf, hbuf = x_TD.new_empty(n_max, D), x_TD.new_empty(n_max, w2_EFD.shape[1])
+        h13buf = x_TD.new_empty(n_max if first_E else 0, w13_ED2F.shape[2])
         with torch.autocast(x_TD.device.type, enabled=False):
             for c in chunks:
                 n, sz, A, B = c.r1 - c.r0, splits[c.e0 : c.e1], c.r0, c.r1
                 x_ND = torch.index_select(x_TD, 0, token_R[A:B], out=xbuf[:n])
-                h13_N2F = _mm(x_ND, w13_ED2F, c, sz, h13_R2F[A:B])
+                h13_s = h13_S2F[c.s0 : c.s1]
+                h13_N2F = _mm(x_ND, w13_ED2F, c, sz, h13buf[:n] if c.width else h13_s)
+                if c.width:  # keep the slots' rows only
+                    torch.index_select(h13_N2F, 0, row_S[c.s0 : c.s1] - A, out=h13_s)
                 gate_NF, up_NF = h13_N2F.chunk(2, dim=-1)
                 hw_NF = torch.ops.aten.silu.out(gate_NF, out=hbuf[:n])
                 hw_NF.mul_(up_NF).mul_(w_R1[A:B])
                 y_ND = _mm(hw_NF, w2_EFD, c, sz, x_ND)
                 y_TD.index_add_(0, token_R[A:B], y_ND)
-        ctx.save_for_backward(x_TD, w13_ED2F, w2_EFD, token_R, w_R, row_S, h13_R2F)
+        ctx.save_for_backward(x_TD, w13_ED2F, w2_EFD, token_R, w_R, row_S, h13_S2F)
         ctx.chunks, ctx.splits, ctx.weight_dtype = chunks, splits, weight_S.dtype
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
-        x_TD, w13_ED2F, w2_EFD, token_R, w_R, row_S, h13_R2F = ctx.saved_tensors
+        x_TD, w13_ED2F, w2_EFD, token_R, w_R, row_S, h13_S2F = ctx.saved_tensors
         chunks, splits = ctx.chunks, ctx.splits
         dy_TD = dy_TD.to(x_TD.dtype).contiguous()
         w_R1 = w_R.unsqueeze(1)
@@ -364,6 +374,8 @@ class TokenSwiGLU(torch.autograd.Function):
         dybuf, xbuf = x_TD.new_empty(n_max, D), x_TD.new_empty(n_max, D)
         dhwbuf, hwbuf = x_TD.new_empty(n_max, F_), x_TD.new_empty(n_max, F_)
         dh13buf = x_TD.new_empty(n_max, 2 * F_)
+        # pad rows need finite values only (their weight is 0): zeros, then earlier chunks' rows
+        h13buf = x_TD.new_zeros(n_max if row_S is not None else 0, 2 * F_)
         with torch.autocast(x_TD.device.type, enabled=False):
             for c in chunks:
                 n, sz, A, B = c.r1 - c.r0, splits[c.e0 : c.e1], c.r0, c.r1
@@ -371,7 +383,10 @@ class TokenSwiGLU(torch.autograd.Function):
                 dy_ND = torch.index_select(dy_TD, 0, idx, out=dybuf[:n])
                 dhw_NF = _mm(dy_ND, w2T_EDF, c, sz, dhwbuf[:n])
                 hw_NF, dh13_N2F = hwbuf[:n], dh13buf[:n]
-                dweight_R[A:B] = _swiglu_grads(h13_R2F[A:B], w_R1[A:B], dhw_NF, hw_NF, dh13_N2F)
+                h13_N2F = h13_S2F[c.s0 : c.s1]
+                if c.width:
+                    h13_N2F = h13buf[:n].index_copy_(0, row_S[c.s0 : c.s1] - A, h13_N2F)
+                dweight_R[A:B] = _swiglu_grads(h13_N2F, w_R1[A:B], dhw_NF, hw_NF, dh13_N2F)
                 x_ND = torch.index_select(x_TD, 0, idx, out=xbuf[:n])
                 _mm_t(hw_NF, dy_ND, c, sz, dw2_EFD)
                 _mm_t(x_ND, dh13_N2F, c, sz, dw13_ED2F)

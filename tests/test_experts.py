@@ -196,3 +196,29 @@ def test_token_swiglu_passes_gradcheck(pad_rows, monkeypatch):
         return TokenSwiGLU.apply(x, w13, w2, token_S, weight_S, splits)
 
     assert torch.autograd.gradcheck(fn, (x, w13, w2, weight_S))
+
+
+def test_token_swiglu_mixes_padded_and_back_to_back_chunks(monkeypatch):
+    """A layout with one back-to-back chunk then two padded ones (the second padded chunk's
+    pad rows hold the first's stale pre-activations in backward) gives the same output and
+    gradients as one matmul per expert, and saves only the S slots' pre-activations."""
+    monkeypatch.setattr(experts_mod, "CHUNK_SLOTS", 4)
+    splits = [1, 1, 1, 5, 2, 3, 1, 3]  # chunks: experts 0-3 (20 rows padded: too many), 4-5, 6-7
+    chunks, _ = experts_mod._layout(splits, 4)
+    assert [c.width for c in chunks] == [0, 3, 3]
+    torch.manual_seed(0)
+    S, T, Dm, Fh = sum(splits), 9, 3, 2
+    x = torch.randn(T, Dm, dtype=torch.float64, requires_grad=True)
+    w13 = torch.randn(len(splits), Dm, 2 * Fh, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(len(splits), Fh, Dm, dtype=torch.float64, requires_grad=True)
+    weight_S = torch.rand(S, dtype=torch.float64, requires_grad=True)
+    token_S = torch.randint(0, T, (S,))
+    g = torch.randn(T, Dm, dtype=torch.float64)
+    runs = []
+    for pad_rows in (0, 64):
+        monkeypatch.setattr(experts_mod, "PAD_ROWS", pad_rows)
+        y = TokenSwiGLU.apply(x, w13, w2, token_S, weight_S, splits)
+        assert y.grad_fn.saved_tensors[-1].shape == (S, 2 * Fh)  # unpadded pre-activation
+        runs.append((y, *grads(y, g, x, w13, w2, weight_S)))
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
