@@ -230,6 +230,14 @@ CHUNK_SLOTS = 4096
 # faster at 32 rows per expert on 2 threads, slower from about 128). 0 turns padding off.
 PAD_ROWS = 64
 PAD_WASTE = 2.0  # never pad a chunk to more than this many times its slots
+# On one CPU thread bmm gains nothing and the pad rows are extra work (A at T=256: 1-thread
+# CPU time 1.8x dense for bmm vs 1.4x for the loop), so CPU tensors pad from this many threads.
+PAD_MIN_THREADS = 2
+
+
+def _may_pad(x: Tensor) -> bool:
+    """Whether TokenSwiGLU may pad for ``x``: off CPU, or on CPU with >= PAD_MIN_THREADS."""
+    return x.device.type != "cpu" or torch.get_num_threads() >= PAD_MIN_THREADS
 
 
 class _Chunk(NamedTuple):
@@ -262,16 +270,19 @@ def _chunks(splits: list[int], min_rows: int) -> list[tuple[int, int, int, int]]
     return out
 
 
-def _layout(splits: list[int], min_rows: int) -> tuple[list[_Chunk], list[int] | None]:
+def _layout(
+    splits: list[int], min_rows: int, pad: bool = True
+) -> tuple[list[_Chunk], list[int] | None]:
     """Chunks of whole experts and where their slots go in the buffer: rows [r0, r1) per chunk,
     padded to ``width`` rows per expert where the mean is <= ``PAD_ROWS`` slots per expert
-    (and padding costs at most ``PAD_WASTE`` times the slots). Returns the chunks and each
-    expert's first buffer row (None when nothing is padded: the buffer is the slot order)."""
+    (and padding costs at most ``PAD_WASTE`` times the slots; never if not ``pad``). Returns
+    the chunks and each expert's first buffer row (None when nothing is padded: the buffer is
+    the slot order)."""
     out, first_E, r0 = [], [], 0
     for e0, e1, a, b in _chunks(splits, min_rows):
         sz, n = splits[e0:e1], b - a
         width = max(sz)
-        padded = 0 < n <= PAD_ROWS * len(sz) and width * len(sz) <= PAD_WASTE * n
+        padded = pad and 0 < n <= PAD_ROWS * len(sz) and width * len(sz) <= PAD_WASTE * n
         width = width if padded else 0
         rows = [width] * len(sz) if padded else sz
         first_E += [r0 + sum(rows[:i]) for i in range(len(sz))]
@@ -331,7 +342,7 @@ class TokenSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w13_ED2F, w2_EFD, token_S, weight_S, splits):
         T, D = x_TD.shape
-        chunks, first_E = _layout(splits, min(CHUNK_SLOTS, T))
+        chunks, first_E = _layout(splits, min(CHUNK_SLOTS, T), _may_pad(x_TD))
         w_S = weight_S.detach().to(x_TD.dtype)
         token_R, w_R, row_S = token_S, w_S, None
         if first_E is not None:

@@ -162,6 +162,7 @@ def test_fused_token_path_equals_permute_experts_unpermute(capacity, chunk, pad_
     expert or one bmm over experts padded to the chunk's largest (pad_rows 64)."""
     monkeypatch.setattr(experts_mod, "CHUNK_SLOTS", chunk)
     monkeypatch.setattr(experts_mod, "PAD_ROWS", pad_rows)
+    monkeypatch.setattr(experts_mod, "PAD_MIN_THREADS", 1)
     ex = experts()
     T, K = 12, 2
     torch.manual_seed(2)
@@ -184,6 +185,7 @@ def test_token_swiglu_passes_gradcheck(pad_rows, monkeypatch):
     token routed twice and a token not routed at all, on back-to-back slots and on experts
     padded to the largest (3 slots and 1 slot + 2 pad rows)."""
     monkeypatch.setattr(experts_mod, "PAD_ROWS", pad_rows)
+    monkeypatch.setattr(experts_mod, "PAD_MIN_THREADS", 1)
     torch.manual_seed(0)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     w13 = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
@@ -203,6 +205,7 @@ def test_token_swiglu_mixes_padded_and_back_to_back_chunks(monkeypatch):
     pad rows hold the first's stale pre-activations in backward) gives the same output and
     gradients as one matmul per expert, and saves only the S slots' pre-activations."""
     monkeypatch.setattr(experts_mod, "CHUNK_SLOTS", 4)
+    monkeypatch.setattr(experts_mod, "PAD_MIN_THREADS", 1)
     splits = [1, 1, 1, 5, 2, 3, 1, 3]  # chunks: experts 0-3 (20 rows padded: too many), 4-5, 6-7
     chunks, _ = experts_mod._layout(splits, 4)
     assert [c.width for c in chunks] == [0, 3, 3]
@@ -222,3 +225,18 @@ def test_token_swiglu_mixes_padded_and_back_to_back_chunks(monkeypatch):
         runs.append((y, *grads(y, g, x, w13, w2, weight_S)))
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_one_cpu_thread_keeps_the_per_expert_loop():
+    """Padding only pays when bmm can run experts side by side: one CPU thread never pads."""
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert not experts_mod._may_pad(torch.zeros(1))
+        torch.set_num_threads(2)
+        assert experts_mod._may_pad(torch.zeros(1))
+    finally:
+        torch.set_num_threads(n)
+    chunks, first_E = experts_mod._layout([3, 2, 3, 2], 4, pad=False)
+    assert first_E is None and all(c.width == 0 for c in chunks)
+    assert [c.width for c in experts_mod._layout([3, 2, 3, 2], 4)[0]] == [3, 3]
