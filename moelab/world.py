@@ -1,5 +1,6 @@
 """The process layout a trainer runs in. ``LocalWorld`` is one process; ``moelab.parallel``
-provides the torch.distributed one with the same methods (the only module importing it)."""
+provides the torch.distributed one with the same methods (it and ``moelab.ep`` are the only
+modules importing torch.distributed)."""
 
 from __future__ import annotations
 
