@@ -352,7 +352,7 @@ class TokenSwiGLU(torch.autograd.Function):
         w_R1 = w_R.unsqueeze(1)
         n_max = max(c.r1 - c.r0 for c in chunks)
         xbuf, hbuf = x_TD.new_empty(n_max, D), x_TD.new_empty(n_max, w2_EFD.shape[1])
-        h13buf = x_TD.new_empty(n_max if first_E else 0, w13_ED2F.shape[2])
+        h13buf = x_TD.new_empty(n_max if row_S is not None else 0, w13_ED2F.shape[2])
         with torch.autocast(x_TD.device.type, enabled=False):
             for c in chunks:
                 n, sz, A, B = c.r1 - c.r0, splits[c.e0 : c.e1], c.r0, c.r1

@@ -2,13 +2,9 @@
 (with ``moelab.ep``, which holds the EP layout, collectives and layer, the only moelab
 modules importing torch.distributed).
 
-Legend: T tokens, D model dim, E experts, El = E/P experts per EP rank, S kept token-slots of
-this rank (sorted by expert), R rows received for this rank's experts, W world size, P EP size.
-
-Layout (``Layout``): W ranks; EP groups of P consecutive ranks ([0, P), [P, 2P), ...); rank r
-holds experts [(r % P)·El, (r % P + 1)·El). Every rank is data-parallel for the dense
-(non-expert) parameters: it takes its own share of the global batch (dp_rank = r, dp_size = W).
-The *expert-DP group* of r is the ranks holding the same experts {r % P, r % P + P, ...}.
+W world size, P EP size; the EP layout (``Layout``, EP groups and expert-DP groups) is
+described in ``moelab.ep``. Every rank is data-parallel for the dense (non-expert) parameters:
+it takes its own share of the global batch (dp_rank = r, dp_size = W).
 
 What is reduced where (the loss on each rank is the mean over its own tokens):
 - dense gradients: all-reduce over all W ranks, divided by W;
