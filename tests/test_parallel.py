@@ -277,7 +277,7 @@ TRAIN_SETS = [
 
 def test_training_under_ep2_matches_one_process_and_checkpoints_cross_layouts(micro_cfg, tmp_path):
     """`train()` in 2 ranks with parallel.ep=2 gives the single-process loss curve; only rank 0
-    writes; its EP checkpoint resumes in one process exactly like the uninterrupted run."""
+    writes, and its summary counts every rank's experts; its EP checkpoint resumes in one process exactly like the uninterrupted run."""
     from moelab.config import to_dict
     from moelab.train import train
 
@@ -292,6 +292,9 @@ def test_training_under_ep2_matches_one_process_and_checkpoints_cross_layouts(mi
     assert rows[-1]["world_size"] == 2 and len(rows[-1]["rank_load_layers"][0]) == 2
     assert rows[-1]["straggler"] >= 1.0
     assert len(rows[-1]["expert_grad_norm_layers"][0]) == 4
+    summary = [json.loads((d / "summary.json").read_text()) for d in (ep_out, tmp_path / "one")]
+    for key in ("params", "active_params"):  # the whole model's, not rank 0's expert shard
+        assert summary[0][key] == summary[1][key]
     one = _losses(tmp_path / "one")
     torch.testing.assert_close(_losses(ep_out), one[:3], rtol=1e-4, atol=0)
     # The EP=2 checkpoint (single-process layout) resumes in one process.
