@@ -277,7 +277,8 @@ TRAIN_SETS = [
 
 def test_training_under_ep2_matches_one_process_and_checkpoints_cross_layouts(micro_cfg, tmp_path):
     """`train()` in 2 ranks with parallel.ep=2 gives the single-process loss curve; only rank 0
-    writes, and its summary counts every rank's experts; its EP checkpoint resumes in one process exactly like the uninterrupted run."""
+    writes, and its summary counts every rank's experts; its EP checkpoint resumes in one
+    process exactly like the uninterrupted run."""
     from moelab.config import to_dict
     from moelab.train import train
 
