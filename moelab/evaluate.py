@@ -5,6 +5,7 @@ Legend: B sequences, L sequence length, E experts, K top-k, D domains (here only
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor
 from moelab import metrics
 from moelab.data import Corpus, val_batches
 from moelab.model import MoELM
+from moelab.world import World
 
 
 @dataclass
@@ -25,7 +27,7 @@ class EvalStats:
     loss_sum_D: Tensor = field(init=False)
     tokens_D: Tensor = field(init=False)
     joint_lDE: Tensor = field(init=False)  # (layers, D, E) slot counts per domain and expert
-    seq_maxvio: list[float] = field(default_factory=list)
+    seq_maxvio: Tensor = field(init=False)  # (2,) sum of per-sequence MaxVio, sequences·layers
 
     def __post_init__(self) -> None:
         self.loss_sum_D = torch.zeros(self.num_domains, dtype=torch.float64)
@@ -33,6 +35,12 @@ class EvalStats:
         self.joint_lDE = torch.zeros(
             self.num_layers, self.num_domains, self.num_experts, dtype=torch.int64
         )
+        self.seq_maxvio = torch.zeros(2, dtype=torch.float64)
+
+    def reduce(self, sum_: Callable[[Tensor], Tensor]) -> None:
+        """Sum every statistic over ranks with ``sum_`` (in place), e.g. ``World.sum_``."""
+        for t in (self.loss_sum_D, self.tokens_D, self.joint_lDE, self.seq_maxvio):
+            sum_(t)
 
     @property
     def counts_lE(self) -> Tensor:
@@ -42,31 +50,57 @@ class EvalStats:
 
 @torch.no_grad()
 def evaluate(
-    model: MoELM, corpus: Corpus, *, batch_size: int, seq_len: int, max_tokens: int = 0
+    model: MoELM,
+    corpus: Corpus,
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_tokens: int = 0,
+    world: World | None = None,
 ) -> dict:
     """Evaluate on every domain's validation split (holdout domains included).
 
-    max_tokens: cap per domain (0 = the whole split). Returns a flat dict: ``val_loss``
-    (token-weighted mean over training domains), ``val_loss/<domain>``, ``maxvio_global`` (mean
-    over MoE layers of MaxVio of the counts summed over the split; Wang et al. 2024),
-    ``maxvio_global_layers``, ``maxvio_seq`` (mean per-sequence MaxVio, DeepSeek-V3's
-    sequence view), ``mi`` / ``mi_layers`` (domain→expert mutual information, bits),
-    ``counts_layers`` (per-layer expert counts) and ``domain_freq_layers``.
+    max_tokens: cap per domain (0 = the whole split). With a ``world`` of W ranks, rank r
+    evaluates batches r, r + W, ... of each domain and the statistics are summed over ranks
+    (same numbers as one process, W times less work each); a rank without a batch in a round
+    runs a discarded forward, so expert-parallel collectives stay in step. Returns a flat dict:
+    ``val_loss`` (token-weighted mean over training domains), ``val_loss/<domain>``,
+    ``maxvio_global`` (mean over MoE layers of MaxVio of the counts summed over the split; Wang
+    et al. 2024), ``maxvio_global_layers``, ``maxvio_seq`` (mean per-sequence MaxVio,
+    DeepSeek-V3's sequence view), ``mi`` / ``mi_layers`` (domain→expert mutual information,
+    bits), ``counts_layers`` (per-layer expert counts) and ``domain_freq_layers``.
     """
     was_training = model.training
     model.eval()
     layers = model.moe_layers
     E = layers[0].cfg.num_experts if layers else 1
     stats = EvalStats(len(layers), E, len(corpus.domains))
+    rank, size = (world.rank, world.world_size) if world else (0, 1)
     for d, name in enumerate(corpus.domains):
-        seen = 0
-        for batch in val_batches(corpus, batch_size=batch_size, seq_len=seq_len, domains=[name]):
-            if max_tokens and seen >= max_tokens:
-                break
-            _eval_batch(model, batch.tokens, batch.targets, d, stats)
-            seen += batch.tokens.numel()
+        batches = _capped(
+            val_batches(corpus, batch_size=batch_size, seq_len=seq_len, domains=[name]), max_tokens
+        )
+        for i in range(0, len(batches), size):  # one round: a batch per rank
+            if i + rank < len(batches):
+                b = batches[i + rank]
+                _eval_batch(model, b.tokens, b.targets, d, stats)
+            else:  # nothing left here: keep in step with the ranks' collectives
+                model(batches[i].tokens)
+    if world:
+        stats.reduce(world.sum_)
     model.train(was_training)
     return _summarise(stats, corpus)
+
+
+def _capped(batches: Iterable, max_tokens: int) -> list:
+    """The batches up to and including the one that reaches ``max_tokens`` (0: all)."""
+    out, seen = [], 0
+    for b in batches:
+        if max_tokens and seen >= max_tokens:
+            break
+        out.append(b)
+        seen += b.tokens.numel()
+    return out
 
 
 def _eval_batch(model: MoELM, tokens_BL: Tensor, targets_BL: Tensor, d: int, s: EvalStats) -> None:
@@ -81,7 +115,7 @@ def _eval_batch(model: MoELM, tokens_BL: Tensor, targets_BL: Tensor, d: int, s: 
         experts_BLK = o.experts.view(B, L, -1)
         mask_BLK = None if o.slot_mask is None else o.slot_mask.view(B, L, -1)
         seq = metrics.maxvio_per_sequence(experts_BLK, s.num_experts, mask_BL=mask_BLK)
-        s.seq_maxvio.extend(seq.tolist())
+        s.seq_maxvio += torch.tensor([float(seq.sum()), seq.numel()], dtype=torch.float64)
 
 
 def _summarise(s: EvalStats, corpus: Corpus) -> dict:
@@ -99,7 +133,7 @@ def _summarise(s: EvalStats, corpus: Corpus) -> dict:
         out |= {
             "maxvio_global": sum(mv) / len(mv),
             "maxvio_global_layers": mv,
-            "maxvio_seq": sum(s.seq_maxvio) / max(len(s.seq_maxvio), 1),
+            "maxvio_seq": float(s.seq_maxvio[0] / s.seq_maxvio[1].clamp_min(1)),
             "mi": sum(mi) / len(mi),
             "mi_layers": mi,
             "counts_layers": s.counts_lE.tolist(),

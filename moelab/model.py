@@ -235,10 +235,12 @@ class MoELM(nn.Module):
             layer.end_step(total_steps)
 
     def count_params(self) -> dict[str, int]:
-        """Total and active-per-token parameter counts (embedding counted once)."""
-        total = sum(p.numel() for p in self.parameters())
-        inactive = 0
+        """Total and active-per-token parameter counts (embedding counted once). Under expert
+        parallelism a rank holds E/ep experts per layer; the counts are the whole model's."""
+        total = active = sum(p.numel() for p in self.parameters())
         for layer in self.moe_layers:
+            local = layer.experts.w13_ED2F.shape[0]  # experts on this rank
             per_expert = layer.experts.w13_ED2F[0].numel() + layer.experts.w2_EFD[0].numel()
-            inactive += per_expert * (layer.cfg.num_experts - layer.cfg.top_k)
-        return {"total": total, "active": total - inactive}
+            total += per_expert * (layer.cfg.num_experts - local)
+            active -= per_expert * (local - layer.cfg.top_k)
+        return {"total": total, "active": active}

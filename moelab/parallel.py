@@ -188,6 +188,10 @@ class DistributedWorld:
         t = torch.tensor([x], dtype=torch.float64)
         return float(self.comm.all_reduce(t, "all_reduce of a logged value")) / self.world_size
 
+    def sum_(self, t: Tensor) -> Tensor:
+        """Sum ``t`` over all ranks, in place (evaluation statistics)."""
+        return self.comm.all_reduce(t, "all_reduce of evaluation statistics")
+
     # ------------------------------------------------------------------ state
 
     def full_state_dict(self, model: nn.Module) -> dict:

@@ -369,6 +369,7 @@ def _loop(
                 batch_size=cfg.train.batch_size,
                 seq_len=cfg.data.seq_len,
                 max_tokens=cfg.train.eval_max_tokens,
+                world=world,
             )
             log.write({"step": done, **last_eval})
         if _due(done, cfg.train.ckpt_every, stop):

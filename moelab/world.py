@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 class World(Protocol):
@@ -23,6 +23,7 @@ class World(Protocol):
     def sync_grads(self, model: nn.Module) -> None: ...
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float: ...
     def mean(self, x: float) -> float: ...
+    def sum_(self, t: Tensor) -> Tensor: ...
     def full_state_dict(self, model: nn.Module) -> dict: ...
     def load_full_state_dict(self, model: nn.Module, state: dict) -> None: ...
     def optimizer_state(self, opt: torch.optim.Optimizer, model: nn.Module) -> dict: ...
@@ -60,6 +61,9 @@ class LocalWorld:
 
     def mean(self, x: float) -> float:
         return x
+
+    def sum_(self, t: Tensor) -> Tensor:
+        return t
 
     def full_state_dict(self, model: nn.Module) -> dict:
         return model.state_dict()

@@ -67,7 +67,7 @@ def test_verdict_rules_on_synthetic_numbers():
     assert Check("a.x", "<", 1.0, offset=0.5).evaluate({"a": {"x": 1.2}})["passed"]
 
 
-def test_lab_run_quick_end_to_end(tmp_path, monkeypatch):
+def test_lab_run_quick_end_to_end(tmp_path, monkeypatch, capsys):
     """`lab run collapse --quick` through the CLI function writes result.json + PNGs."""
     from moelab.lab import runner
 
@@ -86,6 +86,14 @@ def test_lab_run_quick_end_to_end(tmp_path, monkeypatch):
     assert res["verdict"] in VERDICTS
     assert res["tokens_per_expert_per_step"] == 4 * 32 * 2 / 16
     assert (out / "curves.png").exists()
+    assert res["stale_runs"] == []
+    # the same runs seen by other code: still used, but flagged
+    monkeypatch.setattr(runner, "code_hash", lambda: "other")
+    args = _parse(["lab", "run", "collapse", "--quick", "--out", str(out), "--cached-only"])
+    assert args.func(args) == 0
+    res = json.loads((out / "result.json").read_text())
+    assert res["stale_runs"] == ["none seed 0", "aux seed 0"]
+    assert "trained by other moelab code" in capsys.readouterr().out
 
 
 def test_lookup_handles_dotted_variant_names():

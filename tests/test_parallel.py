@@ -263,6 +263,12 @@ def _losses(out) -> list[float]:
     return [r["loss"] for r in read_rows(f"{out}/metrics.jsonl") if "loss" in r]
 
 
+def _eval_row(out) -> dict:
+    from moelab.logs import read_rows
+
+    return [r for r in read_rows(f"{out}/metrics.jsonl") if "val_loss" in r][-1]
+
+
 TRAIN_SETS = [
     "train.log_every=1",
     "train.eval_every=0",
@@ -277,14 +283,15 @@ TRAIN_SETS = [
 
 def test_training_under_ep2_matches_one_process_and_checkpoints_cross_layouts(micro_cfg, tmp_path):
     """`train()` in 2 ranks with parallel.ep=2 gives the single-process loss curve; only rank 0
-    writes; its EP checkpoint resumes in one process exactly like the uninterrupted run."""
+    writes, and its summary counts every rank's experts; its EP checkpoint resumes in one
+    process exactly like the uninterrupted run."""
     from moelab.config import to_dict
     from moelab.train import train
 
-    steps = 6
-    cfg1 = micro_cfg(*TRAIN_SETS)
+    steps, evals = 6, "train.eval_max_tokens=768"  # 3 batches per domain: 2 on rank 0, 1 on 1
+    cfg1 = micro_cfg(*TRAIN_SETS, evals)
     train(cfg1, tmp_path / "one", max_steps=steps, progress=False)
-    cfg2 = micro_cfg(*TRAIN_SETS, "parallel.ep=2", "parallel.timeout_s=60")
+    cfg2 = micro_cfg(*TRAIN_SETS, evals, "parallel.ep=2", "parallel.timeout_s=60")
     env = {"MOELAB_CACHE": os.environ["MOELAB_CACHE"]}
     ep_out = tmp_path / "ep2"
     values(spawn(2, _train_worker, to_dict(cfg2), str(ep_out), 3, timeout=120, env=env), 2)
@@ -292,8 +299,17 @@ def test_training_under_ep2_matches_one_process_and_checkpoints_cross_layouts(mi
     assert rows[-1]["world_size"] == 2 and len(rows[-1]["rank_load_layers"][0]) == 2
     assert rows[-1]["straggler"] >= 1.0
     assert len(rows[-1]["expert_grad_norm_layers"][0]) == 4
+    summary = [json.loads((d / "summary.json").read_text()) for d in (ep_out, tmp_path / "one")]
+    for key in ("params", "active_params"):  # the whole model's, not rank 0's expert shard
+        assert summary[0][key] == summary[1][key]
     one = _losses(tmp_path / "one")
     torch.testing.assert_close(_losses(ep_out), one[:3], rtol=1e-4, atol=0)
+    # Evaluation is split over the ranks and summed: the numbers of one process at step 3.
+    train(cfg1, tmp_path / "one3", max_steps=3, progress=False)
+    ev_ep, ev_one = (_eval_row(d) for d in (ep_out, tmp_path / "one3"))
+    assert ev_ep["counts_layers"] == ev_one["counts_layers"]
+    for key in ("val_loss", "maxvio_seq", "mi"):
+        assert ev_ep[key] == pytest.approx(ev_one[key], rel=1e-4)
     # The EP=2 checkpoint (single-process layout) resumes in one process.
     train(cfg1, ep_out, resume=True, max_steps=steps, progress=False)
     torch.testing.assert_close(_losses(ep_out), one, rtol=1e-4, atol=0)

@@ -35,7 +35,7 @@ def run_experiment(
     t0 = time.time()
     n_seeds = seeds or (1 if quick else exp.seeds)
     names = variants or exp.variant_names(quick)
-    runs, table, setup = _train_variants(exp, names, quick, n_seeds, cached_only)
+    runs, table, setup, stale = _train_variants(exp, names, quick, n_seeds, cached_only)
     extra, figs = _analyse(exp, runs, table)
     verdict, checks = decide(exp.checks, {**table, "analysis": extra})
     result = {
@@ -53,6 +53,7 @@ def run_experiment(
         "measured": table,
         "analysis": extra,
         "setup": setup,
+        "stale_runs": stale,
         "batch_tokens": _first(setup, "batch_tokens"),
         "tokens_per_expert_per_step": _first(setup, "tokens_per_expert_per_step"),
         "wall_seconds": round(time.time() - t0, 1),
@@ -69,7 +70,8 @@ def run_experiment(
 def _train_variants(
     exp: Experiment, names: list[str], quick: bool, n_seeds: int, cached_only: bool
 ):
-    """Train (or find cached) every variant × seed; returns run folders, numbers, setups."""
+    """Train (or find cached) every variant × seed; returns run folders, numbers, setups and
+    the runs whose cached folder was trained by other moelab code."""
     from moelab.lab import runner
 
     snapshots = int(exp.options.get("snapshots", 0))
@@ -77,6 +79,7 @@ def _train_variants(
     runs: dict[str, list[Path]] = {}
     table: dict[str, Any] = {}
     setup: dict[str, Any] = {}
+    stale: list[str] = []  # runs trained by other moelab code
     for name in names:
         if name not in exp.variants:
             raise ValueError(f"{exp.name}: no variant {name!r}; variants: {list(exp.variants)}")
@@ -87,11 +90,13 @@ def _train_variants(
                 continue
             print(f"[lab] {exp.name}: {name} seed {seed}", flush=True)
             dirs.append(runner.train_cached(cfg, snapshots=snapshots, nproc=nproc))
+            if runner.is_stale(dirs[-1]):
+                stale.append(f"{name} seed {seed}")
             nums.append(runner.collect(dirs[-1]))
         if dirs:
             runs[name], table[name] = dirs, runner.aggregate(nums)
             setup[name] = _setup(cfg, nproc)
-    return runs, table, setup
+    return runs, table, setup, stale
 
 
 def _analyse(exp: Experiment, runs: dict[str, list[Path]], table: dict[str, Any]):

@@ -3,13 +3,17 @@
 Runs are cached by the hash of their resolved config under ``runs/lab/cache/`` so that a
 variant shared by several experiments (e.g. the loss-free model of experiments 1, 3 and 4)
 trains once. ``snapshots=N`` trains in N segments (``max_steps`` + ``resume``) and routes a
-fixed validation stream after each, for routing fluctuation and saturation.
+fixed validation stream after each, for routing fluctuation and saturation. Each run folder
+records the hash of the moelab sources that trained it (``code.txt``); a cached run from other
+code is still used, but flagged (a warning, and ``stale_runs`` in the experiment's result):
+delete its folder to retrain it.
 
 Legend: B sequences, L sequence length, T tokens, K slots per token, E experts.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -37,6 +41,22 @@ def run_key(cfg: RunConfig, snapshots: int, nproc: int = 1) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@functools.cache
+def code_hash() -> str:
+    """sha256 (12 hex digits) of moelab's Python sources: which code trained a run."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def is_stale(out: Path) -> bool:
+    """Whether the run in ``out`` was trained by other (or unrecorded) moelab code."""
+    f = out / "code.txt"
+    return not f.exists() or f.read_text().strip() != code_hash()
+
+
 def is_cached(
     cfg: RunConfig, snapshots: int = 0, cache: Path | None = None, nproc: int = 1
 ) -> bool:
@@ -54,23 +74,30 @@ def train_cached(
     cache = cache or CACHE  # read at call time so that tests can point it elsewhere
     out = cache / run_key(cfg, snapshots, nproc)
     if is_cached(cfg, snapshots, cache, nproc):
+        if is_stale(out):
+            print(f"[lab] warning: {out} was trained by other moelab code; delete it to retrain")
         return out
+    _train(cfg, out, snapshots, nproc)
+    (out / "code.txt").write_text(code_hash() + "\n")
+    return out
+
+
+def _train(cfg: RunConfig, out: Path, snapshots: int, nproc: int) -> None:
+    """Train ``cfg`` into ``out``: under torchrun, in one go, or in ``snapshots`` segments."""
     if nproc > 1:
         if snapshots:
             raise ValueError("lab: snapshots are not supported for torchrun (nproc > 1) runs")
         torchrun_train(cfg, out, nproc)
-        return out
-    if not snapshots:
+    elif not snapshots:
         train(cfg, out, progress=False)
-        return out
-    steps = _snapshot_steps(cfg.train.steps, snapshots)
-    snaps = []
-    for i, stop in enumerate(steps):
-        train(cfg, out, resume=i > 0, max_steps=stop, progress=False)
-        run = load_trained(out)
-        snaps.append([e for e, _ in route_stream(run.model, val_stream(run.corpus, cfg))])
-    torch.save({"steps": steps, "experts": snaps}, out / "snapshots.pt")
-    return out
+    else:
+        steps = _snapshot_steps(cfg.train.steps, snapshots)
+        snaps = []
+        for i, stop in enumerate(steps):
+            train(cfg, out, resume=i > 0, max_steps=stop, progress=False)
+            run = load_trained(out)
+            snaps.append([e for e, _ in route_stream(run.model, val_stream(run.corpus, cfg))])
+        torch.save({"steps": steps, "experts": snaps}, out / "snapshots.pt")
 
 
 def torchrun_train(cfg: RunConfig, out: Path, nproc: int) -> None:
