@@ -41,12 +41,18 @@ def run_key(cfg: RunConfig, snapshots: int, nproc: int = 1) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# Files that only analyse or present finished runs: editing them does not make a run stale.
+_PRESENTATION = {"cli.py", "demo.py", "plots.py", "report.py", "runs.py", "__main__.py"}
+
+
 @functools.cache
 def code_hash() -> str:
-    """sha256 (12 hex digits) of moelab's Python sources: which code trained a run."""
+    """sha256 (12 hex digits) of the moelab sources that decide what a run computes: the
+    package's top-level modules (minus ``_PRESENTATION``) and this runner (snapshots)."""
     root = Path(__file__).resolve().parents[1]
+    files = [p for p in sorted(root.glob("*.py")) if p.name not in _PRESENTATION]
     h = hashlib.sha256()
-    for p in sorted(root.rglob("*.py")):
+    for p in [*files, Path(__file__).resolve()]:
         h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:12]
 
