@@ -72,6 +72,8 @@ def step_row(step: int, r, model, trackers, lr: float, tokens: int, tok_s: float
     }
     if r.skipped:
         row["skipped"] = True
+    if r.train_eval_gap is not None:
+        row["train_eval_gap"] = r.train_eval_gap
     layers = model.moe_layers
     if not layers:
         return row

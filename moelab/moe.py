@@ -28,7 +28,8 @@ from moelab import dispatch
 from moelab.config import MoEConfig
 from moelab.experts import Experts, SharedExperts
 from moelab.metrics import max_violation
-from moelab.routing import Router, Routing
+from moelab.router import Router
+from moelab.routing import Routing
 
 
 class NonFiniteRouterError(ValueError):

@@ -137,6 +137,7 @@ class StepResult:
     expert_grad_norms: list[Tensor]
     moe_stats: list[list[dict[str, Tensor]]] = field(default_factory=list)  # [micro][layer]
     nonfinite: str = ""  # what was not finite when ``skipped``
+    train_eval_gap: float | None = None  # see TrainConfig.train_eval_gap
 
     def step_counts(self) -> list[Tensor]:
         """[layer] (E,) slots routed per expert, summed over the step's micro-batches."""
@@ -149,7 +150,7 @@ def train_step(
     """Forward/backward over the micro-batches, clip, step; balance state updated after."""
     n = len(micro)
     loss_sum = aux_sum = 0.0
-    micro_counts, kept, dropped, z, stats = [], None, 0, None, []
+    micro_counts, kept, dropped, z, stats, losses = [], None, 0, None, [], []
     for mb in micro:
         try:
             with _autocast(cfg.train.dtype):
@@ -157,7 +158,8 @@ def train_step(
         except NonFiniteRouterError as exc:
             return _nonfinite(model, opt, cfg, step, str(exc))
         ((out.loss + out.aux) / n).backward()
-        loss_sum += float(out.loss.detach()) / n
+        losses.append(float(out.loss.detach()))
+        loss_sum += losses[-1] / n
         aux_sum += float(out.aux.detach()) / n
         micro_counts.append([o.counts for o in out.moe])
         stats.append([o.stats for o in out.moe])
@@ -166,6 +168,11 @@ def train_step(
         dropped += sum(int(o.dropped) for o in out.moe)
         z_now = [float(o.stats["z"]) / n for o in out.moe]
         z = z_now if z is None else [a + b for a, b in zip(z, z_now, strict=True)]
+    gap = (
+        _train_eval_gap(model, micro[0], losses[0], cfg, world)
+        if cfg.train.train_eval_gap
+        else None
+    )
     world.sync_grads(model)
     egn = [_expert_grad_norm(layer) for layer in model.moe_layers]
     gnorm = world.clip_grad_norm(model, cfg.train.grad_clip)
@@ -180,8 +187,31 @@ def train_step(
     model.end_step(cfg.train.steps)
     opt.zero_grad(set_to_none=True)
     return StepResult(
-        loss_sum, aux_sum, gnorm, False, micro_counts, kept or [], dropped, z or [], egn, stats
+        loss_sum,
+        aux_sum,
+        gnorm,
+        False,
+        micro_counts,
+        kept or [],
+        dropped,
+        z or [],
+        egn,
+        stats,
+        train_eval_gap=gap,
     )
+
+
+@torch.no_grad()
+def _train_eval_gap(model: MoELM, mb, train_loss: float, cfg: RunConfig, world: World) -> float:
+    """Inference-mode loss of micro-batch ``mb`` minus its training-mode loss (same weights),
+    averaged over ranks. The eval forward draws no random numbers and updates no state."""
+    model.eval()
+    try:
+        with _autocast(cfg.train.dtype):
+            out = model(mb.tokens, mb.targets)
+    finally:
+        model.train()
+    return world.mean(float(out.loss) - train_loss)
 
 
 def _nonfinite(model: MoELM, opt: torch.optim.Optimizer, cfg: RunConfig, step: int, what: str):

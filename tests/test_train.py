@@ -153,3 +153,21 @@ def test_bad_config_values_name_the_field(micro_cfg, override, message):
     """Config typos and out-of-range values give a ValueError naming the field."""
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         micro_cfg(override)
+
+
+def test_train_eval_gap_shows_soft_warmup_and_leaves_training_alone(micro_cfg, tmp_path):
+    """train.train_eval_gap logs inference-mode minus training-mode loss on the step's first
+    micro-batch: nonzero while soft warm-up mixes all experts, zero after it (dropless, no
+    noise), and the training curve is the one without it (the eval forward changes nothing)."""
+    sets = ["model.moe.router.soft_warmup_steps=6", "train.log_every=1", "train.eval_every=0"]
+    losses = {}
+    for gap in (False, True):
+        out = tmp_path / str(gap)
+        cfg = micro_cfg(*sets, f"train.train_eval_gap={str(gap).lower()}")
+        train(cfg, out, max_steps=10, progress=False)
+        rows = [r for r in read_rows(out / "metrics.jsonl") if "loss" in r]
+        losses[gap] = [r["loss"] for r in rows]
+    gaps = [r["train_eval_gap"] for r in rows]
+    assert losses[True] == losses[False]
+    assert all(g != 0.0 for g in gaps[:6]) and max(map(abs, gaps[:6])) > 1e-5  # soft in training
+    assert gaps[6:] == [0.0] * 4  # steps 7-10: hard top-k both ways, the same computation

@@ -189,6 +189,10 @@ def collect(run_dir: Path) -> dict[str, Any]:
         "spikes": count_spikes([r["loss"] for r in train_rows]),
         "max_z": max((max(r.get("z_layers") or [0]) for r in train_rows), default=0.0),
     }
+    if any("train_eval_gap" in r for r in train_rows):  # early: the first fifth of training
+        early = train_rows[: max(1, len(train_rows) // 5)]
+        num["train_eval_gap_early"] = _mean(r.get("train_eval_gap") for r in early)
+        num["train_eval_gap_tail"] = _mean(r.get("train_eval_gap") for r in tail)
     if counts_lE is not None:
         num |= {
             "dead_val": int(metrics.dead_experts(counts_lE).sum()),

@@ -1,0 +1,169 @@
+"""Specification tests for moelab.router: the Router module's fp32 gate, training-only noise,
+masking, soft warm-up and every routing method (CPU, fixed seeds)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moelab.config import RouterConfig
+from moelab.router import Router
+from moelab.routing import route
+
+T, D, E, K = 64, 16, 8, 2
+
+
+def _router(train: bool = True, **cfg) -> Router:
+    torch.manual_seed(0)
+    router = Router(RouterConfig(**cfg), D, E, K)
+    return router.train(train)
+
+
+def _x(t: int = T, seed: int = 1) -> torch.Tensor:
+    return torch.randn(t, D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_router_params_fp32_and_init():
+    """weight (E, D) fp32 ~ N(0, init_std); zeros with init_std=0; stays fp32 under .to(bf16)."""
+    r = _router(init_std=0.1)
+    assert r.weight.shape == (E, D) and r.weight.dtype == torch.float32
+    assert 0.05 < r.weight.std().item() < 0.15
+    assert (_router(init_std=0.0).weight == 0).all()
+    assert r.to(torch.bfloat16).weight.dtype == torch.float32
+
+
+def test_gate_is_fp32_under_bf16_and_autocast():
+    """bf16 input under CPU autocast still gives fp32 logits equal to the fp32 computation."""
+    router = _router()
+    x = _x().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = router(x)
+    assert r.logits.dtype == r.scores.dtype == r.weights.dtype == torch.float32
+    torch.testing.assert_close(r.logits, x.float() @ router.weight.T)
+
+
+def test_router_default_equals_route():
+    """Default config: Router = route() on x·Wᵀ, same in train and eval; (B, L, D) is flattened."""
+    router = _router()
+    x = _x()
+    expected = route(x @ router.weight.T, K)
+    for mode in (True, False):
+        r = router.train(mode)(x.view(4, T // 4, D))
+        assert torch.equal(r.experts, expected.experts)
+
+
+def test_learned_noise_train_only_and_zero_init():
+    """Learned noise: noise_weight (E, D) zero-init; noisy logits + clean_logits/noise_std in
+    train; eval gives the clean deterministic routing without them."""
+    router = _router(noise="learned", noise_std=1.0)
+    assert router.noise_weight.shape == (E, D) and (router.noise_weight == 0).all()
+    x = _x()
+    clean = x @ router.weight.T
+    r = router(x)
+    assert r.clean_logits is not None and r.noise_std is not None
+    torch.testing.assert_close(r.clean_logits, clean)
+    torch.testing.assert_close(r.noise_std, torch.full((T, E), math.log(2.0)))  # softplus(0)
+    assert not torch.allclose(r.logits, clean)
+    torch.testing.assert_close(r.scores, r.logits.softmax(-1))  # score fn on noisy H
+    e = router.eval()(x)
+    assert e.clean_logits is None and torch.equal(e.logits, clean)
+
+
+@pytest.mark.parametrize("noise", ["jitter", "learned", "gumbel"])
+def test_noise_anneals_to_zero(noise):
+    """After noise_anneal_steps the training routing equals the noiseless one."""
+    router = _router(noise=noise, noise_std=0.5, noise_anneal_steps=100)
+    x = _x()
+    expected = route(x @ router.weight.T, K)
+    torch.manual_seed(3)
+    noisy = router(x, step=0)
+    late = router(x, step=100)
+    assert not torch.equal(noisy.experts, expected.experts)
+    assert torch.equal(late.experts, expected.experts)
+    torch.testing.assert_close(late.weights, expected.weights)
+
+
+def test_gumbel_samples_and_straight_through():
+    """Gumbel-top-k samples experts in train; straight-through gives forward weights 1/K and a
+    non-zero gradient to the router weight."""
+    router = _router(noise="gumbel", straight_through=True, gumbel_tau=0.5)
+    torch.manual_seed(0)
+    r = router(_x())
+    torch.testing.assert_close(r.weights, torch.full((T, K), 1.0 / K))
+    (r.weights * torch.randn_like(r.weights)).sum().backward()
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
+def test_expert_masking_never_selects_masked_experts():
+    """With expert_mask_prob the experts masked this forward are never selected; >= k remain."""
+    router = _router(expert_mask_prob=0.6)
+    x = _x()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        r = router(x)
+        used = set(r.experts.unique().tolist())
+        torch.manual_seed(seed)  # same draw as inside the forward
+        u_E = torch.rand(E)
+        keep = set((u_E >= 0.6).nonzero().flatten().tolist()) | set(u_E.topk(K).indices.tolist())
+        assert used <= keep and len(keep) >= K
+    assert torch.equal(router.eval()(x).experts, route(x @ router.weight.T, K).experts)
+
+
+def test_soft_warmup_dense_then_hard():
+    """Soft warm-up: K' = E slots, weights sum to 1 and mix scores with hard top-k by
+    a = 1 - step/warmup; after warm-up (and in eval) plain hard top-k."""
+    router = _router(soft_warmup_steps=10)
+    x = _x()
+    hard = route(x @ router.weight.T, K)
+    r0 = router(x, step=0)
+    assert r0.experts.shape == r0.weights.shape == (T, E)
+    torch.testing.assert_close(r0.weights.sum(-1), torch.ones(T))
+    dense_TE = torch.zeros(T, E).scatter(1, r0.experts, r0.weights)
+    torch.testing.assert_close(dense_TE, hard.scores)  # a = 1: weights = scores
+    r5 = router(x, step=5)
+    hard_TE = torch.zeros(T, E).scatter(1, hard.experts, hard.weights)
+    mixed_TE = torch.zeros(T, E).scatter(1, r5.experts, r5.weights)
+    torch.testing.assert_close(mixed_TE, 0.5 * hard.scores + 0.5 * hard_TE)
+    assert torch.equal(r5.experts[:, :K].sort(-1).values, hard.experts.sort(-1).values)
+    for r in (router(x, step=10), router.eval()(x, step=0)):
+        assert torch.equal(r.experts, hard.experts)
+
+
+def test_expert_choice_each_expert_takes_capacity_tokens():
+    """Expert choice: every expert gets exactly C = ceil(T·k/E) tokens, its highest-scoring ones."""
+    router = _router(method="expert_choice", init_std=1.0)
+    t = 30
+    r = router(_x(t))
+    C = math.ceil(t * K / E)
+    assert r.experts.shape == r.mask.shape == (t, E)
+    assert (r.mask.sum(0) == C).all()
+    assert torch.equal(r.weights, r.scores * r.mask)
+    top_CE = r.scores.topk(C, dim=0).indices
+    assert torch.equal(r.mask, torch.zeros(t, E, dtype=torch.bool).scatter(0, top_CE, True))
+
+
+def test_hash_is_deterministic_and_needs_token_ids():
+    """Hash routing: same token id -> same k distinct experts, weights 1/k; no ids -> ValueError."""
+    router = _router(method="hash")
+    ids = torch.randint(0, 50, (T,), generator=torch.Generator().manual_seed(0))
+    a, b = router(_x(seed=1), token_ids=ids), router(_x(seed=2), token_ids=ids)
+    assert torch.equal(a.experts, b.experts)
+    assert all(len(set(row)) == K for row in a.experts.tolist())
+    same = ids.unsqueeze(0) == ids.unsqueeze(1)
+    assert torch.equal(a.experts[same.float().argmax(0)], a.experts)  # first occurrence agrees
+    torch.testing.assert_close(a.weights, torch.full((T, K), 1.0 / K))
+    assert a.scores.shape == (T, E)
+    with pytest.raises(ValueError, match="token_ids"):
+        router(_x())
+
+
+def test_uniform_is_exactly_balanced_and_random_is_distinct():
+    """Uniform: token t gets (t·k + j) mod E, so counts are exactly T·k/E; random: k distinct."""
+    r = _router(method="uniform").eval()(_x())
+    assert torch.equal(r.experts[:, 0], (torch.arange(T) * K) % E)
+    assert (torch.bincount(r.experts.flatten(), minlength=E) == T * K // E).all()
+    rnd = _router(method="random").eval()(_x())
+    assert all(len(set(row)) == K for row in rnd.experts.tolist())
+    torch.testing.assert_close(rnd.weights, torch.full((T, K), 1.0 / K))
