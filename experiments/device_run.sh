@@ -4,13 +4,14 @@
 # parallel. With $OUT set (the lent machine), results/ and the logs come back as one tarball.
 # Usage: bash experiments/device_run.sh TRAIN_SECONDS JOBS
 # Env: ORDER (experiments), VARIANTS (reduced|all|a,b), THREADS (per run; 0 = the files'),
-#      ANALYSE_S, PYTHON.
+#      SEEDS (per variant; empty = the files'), ANALYSE_S, PYTHON.
 set -u
 TRAIN_S=${1:-300}; JOBS=${2:-8}
 PY=${PYTHON:-python3}
 ORDER=${ORDER:-"collapse computation_batch loss_free_vs_aux scope batch_size capacity fluctuation leakage dead_experts stability experts_k"}
 VARIANTS=${VARIANTS:-reduced}; THREADS=${THREADS:-0}
 ARGS=(--variants "$VARIANTS" --threads "$THREADS")
+if [ -n "${SEEDS:-}" ]; then ARGS+=(--seeds "$SEEDS"); fi
 setsid $PY -m moelab lab run $ORDER "${ARGS[@]}" --jobs "$JOBS" --pretrain-only > logs_pretrain.txt 2>&1 &
 PID=$!
 for _ in $(seq "$TRAIN_S"); do kill -0 "$PID" 2>/dev/null || break; sleep 1; done
