@@ -1,4 +1,5 @@
 """The one trainer: ``train(config, out_dir)``. The demo, the lab and the CLI all call it.
+One optimizer step (micro-batches, clipping, the LR schedule) is in :mod:`moelab.step`.
 
 AdamW, linear warm-up + cosine decay, gradient clipping, gradient accumulation (global-scope
 balance statistics accumulate across micro-batches), optional bf16 autocast (the router stays
@@ -7,31 +8,25 @@ fp32), periodic evaluation, metrics.jsonl + TensorBoard, atomic checkpoints and 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from moelab import checkpoint, metrics
 from moelab.config import to_dict
 from moelab.data import Batcher, Corpus, load_corpus
-from moelab.errors import RunError
 from moelab.evaluate import evaluate
 from moelab.logs import MetricsLog, step_row
 from moelab.model import MoELM
-from moelab.moe import NonFiniteRouterError
 from moelab.runconfig import (  # noqa: F401 - re-exported: moelab.train is the public entry
     PRESETS,
     ParallelConfig,
@@ -42,19 +37,15 @@ from moelab.runconfig import (  # noqa: F401 - re-exported: moelab.train is the 
     load_run_config,
     preset_names,
 )
+from moelab.step import (  # noqa: F401 - re-exported: the step is part of the trainer
+    NonFiniteError,
+    StepResult,
+    lr_at,
+    train_step,
+)
 from moelab.world import LocalWorld, World, make_world
 
 # ----------------------------------------------------------------------------- setup
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to ``lr`` then cosine decay to ``lr·min_lr_ratio`` at ``steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.lr * (
-        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-    )
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -112,133 +103,9 @@ def build_model(cfg: RunConfig, corpus: Corpus) -> tuple[RunConfig, MoELM]:
 
 # ----------------------------------------------------------------------------- the loop
 
-
-class NonFiniteError(RunError):
-    """NaN or inf router logits, loss or gradient with ``train.nonfinite = "stop"``."""
-
-
 # Called before every optimizer step with (step, model), step 1-based as logged (fault injection
 # in tests, custom probes). The step's data and schedule do not depend on it.
 StepHook = Callable[[int, MoELM], None]
-
-
-@dataclass
-class StepResult:
-    """What one optimizer step measured (detached)."""
-
-    loss: float
-    aux: float
-    grad_norm: float
-    skipped: bool
-    micro_counts: list[list[Tensor]]  # [micro][layer] (E,) counts
-    kept: list[Tensor]  # [layer] (E,) kept slots over the step
-    dropped: int
-    z: list[float]
-    expert_grad_norms: list[Tensor]
-    moe_stats: list[list[dict[str, Tensor]]] = field(default_factory=list)  # [micro][layer]
-    nonfinite: str = ""  # what was not finite when ``skipped``
-    train_eval_gap: float | None = None  # see TrainConfig.train_eval_gap
-
-    def step_counts(self) -> list[Tensor]:
-        """[layer] (E,) slots routed per expert, summed over the step's micro-batches."""
-        return [sum(mc[i] for mc in self.micro_counts) for i in range(len(self.kept))]
-
-
-def train_step(
-    model: MoELM, opt: torch.optim.Optimizer, micro: list, cfg: RunConfig, world: World, step: int
-) -> StepResult:
-    """Forward/backward over the micro-batches, clip, step; balance state updated after."""
-    n = len(micro)
-    loss_sum = aux_sum = 0.0
-    micro_counts, kept, dropped, z, stats, losses = [], None, 0, None, [], []
-    for mb in micro:
-        try:
-            with _autocast(cfg.train.dtype):
-                out = model(mb.tokens, mb.targets)
-        except NonFiniteRouterError as exc:
-            return _nonfinite(model, opt, cfg, step, str(exc))
-        ((out.loss + out.aux) / n).backward()
-        losses.append(float(out.loss.detach()))
-        loss_sum += losses[-1] / n
-        aux_sum += float(out.aux.detach()) / n
-        micro_counts.append([o.counts for o in out.moe])
-        stats.append([o.stats for o in out.moe])
-        k_now = [o.kept for o in out.moe]
-        kept = k_now if kept is None else [a + b for a, b in zip(kept, k_now, strict=True)]
-        dropped += sum(int(o.dropped) for o in out.moe)
-        z_now = [float(o.stats["z"]) / n for o in out.moe]
-        z = z_now if z is None else [a + b for a, b in zip(z, z_now, strict=True)]
-    gap = (
-        _train_eval_gap(model, micro[0], losses[0], cfg, world)
-        if cfg.train.train_eval_gap
-        else None
-    )
-    world.sync_grads(model)
-    egn = [_expert_grad_norm(layer) for layer in model.moe_layers]
-    gnorm = world.clip_grad_norm(model, cfg.train.grad_clip)
-    loss_sum = world.mean(loss_sum)
-    if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
-        return _nonfinite(
-            model, opt, cfg, step, f"non-finite loss ({loss_sum}) or gradient norm ({gnorm})"
-        )
-    for g in opt.param_groups:
-        g["lr"] = lr_at(step, cfg.train)
-    opt.step()
-    model.end_step(cfg.train.steps)
-    opt.zero_grad(set_to_none=True)
-    return StepResult(
-        loss_sum,
-        aux_sum,
-        gnorm,
-        False,
-        micro_counts,
-        kept or [],
-        dropped,
-        z or [],
-        egn,
-        stats,
-        train_eval_gap=gap,
-    )
-
-
-@torch.no_grad()
-def _train_eval_gap(model: MoELM, mb, train_loss: float, cfg: RunConfig, world: World) -> float:
-    """Inference-mode loss of micro-batch ``mb`` minus its training-mode loss (same weights),
-    averaged over ranks. The eval forward draws no random numbers and updates no state."""
-    model.eval()
-    try:
-        with _autocast(cfg.train.dtype):
-            out = model(mb.tokens, mb.targets)
-    finally:
-        model.train()
-    return world.mean(float(out.loss) - train_loss)
-
-
-def _nonfinite(model: MoELM, opt: torch.optim.Optimizer, cfg: RunConfig, step: int, what: str):
-    """``stop``: raise NonFiniteError naming ``what`` and the step. ``skip``: drop the step
-    (no optimizer step, gradients and balance accumulators cleared) and say so."""
-    if cfg.train.nonfinite == "stop":
-        raise NonFiniteError(
-            f"{what} at step {step + 1}; set train.nonfinite='skip' to skip such steps"
-        )
-    for layer in model.moe_layers:
-        layer.step_counts.zero_()
-    opt.zero_grad(set_to_none=True)
-    return StepResult(math.nan, math.nan, math.nan, True, [], [], 0, [], [], nonfinite=what)
-
-
-def _autocast(dtype: str):
-    if dtype == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _expert_grad_norm(layer) -> Tensor:
-    """(E,) gradient norm of each expert's weights (rarely chosen experts: noisy, seed 001)."""
-    g13, g2 = layer.experts.w13_ED2F.grad, layer.experts.w2_EFD.grad
-    if g13 is None or g2 is None:
-        return torch.zeros(layer.cfg.num_experts)
-    return (g13.pow(2).sum((1, 2)) + g2.pow(2).sum((1, 2))).sqrt()
 
 
 def _micro_batches(batch, cfg: RunConfig, world: World) -> list:
