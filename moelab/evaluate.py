@@ -14,7 +14,7 @@ from torch import Tensor
 from moelab import metrics
 from moelab.data import Corpus, val_batches
 from moelab.model import MoELM
-from moelab.world import World
+from moelab.world import LocalWorld, World
 
 
 @dataclass
@@ -75,7 +75,8 @@ def evaluate(
     layers = model.moe_layers
     E = layers[0].cfg.num_experts if layers else 1
     stats = EvalStats(len(layers), E, len(corpus.domains))
-    rank, size = (world.rank, world.world_size) if world else (0, 1)
+    world = world or LocalWorld()
+    rank, size = world.rank, world.world_size
     for d, name in enumerate(corpus.domains):
         batches = _capped(
             val_batches(corpus, batch_size=batch_size, seq_len=seq_len, domains=[name]), max_tokens
@@ -86,8 +87,7 @@ def evaluate(
                 _eval_batch(model, b.tokens, b.targets, d, stats)
             else:  # nothing left here: keep in step with the ranks' collectives
                 model(batches[i].tokens)
-    if world:
-        stats.reduce(world.sum_)
+    stats.reduce(world.sum_)
     model.train(was_training)
     return _summarise(stats, corpus)
 

@@ -31,11 +31,11 @@ class TrainConfig:
         step and the MoE layer) or ``skip`` (no update, balance accumulators reset, a
         ``skipped`` row logged, and go on).
     eval_max_tokens: validation tokens per domain per evaluation (0 = the whole split).
-    train_eval_gap: log ``train_eval_gap`` at each step: the loss of the step's first
+    train_eval_gap: log ``train_eval_gap`` on every logged step: the loss of the step's first
         micro-batch in inference mode (hard top-k without noise, masking or soft warm-up, the
         evaluation capacity) minus its loss in training mode, both before the update: the
         train/inference mismatch that soft warm-up, routing noise and capacity leave (seed
-        001). Costs one extra no-grad forward per step; does not change training.
+        001). Costs one extra no-grad forward per logged step; does not change training.
     """
 
     _prefix = "train"

@@ -56,9 +56,18 @@ class StepResult:
 
 
 def train_step(
-    model: MoELM, opt: torch.optim.Optimizer, micro: list, cfg: RunConfig, world: World, step: int
+    model: MoELM,
+    opt: torch.optim.Optimizer,
+    micro: list,
+    cfg: RunConfig,
+    world: World,
+    step: int,
+    *,
+    measure_gap: bool = False,
 ) -> StepResult:
-    """Forward/backward over the micro-batches, clip, step; balance state updated after."""
+    """Forward/backward over the micro-batches, clip, step; balance state updated after.
+    ``measure_gap``: also measure ``train_eval_gap`` (before the update; the trainer asks on
+    logged steps when ``train.train_eval_gap`` is on)."""
     n = len(micro)
     loss_sum = aux_sum = 0.0
     micro_counts, kept, dropped, z, stats, losses = [], None, 0, None, [], []
@@ -79,11 +88,7 @@ def train_step(
         dropped += sum(int(o.dropped) for o in out.moe)
         z_now = [float(o.stats["z"]) / n for o in out.moe]
         z = z_now if z is None else [a + b for a, b in zip(z, z_now, strict=True)]
-    gap = (
-        _train_eval_gap(model, micro[0], losses[0], cfg, world)
-        if cfg.train.train_eval_gap
-        else None
-    )
+    gap = _train_eval_gap(model, micro[0], losses[0], cfg, world) if measure_gap else None
     world.sync_grads(model)
     egn = [_expert_grad_norm(layer) for layer in model.moe_layers]
     gnorm = world.clip_grad_norm(model, cfg.train.grad_clip)

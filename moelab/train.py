@@ -238,14 +238,18 @@ def _loop(
         batcher.step = step + 1
         for hook in hooks:
             hook(step + 1, model)
-        r = train_step(model, opt, _micro_batches(batch, cfg, world), cfg, world, step)
         done = step + 1
+        logged = done % cfg.train.log_every == 0 or done == 1 or done == stop
+        gap = cfg.train.train_eval_gap and logged
+        r = train_step(
+            model, opt, _micro_batches(batch, cfg, world), cfg, world, step, measure_gap=gap
+        )
         if r.skipped:
             log.write({"step": done, "skipped": True, "nonfinite": r.nonfinite})
         else:
             for tr, c in zip(trackers, r.step_counts(), strict=True):
                 tr.update(c)
-        if not r.skipped and (done % cfg.train.log_every == 0 or done == 1 or done == stop):
+        if not r.skipped and logged:
             elapsed = time.perf_counter() - t0
             row = step_row(
                 done,
