@@ -54,12 +54,17 @@ def check_range(
 
 
 def _check_literals(obj: Any) -> None:
-    """Check every ``Literal``-typed field of a dataclass instance against its choices."""
+    """Check every ``Literal``-typed field of a dataclass instance against its choices, and
+    every ``bool`` field for a real bool (``5`` or ``"yes"`` is refused, not taken as true)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        hint = hints[f.name]
+        hint, value = hints[f.name], getattr(obj, f.name)
         if get_origin(hint) is Literal:
-            check_choice(_qualname(obj, f.name), getattr(obj, f.name), get_args(hint))
+            check_choice(_qualname(obj, f.name), value, get_args(hint))
+        elif hint is bool and not isinstance(value, bool):
+            raise ValueError(
+                f"{_qualname(obj, f.name)}={value!r} is not allowed; choose one of [true, false]"
+            )
 
 
 def _qualname(obj: Any, name: str) -> str:

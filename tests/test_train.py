@@ -120,6 +120,7 @@ def test_dense_twin_has_the_same_active_parameters(micro_cfg):
         ("train.lr=-1", "train.lr"),
         ("model.moe.balance.aux_scpe='global'", "did you mean 'model.moe.balance.aux_scope'"),
         ("data.batch_mode='random'", "data.batch_mode"),
+        ("train.train_eval_gap=5", "train.train_eval_gap=5 is not allowed"),
     ],
 )
 def test_bad_config_values_name_the_field(micro_cfg, override, message):
