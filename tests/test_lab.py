@@ -231,3 +231,36 @@ def test_rank_scaling_reads_maxvio_tails_against_the_computation_batch(tmp_path)
     assert res["aux"]["fall"] == pytest.approx(0.8)
     assert res["sizes"] == res["lf"]["sizes"] == [4 * 128, 2 * 4 * 128]
     assert res["reference"] == [sampling_maxvio(n, 16, 2) for n in res["sizes"]]
+
+
+def test_chunk_analysis_averages_over_seeds(monkeypatch):
+    """`chunks`: the curve is the mean over seeds of each seed's chunk curve, the spread their
+    standard deviation, `fall` = curve at the largest chunk / at a 16x smaller one, and the
+    reference is the sampling floor at the same chunk sizes."""
+    import types
+
+    import numpy as np
+    import torch
+
+    from moelab.lab import analysis
+
+    E, K, T = 8, 2, 4096
+    cfg = types.SimpleNamespace(model=types.SimpleNamespace(moe=types.SimpleNamespace(
+        num_experts=E, top_k=K)))  # fmt: skip
+    uniform = torch.arange(T * K).reshape(T, K) % E  # perfectly balanced: MaxVio 0
+    skewed = torch.randint(0, E, (T, K), generator=torch.Generator().manual_seed(1))
+    skewed[: T // 2] = 0  # first half all to expert 0
+    layers = {"s0": [(uniform, None)], "s1": [(skewed, None), (uniform, None)]}
+    routed = {d: (types.SimpleNamespace(cfg=cfg), torch.zeros(T), ls) for d, ls in layers.items()}
+    monkeypatch.setattr(analysis, "_routed", lambda d: routed[d])
+    exp = types.SimpleNamespace(options={})
+    res, figs = analysis.chunks(exp, {"v": ["s0", "s1"]})
+    sizes = [2**p for p in range(6, 12)]  # up to T // 2
+    want = np.array([analysis.chunk_curve(layers[d], E, sizes) for d in ("s0", "s1")])
+    assert res["sizes"] == sizes and "chunks" in figs
+    np.testing.assert_allclose(res["v"]["curve"], want.mean(0))
+    np.testing.assert_allclose(res["v"]["curve_std"], want.std(0))
+    assert want[0].max() == 0 and want[1].min() > 0  # the two seeds differ, so the mean matters
+    assert res["v"]["fall"] == pytest.approx(want.mean(0)[-1] / want.mean(0)[-5])
+    assert res["v"]["seeds"] == 2
+    assert res["reference"] == [analysis.sampling_maxvio(n, E, K) for n in sizes]
