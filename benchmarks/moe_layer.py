@@ -290,7 +290,9 @@ def interleaved(
 
 
 def quartiles(xs: list[float]) -> list[float]:
-    """[first quartile, median, third quartile] of per-round values."""
+    """[first quartile, median, third quartile] of per-round values (one round: it, thrice)."""
+    if len(xs) < 2:
+        return xs * 3
     q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
     return [q1, q2, q3]
 
@@ -386,14 +388,11 @@ def bench_config(name: str, rounds: int, impls: list[str]) -> dict:
     parts = interleaved(breakdown_fns(layer, x), rounds)
     cpu1 = one_thread_cpu({n: f for n, f in fns.items() if n != "hf_eager" or T <= 256}, 3)
     med = {n: statistics.median(t) for n, t in times.items()}
-    ratio = {
-        n: statistics.median(a / b for a, b in zip(t, times["dense"], strict=True))
-        for n, t in times.items()
-    }
     spread = {
         n: quartiles([a / b for a, b in zip(t, times["dense"], strict=True)])
         for n, t in times.items()
     }
+    ratio = {n: q[1] for n, q in spread.items()}  # median of the per-round ratios
     hf = {n: v for n, v in med.items() if n.startswith("hf_")}
     fastest_hf = min(hf, key=hf.get) if hf else None
     out = {
