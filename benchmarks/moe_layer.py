@@ -235,38 +235,43 @@ def matmul_floors(layer: moelab.MoELayer, x: torch.Tensor, w13, w2) -> dict[str,
 
 
 def check_hf(layer: moelab.MoELayer, x: torch.Tensor, impl: str) -> float:
-    """Max |moelab − transformers| of outputs and input gradients (asserts it is tiny)."""
+    """Max |moelab − transformers| of outputs, input gradients and down-projection gradients."""
     block = hf_block(layer, impl)
-    g = torch.randn_like(x)
-    xs = [x.detach().clone().requires_grad_() for _ in range(2)]
-    ours = layer(xs[0]).output
-    theirs = block(xs[1].unsqueeze(0)).squeeze(0)
-    (ours * g).sum().backward()
-    (theirs * g).sum().backward()
-    err = max(
-        (ours - theirs).abs().max().item(),
-        (xs[0].grad - xs[1].grad).abs().max().item(),
-        (layer.experts.w2_EFD.grad - block.experts.down_proj.grad.transpose(1, 2))
-        .abs()
-        .max()
-        .item(),
+
+    def w2_grad_err() -> float:
+        theirs = block.experts.down_proj.grad.transpose(1, 2)
+        return (layer.experts.w2_EFD.grad - theirs).abs().max().item()
+
+    return _check_same(
+        layer, x, f"hf_{impl}", lambda xi: block(xi.unsqueeze(0)).squeeze(0), w2_grad_err
     )
-    layer.zero_grad(set_to_none=True)
-    scale = ours.abs().max().item()
-    assert err <= 1e-4 * max(scale, 1.0), f"hf_{impl} differs from moelab by {err}"
-    return err
 
 
 def check_loop(layer: moelab.MoELayer, x: torch.Tensor) -> float:
-    """Max |moelab − loop| of outputs and input gradients (asserts it is tiny)."""
+    """Max |moelab − loop| of outputs and input gradients (the two share the weights)."""
+    return _check_same(layer, x, "loop", lambda xi: loop_forward(layer, xi))
+
+
+def _check_same(
+    layer: moelab.MoELayer,
+    x: torch.Tensor,
+    name: str,
+    other: Callable[[torch.Tensor], torch.Tensor],
+    extra: Callable[[], float] | None = None,
+) -> float:
+    """Max |moelab − other| of outputs and input gradients (and ``extra()``, read after both
+    backward passes); asserts it is within 1e-4 of the output's scale."""
     g = torch.randn_like(x)
     xs = [x.detach().clone().requires_grad_() for _ in range(2)]
-    ys = [layer(xs[0]).output, loop_forward(layer, xs[1])]
+    ys = [layer(xs[0]).output, other(xs[1])]
     for y in ys:
         (y * g).sum().backward()
-    err = max((ys[0] - ys[1]).abs().max().item(), (xs[0].grad - xs[1].grad).abs().max().item())
+    errs = [(ys[0] - ys[1]).abs().max().item(), (xs[0].grad - xs[1].grad).abs().max().item()]
+    if extra is not None:
+        errs.append(extra())
     layer.zero_grad(set_to_none=True)
-    assert err <= 1e-4 * max(ys[0].abs().max().item(), 1.0), f"loop differs from moelab by {err}"
+    err, scale = max(errs), ys[0].abs().max().item()
+    assert err <= 1e-4 * max(scale, 1.0), f"{name} differs from moelab by {err}"
     return err
 
 
