@@ -555,6 +555,8 @@ def main() -> None:
         "--memory-child", nargs=2, metavar=("CONFIG", "CANDIDATE"), help=argparse.SUPPRESS
     )
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child)))
         return
