@@ -10,7 +10,14 @@ import json
 import pytest
 
 from moelab.lab import add_lab_parser
-from moelab.lab.spec import VERDICTS, Check, decide, experiment_names, load_experiment
+from moelab.lab.spec import (
+    EXPERIMENTS,
+    VERDICTS,
+    Check,
+    decide,
+    experiment_names,
+    load_experiment,
+)
 
 REQUIRED = {"name", "claim", "verdict", "measured", "paper", "batch_tokens",
             "tokens_per_expert_per_step"}  # fmt: skip
@@ -46,25 +53,64 @@ def test_experiment_parses_and_variants_build(name):
 
 
 def test_verdict_rules_on_synthetic_numbers():
-    """All checks pass -> reproduced; some -> partial; none -> not_reproduced; missing = failed."""
+    """Key checks decide: all hold -> reproduced; some hold -> partial; one fails and none
+    holds -> not_reproduced; none decided -> inconclusive; a missing number is undecided;
+    sanity checks are shown but never counted."""
     checks = [
         Check("aux.maxvio_global", "<", "none.maxvio_global", factor=0.5),
         Check("none.val_loss", ">", "lf.val_loss"),
+        Check("none.val_loss", ">", 0.0, kind="sanity"),
     ]
 
     def nums(aux_mv, none_loss):
         return {
-            "aux": {"maxvio_global": {"mean": aux_mv, "std": 0.0}},
-            "none": {"maxvio_global": {"mean": 4.0}, "val_loss": {"mean": none_loss}},
-            "lf": {"val_loss": {"mean": 5.0}},
+            "aux": {"maxvio_global": {"mean": aux_mv, "values": [aux_mv - 0.1, aux_mv + 0.1]}},
+            "none": {
+                "maxvio_global": {"mean": 4.0, "values": [3.9, 4.1]},
+                "val_loss": {"mean": none_loss, "values": [none_loss - 0.01, none_loss + 0.01]},
+            },
+            "lf": {"val_loss": {"mean": 5.0, "values": [4.99, 5.01]}},
         }
 
     assert decide(checks, nums(0.3, 5.1))[0] == "reproduced"
     assert decide(checks, nums(3.0, 5.1))[0] == "partial"
     assert decide(checks, nums(3.0, 4.9))[0] == "not_reproduced"
+    assert decide(checks, nums(2.0, 5.0))[0] == "inconclusive"  # both within 2 SE
+    assert decide(checks, nums(0.3, 5.1), too_short="--quick")[0] == "inconclusive"
     verdict, rows = decide(checks, {"aux": {}})
-    assert verdict == "not_reproduced" and rows[0]["undecided"]
-    assert Check("a.x", "<", 1.0, offset=0.5).evaluate({"a": {"x": 1.2}})["passed"]
+    assert verdict == "inconclusive" and rows[0]["undecided"]
+    one_seed = {"a": {"x": {"mean": 1.2, "values": [1.2]}}}
+    row = Check("a.x", ">", 1.0).evaluate(one_seed)
+    assert row["outcome"] == "inconclusive", "one seed never decides a key check"
+    assert Check("a.x", ">", 1.0, kind="sanity").evaluate(one_seed)["outcome"] == "holds"
+
+
+def test_check_row_carries_the_noise_model():
+    """A decided check reports delta, se, ci95, mde and flip rate; a paper effect below the
+    MDE makes it 'beyond resolution' (inconclusive, the 2-SE answer kept as raw_outcome)."""
+    numbers = {
+        "a": {"val_loss": {"mean": 5.0, "values": [4.9, 5.0, 5.1]}},
+        "b": {"val_loss": {"mean": 5.5, "values": [5.4, 5.5, 5.6]}},
+    }
+    row = Check("a.val_loss", "<", "b.val_loss").evaluate(numbers)
+    assert row["outcome"] == "holds" and row["delta"] == pytest.approx(-0.5)
+    assert row["se"] == pytest.approx((0.01 / 3 + 0.01 / 3) ** 0.5)
+    lo, hi = row["ci95"]
+    assert lo < -0.5 < hi < 0 and row["mde"] == pytest.approx(2.8416 * row["se"], rel=1e-3)
+    assert row["flip_rate"] is not None and 0 <= row["flip_rate"] <= 1
+    tiny = Check("a.val_loss", "<", "b.val_loss", paper=-0.006).evaluate(numbers)
+    assert tiny["outcome"] == "inconclusive" and tiny["raw_outcome"] == "holds"
+    assert tiny["note"].startswith("beyond resolution")
+
+
+def test_checks_parse_kind_and_paper_fields(tmp_path):
+    """Experiment files may declare kind, paper, paired and revised on a check; an unknown
+    kind is refused naming the field."""
+    base = (EXPERIMENTS / "collapse.toml").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(base + '\n[[checks]]\nlhs = "none.val_loss"\nop = "<"\nrhs = 9\nkind = "x"\n')
+    with pytest.raises(ValueError, match="kind"):
+        load_experiment(bad)
 
 
 def test_lab_run_quick_end_to_end(tmp_path, monkeypatch, capsys):
@@ -86,14 +132,22 @@ def test_lab_run_quick_end_to_end(tmp_path, monkeypatch, capsys):
     assert res["verdict"] in VERDICTS
     assert res["tokens_per_expert_per_step"] == 4 * 32 * 2 / 16
     assert (out / "curves.png").exists()
-    assert res["stale_runs"] == []
-    # the same runs seen by other code: still used, but flagged
-    monkeypatch.setattr(runner, "code_hash", lambda: "other")
+    assert res["stale_runs"] == [] and res["verdict"] == "inconclusive"  # --quick: too short
+    assert all(c["outcome"] == "inconclusive" for c in res["checks"] if c["kind"] == "key")
+    # the same runs seen by code that computes other numbers: never used for a verdict
+    from moelab.lab import fingerprint
+
+    other = dict(fingerprint.current(), digest="other")
+    monkeypatch.setattr(fingerprint, "current", lambda: other)
     args = _parse(["lab", "run", "collapse", "--quick", "--out", str(out), "--cached-only"])
     assert args.func(args) == 0
     res = json.loads((out / "result.json").read_text())
-    assert res["stale_runs"] == ["none seed 0", "aux seed 0"]
-    assert "trained by other moelab code" in capsys.readouterr().out
+    assert res["stale_runs"] == ["none seed 0", "aux seed 0"] and res["variants_run"] == []
+    # without --cached-only they are retrained, the old folders kept aside
+    args = _parse(["lab", "run", "collapse", "--quick", "--out", str(out)])
+    assert args.func(args) == 0
+    assert "other numerics fingerprint" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("*.stale-*"))) == 2
 
 
 def test_lookup_handles_dotted_variant_names():

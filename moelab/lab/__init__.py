@@ -28,16 +28,24 @@ def run_experiment(
     seeds: int | None = None,
     variants: list[str] | None = None,
     cached_only: bool = False,
+    decisive: bool = False,
 ) -> dict[str, Any]:
     """Train all variants (× seeds), analyse, decide the verdict, write result.json + PNGs."""
     from moelab.lab import plots
 
     t0 = time.time()
-    n_seeds = seeds or (1 if quick else exp.seeds)
+    n_seeds = seeds or default_seeds(exp, quick, decisive)
     names = variants or exp.variant_names(quick)
-    runs, table, setup, stale = _train_variants(exp, names, quick, n_seeds, cached_only)
+    runs, table, setup, stale = _train_variants(exp, names, quick, n_seeds, cached_only, decisive)
     extra, figs = _analyse(exp, runs, table)
-    verdict, checks = decide(exp.checks, {**table, "analysis": extra})
+    too_short = size_shortfall(exp, setup, quick)
+    verdict, checks = decide(
+        exp.checks,
+        {**table, "analysis": extra},
+        paired=bool(exp.options.get("paired", False)),
+        too_short=too_short,
+        noise_mde=noise_mde_for(setup),
+    )
     result = {
         "name": exp.name,
         "number": exp.number,
@@ -46,6 +54,8 @@ def run_experiment(
         "verdict": verdict,
         "checks": checks,
         "quick": quick,
+        "decisive": decisive,
+        "too_short": too_short,
         "seeds": n_seeds,
         "variants_run": list(runs),
         "missing_variants": [v for v in names if v not in runs],
@@ -67,8 +77,56 @@ def run_experiment(
     return result
 
 
+def size_shortfall(exp: Experiment, setup: dict[str, Any], quick: bool) -> str:
+    """Why these runs are too short for a verdict ("" when every variant trained at least the
+    experiment's decisive steps and tokens)."""
+    if quick:
+        return "--quick"
+    if exp.decisive is None:
+        return "the experiment declares no [decisive] size"
+    short = []
+    for name, s in setup.items():
+        need = _setup(exp.run_config(name, decisive=True), exp.nproc(name))
+        if s["steps"] < need["steps"] or s["train_tokens"] < need["train_tokens"]:
+            short.append(f"{name} {s['steps']} steps < {need['steps']}")
+    return "; ".join(short)
+
+
+def noise_mde_for(setup: dict[str, Any], path: Path = Path("results/noise/result.json")):
+    """``noise_mde(check, n)``: the MDE of a check on ``VARIANT.METRIC`` at n seeds per arm from
+    the noise experiment's pooled seed SD of METRIC at the variant's step count (None when the
+    noise experiment has not measured that metric at that length)."""
+    from moelab.lab.stats import mde_from_sd
+
+    try:
+        sd = json.loads(path.read_text())["analysis"]["sd"]
+    except (OSError, ValueError, KeyError):
+        sd = {}
+
+    def noise_mde(check, n: int) -> float | None:
+        variant, _, metric = check.lhs.partition(".")
+        steps = setup.get(variant, {}).get("steps")
+        value = sd.get(metric, {}).get(str(steps))
+        return None if value is None else mde_from_sd(value, n, factor=check.factor)
+
+    return noise_mde
+
+
+def default_seeds(exp: Experiment, quick: bool, decisive: bool) -> int:
+    """Seeds per variant when ``--seeds`` is not given: 1 quick, the decisive table's at the
+    decisive size, else the file's ``seeds``."""
+    if quick:
+        return 1
+    return exp.decisive.seeds if decisive and exp.decisive else exp.seeds
+
+
 def _train_variants(
-    exp: Experiment, names: list[str], quick: bool, n_seeds: int, cached_only: bool
+    exp: Experiment,
+    names: list[str],
+    quick: bool,
+    n_seeds: int,
+    cached_only: bool,
+    decisive: bool = False,
 ):
     """Train (or find cached) every variant × seed; returns run folders, numbers, setups and
     the runs whose cached folder was trained by other moelab code."""
@@ -79,19 +137,20 @@ def _train_variants(
     runs: dict[str, list[Path]] = {}
     table: dict[str, Any] = {}
     setup: dict[str, Any] = {}
-    stale: list[str] = []  # runs trained by other moelab code
+    stale: list[str] = []  # cached runs whose numerics fingerprint differs from today's
     for name in names:
         if name not in exp.variants:
             raise ValueError(f"{exp.name}: no variant {name!r}; variants: {list(exp.variants)}")
         dirs, nums = [], []
         for seed in range(n_seeds):
-            cfg, nproc = exp.run_config(name, quick=quick, seed=seed), exp.nproc(name)
+            cfg = exp.run_config(name, quick=quick, seed=seed, decisive=decisive)
+            nproc = exp.nproc(name)
+            if runner.has_stale(cfg, snapshots, nproc=nproc):
+                stale.append(f"{name} seed {seed}")  # retrained (or skipped: --cached-only)
             if cached_only and not runner.is_cached(cfg, snapshots, nproc=nproc):
                 continue
             print(f"[lab] {exp.name}: {name} seed {seed}", flush=True)
             dirs.append(runner.train_cached(cfg, snapshots=snapshots, nproc=nproc))
-            if runner.is_stale(dirs[-1]):
-                stale.append(f"{name} seed {seed}")
             nums.append(runner.collect(dirs[-1]))
         if dirs:
             runs[name], table[name] = dirs, runner.aggregate(nums)
@@ -102,12 +161,13 @@ def _train_variants(
 def _analyse(exp: Experiment, runs: dict[str, list[Path]], table: dict[str, Any]):
     """The experiment's analysis kind + extra evaluations + the common figures."""
     from moelab.lab import analysis, plots, runner
+    from moelab.lab.stats import summarize
 
     kind = analysis.KINDS[exp.analysis]
     try:
         extra, figs = kind(exp, runs) if kind else ({}, {})
         for name, vals in analysis.extra_evals(exp, runs).items():
-            table[name].update({k: {"mean": v, "std": 0.0, "n": 1} for k, v in vals.items()})
+            table[name].update({k: summarize(v) for k, v in vals.items()})
     except Exception as exc:  # keep the trained numbers; the error is reported in result.json
         print(f"[lab] {exp.name}: analysis failed: {exc!r}", flush=True)
         extra, figs = {"error": repr(exc)}, {}
@@ -139,6 +199,13 @@ def _setup(cfg, nproc: int = 1) -> dict[str, Any]:
     }
 
 
+def default_out(exp: Experiment, quick: bool, decisive: bool) -> str:
+    """results/NAME at the decisive size (the committed verdicts), results/NAME-quick for
+    --quick, results/NAME-short for any other size, so that a short run never overwrites a
+    decisive result."""
+    return f"results/{exp.name}" + ("-quick" if quick else "" if decisive else "-short")
+
+
 def _first(setup: dict[str, Any], key: str) -> Any:
     return next(iter(setup.values()))[key] if setup else None
 
@@ -155,7 +222,12 @@ def _variants(exp: Experiment, choice: str | None, quick: bool) -> list[str]:
 
 
 def pretrain(
-    jobs: list[tuple[Experiment, list[str]]], *, quick: bool, seeds: int | None, workers: int
+    jobs: list[tuple[Experiment, list[str]]],
+    *,
+    quick: bool,
+    seeds: int | None,
+    workers: int,
+    decisive: bool = False,
 ) -> None:
     """Train the distinct runs of several experiments in parallel processes (cache warm-up)."""
     from concurrent.futures import ProcessPoolExecutor
@@ -163,7 +235,7 @@ def pretrain(
     from moelab.lab import runner
 
     def n_seeds(exp: Experiment) -> int:
-        return seeds or (1 if quick else exp.seeds)
+        return seeds or default_seeds(exp, quick, decisive)
 
     todo = {}  # seed-major: an interrupted pretrain still has every variant's first seed
     for seed in range(max(n_seeds(exp) for exp, _ in jobs)):
@@ -173,7 +245,8 @@ def pretrain(
             if seed >= n_seeds(exp):
                 continue
             for v in variants:
-                cfg, nproc = exp.run_config(v, quick=quick, seed=seed), exp.nproc(v)
+                cfg = exp.run_config(v, quick=quick, seed=seed, decisive=decisive)
+                nproc = exp.nproc(v)
                 todo.setdefault(runner.run_key(cfg, snaps, nproc), (cfg, snaps, nproc))
     with ProcessPoolExecutor(workers) as pool:
         futs = [
@@ -209,11 +282,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ValueError("--out needs a single experiment name")
     jobs = [(e, _variants(e, args.variants, args.quick)) for e in exps]
     if args.jobs > 1 or args.pretrain_only:
-        pretrain(jobs, quick=args.quick, seeds=args.seeds, workers=args.jobs)
+        pretrain(
+            jobs, quick=args.quick, seeds=args.seeds, workers=args.jobs, decisive=args.decisive
+        )
     if args.pretrain_only:
         return 0
     for exp, variants in jobs:
-        out = Path(args.out or f"results/{exp.name}" + ("-quick" if args.quick else ""))
+        out = Path(args.out or default_out(exp, args.quick, args.decisive))
         res = run_experiment(
             exp,
             out,
@@ -221,6 +296,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             seeds=args.seeds,
             variants=variants,
             cached_only=args.cached_only,
+            decisive=args.decisive,
         )
         print(f"{exp.name}: {res['verdict']} ({res['wall_seconds']} s) -> {out / 'result.json'}")
         for c in res["checks"]:
@@ -253,6 +329,12 @@ def add_lab_parser(subparsers) -> None:
         "--jobs", type=int, default=1, help="train the runs in this many parallel processes"
     )
     r.add_argument("--quick", action="store_true", help="CI-sized smoke version (~1 min)")
+    r.add_argument(
+        "--decisive",
+        action="store_true",
+        help="train at the experiment's [decisive] size, where its claim can show (the only "
+        "size whose checks decide a verdict; -> results/NAME)",
+    )
     r.add_argument(
         "--seeds", type=int, default=None, help="seeds per variant (default: the file's)"
     )

@@ -69,7 +69,9 @@ def chunks(exp, runs: Runs) -> tuple[dict, dict]:
             "curve_std": c_SN.std(0).tolist(),
             "fall": float(curve[-1] / max(curve[-5], 1e-9)),
             "fall_std": float(fall_S.std()),
+            "fall_values": fall_S.tolist(),
             "at_max": float(curve[-1]),
+            "at_max_values": c_SN[:, -1].tolist(),
             "at_max_std": float(c_SN[:, -1].std()),
             "seeds": len(dirs),
         }
@@ -316,12 +318,41 @@ def extra_evals(exp, runs: Runs) -> dict[str, Any]:
                     max_tokens=cfg.train.eval_max_tokens,
                 )
                 vals.append(ev["val_loss"])
-            res.setdefault(name, {})[f"val_loss_{label}"] = float(np.mean(vals))
+            res.setdefault(name, {})[f"val_loss_{label}"] = vals  # per seed
     return res
+
+
+NOISE_METRICS = ("val_loss", "maxvio_global", "maxvio_batch_tail", "dead_val")
+
+
+def noise(exp, runs: Runs) -> tuple[dict, dict]:
+    """The lab's noise model (issue 15 §2): per arm and run length the sample SD over seeds of
+    each metric in ``NOISE_METRICS``, the SD pooled over arms (root mean square; ``sd[metric]
+    [steps]``, what other experiments' MDE reads) and the MDE of a two-arm difference at 3 and
+    8 seeds per arm."""
+    from moelab.lab.stats import mde_from_sd
+
+    per_arm: dict[str, Any] = {}
+    by_len: dict[str, dict[str, list[float]]] = {}
+    for name, dirs in runs.items():
+        nums = [collect(d) for d in dirs]
+        steps = str(nums[0]["steps"])
+        per_arm[name] = {"steps": int(steps), "seeds": len(dirs)}
+        for m in NOISE_METRICS:
+            vals = [float(x[m]) for x in nums if isinstance(x.get(m), (int, float))]
+            if len(vals) > 1:
+                per_arm[name][m] = float(np.std(vals, ddof=1))
+                by_len.setdefault(m, {}).setdefault(steps, []).append(per_arm[name][m])
+    sd = {m: {L: float(np.sqrt(np.mean(np.square(v)))) for L, v in d.items()}
+          for m, d in by_len.items()}  # fmt: skip
+    mde = {m: {L: {n: mde_from_sd(v, n) for n in (3, 8)} for L, v in d.items()}
+           for m, d in sd.items()}  # fmt: skip
+    return {"sd": sd, "per_arm": per_arm, "mde": mde}, {"noise": plots.noise_plot(runs)}
 
 
 KINDS = {
     "balance": None,
+    "noise": noise,
     "chunks": chunks,
     "scope": scope,
     "batch_size": batch_size,

@@ -37,7 +37,8 @@ def pareto(table: dict[str, dict[str, Any]]) -> Figure:
         if "maxvio_global" not in m or "val_loss" not in m:
             continue
         x, y = m["maxvio_global"], m["val_loss"]
-        ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o", capsize=3)
+        xerr, yerr = x.get("std") or 0.0, y.get("std") or 0.0  # None at one seed
+        ax.errorbar(x["mean"], y["mean"], xerr=xerr, yerr=yerr, fmt="o", capsize=3)
         ax.annotate(
             name, (x["mean"], y["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
         )
@@ -142,3 +143,21 @@ def leakage_plot(res: dict[str, Any]) -> Figure:
 def save(fig: Figure, path) -> None:
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def noise_plot(runs: dict[str, list]) -> Figure:
+    """Per-seed values of val loss and MaxVio_global of every arm (one dot per seed)."""
+    from moelab.lab.runner import collect
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = list(runs)
+    for i, name in enumerate(names):
+        nums = [collect(d) for d in runs[name]]
+        for ax, key in zip(axes, ("val_loss", "maxvio_global"), strict=True):
+            vals = [x[key] for x in nums if isinstance(x.get(key), (int, float))]
+            ax.plot([i] * len(vals), vals, "o", alpha=0.6)
+    for ax, t in zip(axes, ("val loss per seed", "MaxVio_global per seed"), strict=True):
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
+        ax.set_title(t)
+    fig.tight_layout()
+    return fig

@@ -4,9 +4,9 @@ Runs are cached by the hash of their resolved config under ``runs/lab/cache/`` s
 variant shared by several experiments (e.g. the loss-free model of experiments 1, 3 and 4)
 trains once. ``snapshots=N`` trains in N segments (``max_steps`` + ``resume``) and routes a
 fixed validation stream after each, for routing fluctuation and saturation. Each run folder
-records the hash of the moelab sources that trained it (``code.txt``); a cached run from other
-code is still used, but flagged (a warning, and ``stale_runs`` in the experiment's result):
-delete its folder to retrain it.
+records the numerics fingerprint of the code that trained it (``fingerprint.json``, see
+``moelab.lab.fingerprint``) and the hash of its sources (``code.txt``, for the record); a cached
+run whose fingerprint differs from today's code is moved aside and retrained.
 
 Legend: B sequences, L sequence length, T tokens, K slots per token, E experts.
 """
@@ -19,6 +19,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch import Tensor
 from moelab import metrics
 from moelab.config import to_dict
 from moelab.inspect import load_trained
+from moelab.lab import fingerprint, stats
 from moelab.logs import read_rows
 from moelab.train import RunConfig, build_config, train
 
@@ -58,33 +60,48 @@ def code_hash() -> str:
 
 
 def is_stale(out: Path) -> bool:
-    """Whether the run in ``out`` was trained by other (or unrecorded) moelab code."""
-    f = out / "code.txt"
-    return not f.exists() or f.read_text().strip() != code_hash()
+    """Whether the run in ``out`` was trained by code whose numerics fingerprint differs from
+    today's (or is unrecorded): such a run is retrained, never used for a verdict."""
+    return not fingerprint.matches(fingerprint.read(out), fingerprint.current())
 
 
 def is_cached(
     cfg: RunConfig, snapshots: int = 0, cache: Path | None = None, nproc: int = 1
 ) -> bool:
+    """A finished run of ``cfg`` exists and was trained by code that computes today's numbers."""
     out = (cache or CACHE) / run_key(cfg, snapshots, nproc)
-    return (out / "summary.json").exists() and (not snapshots or (out / "snapshots.pt").exists())
+    done = (out / "summary.json").exists() and (not snapshots or (out / "snapshots.pt").exists())
+    return done and not is_stale(out)
+
+
+def has_stale(
+    cfg: RunConfig, snapshots: int = 0, cache: Path | None = None, nproc: int = 1
+) -> bool:
+    """A finished run of ``cfg`` exists but was trained by code with another fingerprint."""
+    out = (cache or CACHE) / run_key(cfg, snapshots, nproc)
+    return (out / "summary.json").exists() and is_stale(out)
 
 
 def train_cached(
     cfg: RunConfig, *, snapshots: int = 0, cache: Path | None = None, nproc: int = 1
 ) -> Path:
-    """Train ``cfg`` unless an identical finished run exists; returns the run folder.
+    """Train ``cfg`` unless an identical finished run with today's fingerprint exists; returns
+    the run folder. A folder from code with another fingerprint is moved aside and retrained.
 
     ``nproc`` > 1 trains under torchrun with that many processes (``parallel`` decides the
     layout, e.g. ``parallel.batch = "per_rank"``: more ranks, larger computation batch)."""
     cache = cache or CACHE  # read at call time so that tests can point it elsewhere
     out = cache / run_key(cfg, snapshots, nproc)
     if is_cached(cfg, snapshots, cache, nproc):
-        if is_stale(out):
-            print(f"[lab] warning: {out} was trained by other moelab code; delete it to retrain")
         return out
+    if out.exists():
+        old = out.with_name(out.name + f".stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        print(f"[lab] {out}: other numerics fingerprint or unfinished; kept as {old.name}")
+        out.rename(old)
+    fp = fingerprint.current()  # before training: the code that trains is today's code
     _train(cfg, out, snapshots, nproc)
     (out / "code.txt").write_text(code_hash() + "\n")
+    fingerprint.write(out, fp)
     return out
 
 
@@ -266,12 +283,12 @@ def _last(rows: list[dict], key: str) -> int | None:
 
 
 def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean ± std over seeds of every numeric key (std 0 for one seed)."""
+    """Every numeric key over seeds: ``mean``, sample ``std`` (ddof=1), ``n`` and the per-seed
+    ``values`` in seed order (``moelab.lab.stats.summarize``)."""
     out: dict[str, Any] = {}
     for key in per_seed[0]:
-        vals = [s.get(key) for s in per_seed if isinstance(s.get(key), (int, float))]
-        if not vals:
-            continue
-        arr = np.asarray(vals, dtype=np.float64)
-        out[key] = {"mean": float(arr.mean()), "std": float(arr.std()), "n": len(vals)}
+        vals = [s.get(key) for s in per_seed]
+        vals = [v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if vals:
+            out[key] = stats.summarize(vals)
     return out

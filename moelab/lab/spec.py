@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from moelab.config import load_toml
+from moelab.lab import stats
 from moelab.train import RunConfig, build_config, load_config_dict
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-VERDICTS = ("reproduced", "partial", "not_reproduced")
-Analysis = Literal["balance", "chunks", "scope", "batch_size", "leakage", "fluctuation"]
+VERDICTS = ("reproduced", "partial", "not_reproduced", "inconclusive")
+Analysis = Literal["balance", "chunks", "scope", "batch_size", "leakage", "fluctuation", "noise"]
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 
@@ -27,8 +29,17 @@ _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge
 class Check:
     """``lhs op factor·rhs + offset``; sides are metric paths like ``aux.maxvio_global``.
 
-    ``rhs`` may be a number. A path names ``VARIANT.METRIC`` in the measured table (means over
-    seeds) or any dotted key of the analysis output.
+    ``rhs`` may be a number. A path names ``VARIANT.METRIC`` in the measured table or any dotted
+    key of the analysis output; per-seed values (``values``, or an ``X_values`` sibling of an
+    analysis number ``X``) give the check its noise model (``moelab.lab.stats``).
+
+    ``kind``: ``key`` checks decide the verdict; ``sanity`` checks hold for any model by
+    construction (a sampling law, a monotone knob, the quantity a loss minimises) and are shown,
+    never counted. ``paper``: the paper's effect in the units of the margin (lhs − rhs), shown
+    beside the MDE; a key check whose paper effect is below the MDE is "beyond resolution".
+    ``paired``: compare per seed (arms that share initialisation and data order); None takes
+    the experiment's ``paired`` setting. ``revised``: "DATE: reason" when the check was changed
+    after results existed.
     """
 
     lhs: str
@@ -37,21 +48,87 @@ class Check:
     factor: float = 1.0
     offset: float = 0.0
     why: str = ""
+    kind: Literal["key", "sanity"] = "key"
+    paper: float | None = None
+    paired: bool | None = None
+    revised: str = ""
 
-    def evaluate(self, numbers: dict[str, Any]) -> dict[str, Any]:
-        """Result row: the values on both sides and whether the check passed."""
+    def evaluate(
+        self,
+        numbers: dict[str, Any],
+        *,
+        paired: bool = False,
+        too_short: str = "",
+        noise_mde: Callable[[Check, int], float | None] | None = None,
+    ) -> dict[str, Any]:
+        """Result row: both sides, the margin with its SE / 95 % CI / MDE / flip rate, and the
+        outcome (``holds`` / ``fails`` / ``inconclusive``). ``too_short`` (a reason) makes a key
+        check inconclusive; ``noise_mde(check, n)`` gives the noise experiment's MDE."""
         a = lookup(numbers, self.lhs)
         b = self.rhs if isinstance(self.rhs, (int, float)) else lookup(numbers, self.rhs)
         bound = None if b is None else self.factor * b + self.offset
-        ok = a is not None and bound is not None and _OPS[self.op](a, bound)
-        row = {"check": self.text(), "lhs": a, "bound": bound, "passed": bool(ok), "why": self.why}
-        if a is None or bound is None:
-            row["undecided"] = True  # a number is missing: counted as not passed
+        row: dict[str, Any] = {"check": self.text(), "kind": self.kind, "lhs": a, "bound": bound}
+        row |= {"why": self.why, "paper": self.paper, "revised": self.revised}
+        if a is None or bound is None:  # a number is missing: its runs were not trained
+            return row | _undecided("a number is missing (variant not trained?)")
+        row |= self._compare(numbers, b, self.paired if self.paired is not None else paired)
+        if self.kind == "sanity":
+            row["outcome"] = stats.plain_outcome(a - bound, self.op)
+        else:
+            row |= self._resolution(row, noise_mde, too_short)
+        row["passed"] = row["outcome"] == "holds"
         return row
+
+    def _compare(self, numbers: dict[str, Any], b: float, paired: bool) -> dict[str, Any]:
+        a_S = lookup_values(numbers, self.lhs) or [lookup(numbers, self.lhs)]
+        b_S = None if isinstance(self.rhs, (int, float)) else lookup_values(numbers, self.rhs)
+        kw = dict(op=self.op, factor=self.factor, offset=self.offset, paired=paired, b_const=b)
+        cmp = stats.compare(a_S, b_S, **kw)
+        return cmp.to_dict() | {
+            "n": [len(a_S), len(b_S) if b_S is not None else None],
+            "flip_rate": stats.flip_rate(a_S, b_S, **kw),
+        }
+
+    def _resolution(self, row: dict[str, Any], noise_mde, too_short: str) -> dict[str, Any]:
+        """Outcome of a key check: the 2-SE rule, then inconclusive when the runs are too short
+        or the paper's effect is below the MDE (``raw_outcome`` keeps the rule's answer)."""
+        out = {"raw_outcome": row["outcome"], "mde_source": "own seeds"}
+        n = min(x for x in row["n"] if x is not None)
+        planned = noise_mde(self, n) if noise_mde else None
+        if planned is not None:
+            out |= {"mde": planned, "mde_own": row["mde"], "mde_source": "noise experiment"}
+        mde = out.get("mde", row["mde"])
+        if too_short:
+            out |= {"outcome": "inconclusive", "note": f"too short: {too_short}"}
+        elif self.paper is not None and mde is not None and abs(self.paper) < mde:
+            note = f"beyond resolution: paper Δ {self.paper:.3g}, MDE {mde:.3g}"
+            out |= {"outcome": "inconclusive", "note": note}
+        elif n < 2:
+            out["note"] = "one seed never decides a key check"
+        return out
 
     def text(self) -> str:
         rhs = f"{self.factor:g}×{self.rhs}" if self.factor != 1 else str(self.rhs)
         return f"{self.lhs} {self.op} {rhs}" + (f" + {self.offset:g}" if self.offset else "")
+
+
+def _undecided(note: str) -> dict[str, Any]:
+    return {"outcome": "inconclusive", "passed": False, "undecided": True, "note": note}
+
+
+@dataclass(frozen=True)
+class Decisive:
+    """The run size at which the experiment's claim can show (``[decisive]`` table).
+
+    ``overrides`` are added to every run at that size (``lab run --decisive``); ``seeds`` is its
+    default seed count; ``why`` says what sets the size. Verdicts come only from runs at least
+    this long (steps and training tokens of the decisive config); shorter runs report
+    ``inconclusive`` (too short).
+    """
+
+    overrides: list[str]
+    seeds: int = 3
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,17 +148,27 @@ class Experiment:
     quick_variants: list[str] = field(default_factory=list)
     seeds: int = 1
     checks: list[Check] = field(default_factory=list)
+    decisive: Decisive | None = None
     options: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
-    def overrides(self, variant: str, *, quick: bool, seed: int) -> list[str]:
-        """The override list of one run: common, variant, quick shrink, seed."""
-        extra = self.quick if quick else []
+    def overrides(
+        self, variant: str, *, quick: bool, seed: int, decisive: bool = False
+    ) -> list[str]:
+        """The override list of one run: common, variant, quick shrink or decisive size, seed."""
+        if quick and decisive:
+            raise ValueError("--quick and --decisive exclude each other")
+        if decisive and self.decisive is None:
+            raise ValueError(f"{self.name}: the experiment declares no [decisive] size")
+        extra = self.quick if quick else self.decisive.overrides if decisive else []
         return [*self.common, *self.variants[variant], *extra, f"train.seed={seed}"]
 
-    def run_config(self, variant: str, *, quick: bool = False, seed: int = 0) -> RunConfig:
+    def run_config(
+        self, variant: str, *, quick: bool = False, seed: int = 0, decisive: bool = False
+    ) -> RunConfig:
         return build_config(
-            load_config_dict(self.base), self.overrides(variant, quick=quick, seed=seed)
+            load_config_dict(self.base),
+            self.overrides(variant, quick=quick, seed=seed, decisive=decisive),
         )
 
     def nproc(self, variant: str) -> int:
@@ -101,17 +188,21 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
         raise ValueError(f"no experiment {str(name_or_path)!r}; available: {experiment_names()}")
     d = load_toml(path)
     checks = [Check(**c) for c in d.pop("checks", [])]
+    decisive = Decisive(**d.pop("decisive")) if "decisive" in d else None
     for c in checks:
         if c.op not in _OPS:
             raise ValueError(f"{path.name}: check op {c.op!r} not in {sorted(_OPS)}")
-    known = {f for f in Experiment.__dataclass_fields__ if f not in ("checks", "path", "options")}
+        if c.kind not in ("key", "sanity"):
+            raise ValueError(f"{path.name}: check kind {c.kind!r} not in ['key', 'sanity']")
+    fixed = ("checks", "path", "options", "decisive")
+    known = {f for f in Experiment.__dataclass_fields__ if f not in fixed}
     opts = {k: d.pop(k) for k in list(d) if k not in known}
     d.setdefault("name", path.stem)
     required = ["number", "title", "claim", "paper", "base", "analysis", "variants"]
     missing = [k for k in required if k not in d]
     if missing:
         raise ValueError(f"{path.name}: missing {missing} (an experiment needs {required})")
-    exp = Experiment(**d, checks=checks, options=opts, path=path)
+    exp = Experiment(**d, checks=checks, decisive=decisive, options=opts, path=path)
     unknown = [v for v in exp.quick_variants if v not in exp.variants]
     if unknown:
         raise ValueError(f"{path.name}: quick_variants {unknown} are not variants")
@@ -140,6 +231,19 @@ def lookup(numbers: dict[str, Any], path: str) -> float | None:
     return float(node) if ok else None
 
 
+def lookup_values(numbers: dict[str, Any], path: str) -> list[float] | None:
+    """Per-seed values behind a path: a node's ``values``, or the analysis sibling ``X_values``
+    of ``X``; None when there are none."""
+    node = _walk(numbers, path.split("."))
+    vals = node.get("values") if isinstance(node, dict) else None
+    if vals is None and not isinstance(node, dict):
+        vals = _walk(numbers, [*path.split(".")[:-1], path.split(".")[-1] + "_values"])
+    if not isinstance(vals, list) or not vals:
+        return None
+    ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals)
+    return [float(v) for v in vals] if ok else None
+
+
 def _walk(node: Any, parts: list[str]) -> Any:
     if not parts:
         return node
@@ -154,10 +258,27 @@ def _walk(node: Any, parts: list[str]) -> Any:
     return None
 
 
-def decide(checks: list[Check], numbers: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
-    """Apply the checks: all pass -> reproduced, some -> partial, none -> not_reproduced."""
-    rows = [c.evaluate(numbers) for c in checks]
-    passed = sum(r["passed"] for r in rows)
-    if rows and passed == len(rows):
-        return "reproduced", rows
-    return ("partial" if passed else "not_reproduced"), rows
+def decide(
+    checks: list[Check],
+    numbers: dict[str, Any],
+    *,
+    paired: bool = False,
+    too_short: str = "",
+    noise_mde: Callable[[Check, int], float | None] | None = None,
+) -> tuple[str, list[dict[str, Any]]]:
+    """Apply the checks; the verdict reads the key checks only: all hold -> ``reproduced``;
+    at least one holds and one fails or is inconclusive -> ``partial``; at least one fails and
+    none holds -> ``not_reproduced``; none decided -> ``inconclusive``."""
+    kw = dict(paired=paired, too_short=too_short, noise_mde=noise_mde)
+    rows = [c.evaluate(numbers, **kw) for c in checks]
+    return verdict([r["outcome"] for r in rows if r["kind"] == "key"]), rows
+
+
+def verdict(outcomes: list[str]) -> str:
+    """The verdict over the key checks' outcomes (see :func:`decide`)."""
+    holds, fails = outcomes.count("holds"), outcomes.count("fails")
+    if holds and holds == len(outcomes):
+        return "reproduced"
+    if holds:
+        return "partial"
+    return "not_reproduced" if fails else "inconclusive"

@@ -1,0 +1,131 @@
+"""Numerics fingerprint: what today's training code computes on one fixed micro run.
+
+A lab run is valid for a verdict only if the code that trained it computes the same numbers
+as today's code (issue 15 §1). The source hash (``runner.code_hash``) changes with every
+refactor, so it cannot tell a harmless edit from a changed formula; the fingerprint can. It
+trains a 12-step micro run in which every piece of balancing state is live (loss-free bias,
+global-scope aux over 2 micro-batches, router jitter, z-loss) on one intra-op thread, and
+records its per-step losses and final per-layer validation counts. Each lab run folder stores
+the fingerprint of the code that trained it (``fingerprint.json``); the runner retrains a run
+whose fingerprint differs from today's.
+
+Two fingerprints match when they come from the same platform (torch version, CPU kernels,
+machine) and are equal, or from different platforms and agree to rtol 1e-5 (as the golden
+test): kernels differ across CPUs in the last bits, not in what they compute.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moelab.logs import read_rows
+
+# Fixed forever (changing it invalidates every cached lab run): the micro model of
+# tests/fixtures/micro.toml with every balancing mechanism switched on.
+MICRO: dict[str, Any] = {
+    "model": {
+        "d_model": 32,
+        "n_layers": 2,
+        "n_heads": 2,
+        "max_seq_len": 64,
+        "moe": {"num_experts": 4, "top_k": 2, "d_expert": 32},
+    },
+    "data": {
+        "seq_len": 32,
+        "vocab_size": 512,
+        "max_chars_per_domain": 60000,
+        "domains": ["literary_kjv", "technical_python_docs"],
+    },
+    "train": {
+        "steps": 12,
+        "batch_size": 8,
+        "lr": 1e-2,
+        "warmup_steps": 3,
+        "log_every": 1,
+        "eval_every": 0,
+        "eval_max_tokens": 1024,
+        "tensorboard": False,
+        "micro_batch_size": 4,
+        "threads": 1,
+    },
+}
+SETS = [
+    "model.moe.balance.bias_rate=0.01",
+    "model.moe.balance.aux_coef=0.01",
+    "model.moe.balance.aux_scope='global'",
+    "model.moe.balance.z_coef=0.001",
+    "model.moe.router.noise='jitter'",
+]
+RTOL = 1e-5
+
+
+def platform_id() -> dict[str, str]:
+    return {
+        "torch": torch.__version__.split("+")[0],
+        "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "machine": platform.machine(),
+    }
+
+
+@functools.cache
+def current() -> dict[str, Any]:
+    """Today's fingerprint: ``{"digest", "losses", "counts", "platform"}`` (computed once per
+    process; the micro run takes a few seconds)."""
+    from moelab.train import build_config, train
+
+    cfg = build_config(json.loads(json.dumps(MICRO)), SETS)
+    threads = torch.get_num_threads()
+    try:
+        with tempfile.TemporaryDirectory(prefix="moelab-fp-") as tmp:
+            train(cfg, Path(tmp) / "run", progress=False)
+            rows = read_rows(Path(tmp) / "run" / "metrics.jsonl")
+    finally:
+        torch.set_num_threads(threads)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    counts = next(r["counts_layers"] for r in reversed(rows) if "counts_layers" in r)
+    return make(losses, counts)
+
+
+def make(losses: list[float], counts: list[list[float]]) -> dict[str, Any]:
+    """A fingerprint record from a micro run's losses and final (L, E) counts."""
+    blob = json.dumps([losses, counts]).encode()
+    return {
+        "digest": hashlib.sha256(blob).hexdigest()[:16],
+        "losses": losses,
+        "counts": counts,
+        "platform": platform_id(),
+    }
+
+
+def matches(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Same numbers: equal digests on one platform, losses within RTOL and equal counts across
+    platforms. A missing fingerprint matches nothing."""
+    if not a or not b:
+        return False
+    if a.get("platform") == b.get("platform"):
+        return a.get("digest") == b.get("digest")
+    la, lb = a.get("losses") or [], b.get("losses") or []
+    close = len(la) == len(lb) and all(
+        abs(x - y) <= RTOL * abs(y) for x, y in zip(la, lb, strict=True)
+    )
+    return close and a.get("counts") == b.get("counts")
+
+
+def read(run_dir: Path) -> dict[str, Any] | None:
+    f = run_dir / "fingerprint.json"
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write(run_dir: Path, fp: dict[str, Any]) -> None:
+    (run_dir / "fingerprint.json").write_text(json.dumps(fp) + "\n")
