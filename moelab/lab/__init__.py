@@ -84,12 +84,13 @@ def size_shortfall(exp: Experiment, setup: dict[str, Any], quick: bool) -> str:
         return "--quick"
     if exp.decisive is None:
         return "the experiment declares no [decisive] size"
-    short = []
+    short: dict[str, list[str]] = {}
     for name, s in setup.items():
         need = _setup(exp.run_config(name, decisive=True), exp.nproc(name))
         if s["steps"] < need["steps"] or s["train_tokens"] < need["train_tokens"]:
-            short.append(f"{name} {s['steps']} steps < {need['steps']}")
-    return "; ".join(short)
+            gap = f"{s['steps']} steps × {s['batch_tokens']} tokens < decisive {need['steps']}"
+            short.setdefault(gap + f" × {need['batch_tokens']}", []).append(name)
+    return "; ".join(f"{gap} ({len(v)} variants)" for gap, v in short.items())
 
 
 def noise_mde_for(setup: dict[str, Any], path: Path = Path("results/noise/result.json")):
@@ -263,8 +264,20 @@ def pretrain(
 def rescore(exp: Experiment, path: Path) -> dict[str, Any]:
     """Re-apply the experiment's checks to the numbers of an existing result.json."""
     res = json.loads(path.read_text())
-    verdict, checks = decide(exp.checks, {**res["measured"], "analysis": res["analysis"]})
-    res |= {"verdict": verdict, "checks": checks}
+    for m in res["measured"].values():  # results from before the noise model: population SDs
+        for node in m.values():
+            if isinstance(node, dict) and "values" not in node and "std_ddof" not in node:
+                node["std_ddof"] = 0
+    setup = res.get("setup", {})
+    too_short = size_shortfall(exp, setup, res.get("quick", False)) if setup else "no setup"
+    verdict, checks = decide(
+        exp.checks,
+        {**res["measured"], "analysis": res["analysis"]},
+        paired=bool(exp.options.get("paired", False)),
+        too_short=too_short,
+        noise_mde=noise_mde_for(setup),
+    )
+    res |= {"verdict": verdict, "checks": checks, "too_short": too_short}
     path.write_text(json.dumps(res, indent=1, default=float))
     return res
 
@@ -276,6 +289,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.rescore:
         for exp in exps:
             out = Path(args.out or f"results/{exp.name}")
+            if not (out / "result.json").exists():
+                raise ValueError(f"--rescore: no {out / 'result.json'} to re-apply the checks to")
             print(f"{exp.name}: {rescore(exp, out / 'result.json')['verdict']}")
         return 0
     if args.out and len(exps) > 1:

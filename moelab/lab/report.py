@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from moelab.lab.spec import experiment_names, load_experiment
 
@@ -26,15 +30,17 @@ MARK = {
     "reproduced": "✅ reproduced",
     "partial": "🟡 partial",
     "not_reproduced": "❌ not reproduced",
+    "inconclusive": "⚪ inconclusive",
 }
+OUTCOME = {"holds": "✓ holds", "fails": "✗ fails", "inconclusive": "? inconclusive"}
 
 
 def _fmt(m: dict[str, Any] | None) -> str:
     if not m:
         return "–"
-    mean, std, n = m["mean"], m.get("std", 0.0), m.get("n", 1)
+    mean, std, n = m["mean"], m.get("std"), m.get("n", 1)
     text = f"{mean:.3g}" if abs(mean) < 1000 else f"{mean:.0f}"
-    return f"{text} ± {std:.2g}" if n > 1 else text
+    return f"{text} ± {std:.2g}" if n > 1 and std is not None else text
 
 
 def _number(v: Any) -> str:
@@ -46,23 +52,24 @@ def _number(v: Any) -> str:
 
 
 def status(res: dict[str, Any], all_variants: list[str]) -> str:
-    """Whether this is a full default-size result, an incomplete one, or quick only."""
+    """Run size (quick / decisive / too short) and whether every variant was trained."""
     if res.get("quick"):
         return "quick only"
+    size = "decisive" if not res.get("too_short") else "too short for a verdict"
     not_run = [v for v in all_variants if v not in res.get("variants_run", [])]
     missing = res.get("missing_variants") or []
     if missing:
-        return f"default, incomplete: not trained {missing}"
+        return f"{size}, incomplete: not trained {missing}"
     if not_run:
-        return f"default, reduced set (not run: {not_run})"
-    return "default"
+        return f"{size}, reduced set (not run: {not_run})"
+    return size
 
 
 def verdict_text(res: dict[str, Any]) -> str:
     """The verdict, or 'undecided' when every check lacks a number (its runs were not trained)."""
     if res["checks"] and all(c.get("undecided") for c in res["checks"]):
         return "⏸ undecided (runs missing)"
-    return MARK[res["verdict"]]
+    return MARK.get(res["verdict"], res["verdict"])
 
 
 def experiment_markdown(res: dict[str, Any], folder: str, all_variants: list[str]) -> str:
@@ -98,15 +105,81 @@ def experiment_markdown(res: dict[str, Any], folder: str, all_variants: list[str
                 lines.append(f"- {k}: {_number(v)}")
     if "error" in res["analysis"]:
         lines += ["", f"Analysis error: `{res['analysis']['error']}`"]
-    lines += ["", "Checks (written before the runs):", ""]
-    for c in res["checks"]:
-        mark = "✓" if c["passed"] else ("?" if c.get("undecided") else "✗")
-        lines.append(
-            f"- {mark} `{c['check']}`: {_number(c['lhs'])} vs {_number(c['bound'])} — {c['why']}"
-        )
+    lines += ["", *checks_markdown(res, folder)]
     lines += [f"Note: {n}" for n in res.get("notes", [])]
     lines += ["", "Plots: " + " · ".join(f"[{p}]({folder}/{p})" for p in res["plots"]), ""]
     return "\n".join(lines)
+
+
+def checks_markdown(res: dict[str, Any], folder: str) -> list[str]:
+    """The checks as a table: kind, outcome, margin Δ with its 95 % CI, MDE, the paper's Δ,
+    flip rate, notes and provenance (written before the runs or revised, from git)."""
+    if res.get("too_short"):
+        head = [f"Runs too short for a verdict: {res['too_short']}.", ""]
+    else:
+        head = []
+    rows = [
+        "| kind | check | outcome | Δ = lhs − bound [95 % CI] | MDE | paper Δ | flip rate | "
+        "provenance | why |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in res["checks"]:
+        rows.append("| " + " | ".join(_check_cells(c, folder)) + " |")
+    return [*head, *rows]
+
+
+def _check_cells(c: dict[str, Any], folder: str) -> list[str]:
+    out = OUTCOME.get(c.get("outcome", ""), "?")
+    if c.get("note"):
+        out += f" ({c['note']})"
+    elif c.get("raw_outcome") not in (None, c.get("outcome")):
+        out += f" (2-SE rule: {c['raw_outcome']})"
+    delta = "–" if c.get("delta") is None else f"{c['delta']:+.3g}"
+    if c.get("ci95"):
+        delta += f" [{c['ci95'][0]:+.3g}, {c['ci95'][1]:+.3g}]"
+    mde = "–" if c.get("mde") is None else f"{c['mde']:.3g}"
+    paper = "–" if c.get("paper") is None else f"{c['paper']:+.3g}"
+    flip = "–" if c.get("flip_rate") is None else f"{c['flip_rate']:.0%}"
+    prov = provenance(folder, c)
+    return [c.get("kind", "key"), f"`{c['check']}`", out, delta, mde, paper, flip, prov, c["why"]]
+
+
+def provenance(folder: str, c: dict[str, Any]) -> str:
+    """'written before the runs' only where git shows the check's text in the experiment file
+    of the commit that first added ``results/FOLDER/result.json``; else its ``revised`` note or
+    'added after results (undated)'."""
+    if c.get("revised"):
+        return f"revised after results on {c['revised']}"
+    first = first_result_checks(folder)
+    if first is None:
+        return "written before the runs"  # no committed result yet
+    return "written before the runs" if c["check"] in first else "added after results (undated)"
+
+
+@functools.cache
+def first_result_checks(folder: str) -> frozenset[str] | None:
+    """Check texts of experiments/FOLDER.toml at the commit that first added its result.json
+    (None without git or without a committed result)."""
+    from moelab.lab.spec import EXPERIMENTS, Check
+
+    root = EXPERIMENTS.parent
+    git = ["git", "-C", str(root)]
+    try:
+        log = subprocess.run(
+            [*git, "log", "--diff-filter=A", "--format=%H", "--", f"results/{folder}/result.json"],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+        if not log:
+            return None
+        text = subprocess.run(
+            [*git, "show", f"{log[-1]}:experiments/{folder}.toml"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    keys = ("lhs", "op", "rhs", "factor", "offset")
+    old = tomllib.loads(text).get("checks", [])
+    return frozenset(Check(**{k: c[k] for k in keys if k in c}).text() for c in old)
 
 
 def load_results(root: Path) -> list[tuple[str, dict[str, Any], list[str]]]:
@@ -126,16 +199,17 @@ def _order(number: str) -> tuple[int, str]:
 
 def summary_table(found) -> str:
     lines = [
-        "| # | experiment | verdict | run | tokens/expert/step | headline |",
+        "| # | experiment | verdict | run | tokens/expert/step | key checks |",
         "|---|---|---|---|---|---|",
     ]
     for folder, res, allv in found:
-        passed = sum(c["passed"] for c in res["checks"])
+        key = [c.get("outcome", "inconclusive") for c in res["checks"] if c.get("kind") != "sanity"]
+        tally = ", ".join(f"{key.count(o)} {o}" for o in ("holds", "fails", "inconclusive"))
         tpe = sorted({s["tokens_per_expert_per_step"] for s in res.get("setup", {}).values()})
         tpe_text = f"{tpe[0]:.0f}" if len(tpe) == 1 else f"{tpe[0]:.0f}–{tpe[-1]:.0f}"
         lines.append(
             f"| {res['number']} | [{folder}](#{folder}) | {verdict_text(res)} | "
-            f"{status(res, allv)} | {tpe_text} | {passed}/{len(res['checks'])} checks pass |"
+            f"{status(res, allv)} | {tpe_text} | {tally} |"
         )
     return "\n".join(lines)
 

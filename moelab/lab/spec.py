@@ -80,13 +80,31 @@ class Check:
         return row
 
     def _compare(self, numbers: dict[str, Any], b: float, paired: bool) -> dict[str, Any]:
-        a_S = lookup_values(numbers, self.lhs) or [lookup(numbers, self.lhs)]
+        a_S = lookup_values(numbers, self.lhs)
         b_S = None if isinstance(self.rhs, (int, float)) else lookup_values(numbers, self.rhs)
+        if a_S is None or (b_S is None and not isinstance(self.rhs, (int, float))):
+            return self._compare_summaries(numbers, b)
         kw = dict(op=self.op, factor=self.factor, offset=self.offset, paired=paired, b_const=b)
         cmp = stats.compare(a_S, b_S, **kw)
         return cmp.to_dict() | {
             "n": [len(a_S), len(b_S) if b_S is not None else None],
             "flip_rate": stats.flip_rate(a_S, b_S, **kw),
+        }
+
+    def _compare_summaries(self, numbers: dict[str, Any], b: float) -> dict[str, Any]:
+        """Welch from (mean, sample SD, n) where per-seed values were not kept (results from
+        before the noise model; no pairing, no flip rate); a side without an SD is constant."""
+        a, b_sum = lookup_summary(numbers, self.lhs), None
+        if not isinstance(self.rhs, (int, float)):
+            b_sum = lookup_summary(numbers, self.rhs)
+        kw = dict(op=self.op, factor=self.factor, offset=self.offset, b_const=b)
+        if b_sum is not None and b_sum[1] is None:
+            b_sum = None  # a number without spread: a constant bound
+        cmp = stats.compare_summaries(a, b_sum, **kw)
+        return cmp.to_dict() | {
+            "n": [a[2], b_sum[2] if b_sum else None],
+            "flip_rate": None,
+            "from_summaries": True,
         }
 
     def _resolution(self, row: dict[str, Any], noise_mde, too_short: str) -> dict[str, Any]:
@@ -242,6 +260,31 @@ def lookup_values(numbers: dict[str, Any], path: str) -> list[float] | None:
         return None
     ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals)
     return [float(v) for v in vals] if ok else None
+
+
+def lookup_summary(numbers: dict[str, Any], path: str) -> tuple[float, float | None, int]:
+    """(mean, sample SD or None, n) of a path: from ``values`` when kept, else from the node's
+    ``std`` (``std_ddof`` 0 is converted to the sample SD) or an analysis ``X_std`` sibling."""
+    vals = lookup_values(numbers, path)
+    if vals is not None:
+        s = stats.summarize(vals)
+        return s["mean"], s["std"], s["n"]
+    mean = lookup(numbers, path)
+    node = _walk(numbers, path.split("."))
+    if isinstance(node, dict):
+        std, n = node.get("std"), int(node.get("n", 1))
+        if std is not None and node.get("std_ddof", 1) == 0 and n > 1:
+            std = std * math.sqrt(n / (n - 1))
+    else:
+        parts = path.split(".")
+        std = _walk(numbers, [*parts[:-1], parts[-1] + "_std"])
+        n = _walk(numbers, [*parts[:-2], "seeds"]) if len(parts) > 1 else None
+        n = n if isinstance(n, int) else 1
+        if isinstance(std, (int, float)) and n > 1:
+            std = std * math.sqrt(n / (n - 1))  # the analyses' spreads were population SDs
+        else:
+            std = None
+    return float(mean), (float(std) if isinstance(std, (int, float)) and n > 1 else None), n
 
 
 def _walk(node: Any, parts: list[str]) -> Any:

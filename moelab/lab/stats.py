@@ -136,6 +136,39 @@ def compare(
     return Comparison(delta, se, df, ci, mde, outcome(delta, se, op), is_paired)
 
 
+def compare_summaries(
+    a: tuple[float, float | None, int],
+    b: tuple[float, float | None, int] | None,
+    *,
+    op: str,
+    factor: float = 1.0,
+    offset: float = 0.0,
+    b_const: float | None = None,
+) -> Comparison:
+    """Welch :class:`Comparison` from ``(mean, sample SD, n)`` summaries (``b`` None: the
+    constant ``b_const``); no SD on the lhs means no SE (inconclusive)."""
+    (ma, sa, na) = a
+    if b is None:
+        delta = ma - (factor * float(b_const) + offset)
+        se = None if sa is None else sa / math.sqrt(na)
+        df = None if sa is None else float(na - 1)
+    else:
+        (mb, sb, nb) = b
+        delta = ma - factor * mb - offset
+        se, df = None, None
+        if sa is not None and sb is not None:
+            va, vb = sa**2 / na, factor**2 * sb**2 / nb
+            se = math.sqrt(va + vb)
+            den = (va**2 / (na - 1) if va else 0.0) + (vb**2 / (nb - 1) if vb else 0.0)
+            df = (va + vb) ** 2 / den if den > 0 else float(na + nb - 2)
+    ci = None
+    if se is not None and df is not None:
+        half = float(sps.t.ppf(0.975, df)) * se
+        ci = [delta - half, delta + half]
+    mde = None if se is None else MDE_SE * se
+    return Comparison(delta, se, df, ci, mde, outcome(delta, se, op), False)
+
+
 def flip_rate(
     a_S: list[float],
     b_S: list[float] | None,
