@@ -59,7 +59,9 @@ def step_row(step: int, r, model, trackers, lr: float, tokens: int, tok_s: float
     """The training row: loss and per-layer balance statistics of this optimizer step.
 
     maxvio_batch: MaxVio of each micro-batch (the computation batch), averaged over micro-
-    batches and layers; ``*_layers`` lists are per MoE layer in depth order.
+    batches and layers; maxvio_step: MaxVio of the optimizer step's counts summed over its
+    micro-batches (the global batch), averaged over layers; ``*_layers`` lists are per MoE
+    layer in depth order.
     """
     row: dict[str, Any] = {
         "step": step,
@@ -84,9 +86,11 @@ def step_row(step: int, r, model, trackers, lr: float, tokens: int, tok_s: float
     ]
     counts = r.step_counts()
     total_slots = sum(int(c.sum()) for c in counts)
+    mv_step = [float(metrics.max_violation(c)) for c in counts]
     row |= {
         "maxvio_batch": sum(mv) / len(mv),
         "maxvio_batch_layers": mv,
+        "maxvio_step": sum(mv_step) / len(mv_step),
         "cv_layers": [float(metrics.cv(c.float())) for c in counts],
         "dead_layers": [int(metrics.dead_experts(c).sum()) for c in counts],
         "dead_window_layers": [int(t.dead().sum()) for t in trackers],

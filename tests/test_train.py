@@ -145,3 +145,17 @@ def test_train_eval_gap_shows_soft_warmup_and_leaves_training_alone(micro_cfg, t
     assert losses[True] == losses[False]
     assert all(g != 0.0 for g in gaps[:6]) and max(map(abs, gaps[:6])) > 1e-5  # soft in training
     assert gaps[6:] == [0.0] * 4  # steps 7-10: hard top-k both ways, the same computation
+
+
+def test_maxvio_step_is_the_global_batch_and_maxvio_batch_the_micro_batches(micro_cfg, tmp_path):
+    """Under gradient accumulation the row's ``maxvio_step`` is MaxVio of the optimizer step's
+    counts summed over its micro-batches (``counts_layers``), averaged over layers; it is at
+    most the mean per-micro-batch ``maxvio_batch`` (summing counts can only even them out)."""
+    from moelab import metrics
+
+    sets = ["train.steps=3", "train.log_every=1", "train.eval_every=0", "train.micro_batch_size=2"]
+    train(micro_cfg(*sets), tmp_path, progress=False)
+    for row in [r for r in read_rows(tmp_path / "metrics.jsonl") if "loss" in r]:
+        want = [float(metrics.max_violation(torch.tensor(c))) for c in row["counts_layers"]]
+        assert row["maxvio_step"] == pytest.approx(sum(want) / len(want), rel=1e-12)
+        assert row["maxvio_step"] <= row["maxvio_batch"] + 1e-12

@@ -148,23 +148,34 @@ def scope(exp, runs: Runs) -> tuple[dict, dict]:
 
 
 def batch_size(exp, runs: Runs) -> tuple[dict, dict]:
-    """Seed 000: f_i spread, router-gradient noise, drop rate at CF 1.25 vs batch tokens."""
+    """Seed 000 per arm, over seeds (``X_values`` per seed): f_i spread and drop rate at CF 1.25
+    on chunks of the arm's batch, the drop rate at CF 1.25 on 1,024-token chunks (one size for
+    every arm), router-gradient noise at the arm's batch, and routing fluctuation (seed 0)."""
     res: dict[str, Any] = {}
     for name, dirs in runs.items():
-        run, tokens_BL, layers = _routed(dirs[0])
-        B, L = run.cfg.train.batch_size, run.cfg.data.seq_len
-        E, K = run.cfg.model.moe.num_experts, run.cfg.model.moe.top_k
-        n = min(B * L, tokens_BL.numel() // 2)
-        res[name] = {
-            "batch_tokens": B * L,
-            "tokens_per_expert": B * L * K / E,
-            "f_spread": _f_spread(layers, E, K, n),
-            "drop_cf125": _drop_at_cf(layers, E, K, n, 1.25),
-            **_grad_noise(run.model, tokens_BL, B),
-            **fluctuation_numbers(dirs[0]),
-            "reference_maxvio": sampling_maxvio(n, E, K),
-        }
+        per_seed = [_batch_numbers(d) for d in dirs]
+        res[name] = {**per_seed[0], **fluctuation_numbers(dirs[0]), "seeds": len(dirs)}
+        for key in ("f_spread", "drop_cf125", "drop_cf125_1k", "grad_cos", "grad_rel_var"):
+            vals = [p[key] for p in per_seed if key in p]
+            if vals:
+                res[name] |= {key: float(np.mean(vals)), f"{key}_values": vals}
     return res, {"batch_size": plots.batch_plot(res)}
+
+
+def _batch_numbers(run_dir: Path) -> dict[str, Any]:
+    run, tokens_BL, layers = _routed(run_dir)
+    B, L = run.cfg.train.batch_size, run.cfg.data.seq_len
+    E, K = run.cfg.model.moe.num_experts, run.cfg.model.moe.top_k
+    n = min(B * L, tokens_BL.numel() // 2)
+    return {
+        "batch_tokens": B * L,
+        "tokens_per_expert": B * L * K / E,
+        "f_spread": _f_spread(layers, E, K, n),
+        "drop_cf125": _drop_at_cf(layers, E, K, n, 1.25),
+        "drop_cf125_1k": _drop_at_cf(layers, E, K, 1024, 1.25),
+        **_grad_noise(run.model, tokens_BL, min(B, len(tokens_BL) // 2)),
+        "reference_maxvio": sampling_maxvio(n, E, K),
+    }
 
 
 def _chunk_counts(experts_TK: Tensor, mask_TK: Tensor | None, E: int, n: int) -> Tensor:

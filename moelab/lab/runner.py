@@ -200,6 +200,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
         # From the logged throughput: summary["seconds"] covers only the last resumed segment.
         "seconds_per_step": _seconds_per_step(summary, train_rows),
         "maxvio_batch_tail": _mean(r.get("maxvio_batch") for r in tail),
+        "maxvio_step_tail": _mean(r.get("maxvio_step") for r in tail),
         "drop_rate": _mean(r.get("drop_rate") for r in train_rows[1:]),
         "dead_window": _last(train_rows, "dead_window_layers"),
         "dead_train_batch": _last(train_rows, "dead_layers"),
