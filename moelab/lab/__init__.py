@@ -86,6 +86,9 @@ def size_shortfall(exp: Experiment, setup: dict[str, Any], quick: bool) -> str:
         return "the experiment declares no [decisive] size"
     short: dict[str, list[str]] = {}
     for name, s in setup.items():
+        if name not in exp.variants:  # a result of an earlier design of the experiment
+            short.setdefault("variants of an earlier design", []).append(name)
+            continue
         need = _setup(exp.run_config(name, decisive=True), exp.nproc(name))
         if s["steps"] < need["steps"] or s["train_tokens"] < need["train_tokens"]:
             gap = f"{s['steps']} steps × {s['batch_tokens']} tokens < decisive {need['steps']}"

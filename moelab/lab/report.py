@@ -106,7 +106,7 @@ def experiment_markdown(res: dict[str, Any], folder: str, all_variants: list[str
     if "error" in res["analysis"]:
         lines += ["", f"Analysis error: `{res['analysis']['error']}`"]
     lines += ["", *checks_markdown(res, folder)]
-    lines += [f"Note: {n}" for n in res.get("notes", [])]
+    lines += [line for n in res.get("notes", []) for line in ("", f"Note: {n}")]
     lines += ["", "Plots: " + " · ".join(f"[{p}]({folder}/{p})" for p in res["plots"]), ""]
     return "\n".join(lines)
 
@@ -131,7 +131,7 @@ def checks_markdown(res: dict[str, Any], folder: str) -> list[str]:
 def _check_cells(c: dict[str, Any], folder: str) -> list[str]:
     out = OUTCOME.get(c.get("outcome", ""), "?")
     if c.get("note"):
-        out += f" ({c['note']})"
+        out += " (too short)" if c["note"].startswith("too short") else f" ({c['note']})"
     elif c.get("raw_outcome") not in (None, c.get("outcome")):
         out += f" (2-SE rule: {c['raw_outcome']})"
     delta = "–" if c.get("delta") is None else f"{c['delta']:+.3g}"
@@ -214,15 +214,65 @@ def summary_table(found) -> str:
     return "\n".join(lines)
 
 
+BEGIN, END = "<!-- moelab lab report: begin -->", "<!-- moelab lab report: end -->"
+
+
+def findings_markdown(found) -> str:
+    """What the lab's numbers decide, one bullet per key check of every experiment: its
+    outcome, Δ with 95 % CI and MDE; experiments not yet run at their decisive size say so."""
+    lines = []
+    for folder, res, _ in found:
+        head = f"- **{res['number']}. {res['title']}** ([details](results/README.md#{folder})): "
+        if res.get("quick") or res.get("too_short"):
+            lines.append(head + f"not yet run at its decisive size ({res.get('too_short')}).")
+            continue
+        lines.append(head + f"{verdict_text(res)}, {res['seeds']} seeds.")
+        for c in res["checks"]:
+            if c.get("kind") == "sanity":
+                continue
+            lines.append(f"  - `{c['check']}`: {_outcome_text(c)}")
+    return "\n".join(lines)
+
+
+def _outcome_text(c: dict[str, Any]) -> str:
+    text = OUTCOME.get(c.get("outcome", ""), "?")
+    if c.get("delta") is not None:
+        text += f", Δ {c['delta']:+.3g}"
+    if c.get("ci95"):
+        text += f" [{c['ci95'][0]:+.3g}, {c['ci95'][1]:+.3g}]"
+    if c.get("mde") is not None:
+        text += f", MDE {c['mde']:.3g}"
+    return text + (f" — {c['note']}" if c.get("note") else "")
+
+
+def update_readme(readme: Path, found) -> bool:
+    """Replace the block between BEGIN and END in ``readme`` with :func:`findings_markdown`;
+    False (nothing written) when the file has no such block."""
+    if not readme.exists():
+        return False
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + BEGIN + "\n" + findings_markdown(found) + "\n" + END + tail)
+    return True
+
+
 def write_report(root: Path, preamble: str = "") -> list[Path]:
-    """Write ``root/README.md`` and ``root/index.html`` from ``root/*/result.json``."""
+    """Write ``root/README.md`` and ``root/index.html`` from ``root/*/result.json``, and the
+    generated findings block of the repository README (when it has one)."""
     from moelab.report import markdown_to_html
 
     found = load_results(root)
     pre = root / "PREAMBLE.md"
     intro = preamble or (pre.read_text() if pre.exists() else "")
     sections = [experiment_markdown(res, folder, allv) for folder, res, allv in found]
-    md = "\n\n".join(["# moelab lab results", intro, "## Summary", summary_table(found), *sections])
+    md = "\n\n".join(
+        ["# moelab lab results", intro, "## Summary", summary_table(found),
+         "## What the numbers decide", findings_markdown(found).replace("results/README.md", ""),
+         *sections]
+    )  # fmt: skip
     (root / "README.md").write_text(md + "\n")
     body = [markdown_to_html("# moelab lab results\n\n" + intro)]
     body.append(markdown_to_html("## Summary\n\n" + summary_table(found)))
@@ -237,4 +287,8 @@ def write_report(root: Path, preamble: str = "") -> list[Path]:
         "</head><body>" + "\n".join(body) + "</body></html>"
     )
     (root / "index.html").write_text(page)
-    return [root / "README.md", root / "index.html"]
+    written = [root / "README.md", root / "index.html"]
+    readme = root.resolve().parent / "README.md"
+    if update_readme(readme, found):
+        written.append(readme)
+    return written
