@@ -321,3 +321,59 @@ def test_chunk_analysis_averages_over_seeds(monkeypatch):
     assert res["v"]["fall_values"] == pytest.approx(falls.tolist())
     assert res["v"]["seeds"] == 2
     assert res["reference"] == [analysis.sampling_maxvio(n, E, K) for n in sizes]
+
+
+def test_decisive_runs_are_shared_through_the_cache():
+    """The arms that several experiments name at their decisive size resolve to one config
+    (one cached run): noise's *_1000 arms are experiment 3's, as are collapse's and 3b's bs16."""
+    from moelab.lab import runner
+
+    def key(name, variant, decisive=True):
+        exp = load_experiment(name)
+        exp = dataclasses.replace(exp, common=[*exp.common, "train.threads=1"])
+        return runner.run_key(exp.run_config(variant, seed=2, decisive=decisive), 0)
+
+    pairs = [
+        (("noise", "none_1000", False), ("loss_free_vs_aux", "alpha_0", True)),
+        (("noise", "aux_1000", False), ("loss_free_vs_aux", "alpha_1e-2", True)),
+        (("noise", "loss_free_1000", False), ("loss_free_vs_aux", "loss_free", True)),
+        (("collapse", "loss_free", True), ("loss_free_vs_aux", "loss_free", True)),
+        (("computation_batch", "aux", True), ("loss_free_vs_aux", "alpha_1e-2", True)),
+        (("bias_rate_batch", "u_1e-3_bs16", True), ("loss_free_vs_aux", "loss_free", True)),
+        (("bias_rate_batch", "u_1e-2_bs16", True), ("loss_free_vs_aux", "u_1e-2", True)),
+    ]
+    for a, b in pairs:
+        assert key(*a) == key(*b), (a, b)
+
+
+def test_decisive_size_and_per_variant_overrides():
+    """--decisive adds the [decisive] overrides and the per-variant ones (3b's equal token
+    budget); a shorter run is reported too short, --quick and --decisive exclude each other."""
+    from moelab.lab import _setup as setup_of
+    from moelab.lab import size_shortfall
+
+    exp = load_experiment("bias_rate_batch")
+    tokens = set()
+    for v in exp.variants:
+        cfg = exp.run_config(v, decisive=True)
+        tokens.add(cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len)
+    assert tokens == {2_048_000}
+    short = {v: setup_of(exp.run_config(v)) for v in exp.variants}
+    assert "decisive" in size_shortfall(exp, short, quick=False)
+    full = {v: setup_of(exp.run_config(v, decisive=True)) for v in exp.variants}
+    assert size_shortfall(exp, full, quick=False) == ""
+    with pytest.raises(ValueError, match="exclude"):
+        exp.run_config("u_1e-3_bs4", quick=True, decisive=True)
+
+
+def test_contrast_values_are_per_seed_weighted_sums():
+    """An interaction (a − b) − (c − d) per seed; missing arms or unequal seeds give None."""
+    from moelab.lab.spec import contrast_values
+
+    t = {v: {"m": {"values": vals}} for v, vals in
+         {"a": [5.0, 6.0], "b": [1.0, 1.0], "c": [2.0, 2.0], "d": [1.0, 2.0]}.items()}  # fmt: skip
+    w = {"a.m": 1, "b.m": -1, "c.m": -1, "d.m": 1}
+    assert contrast_values(t, w) == [3.0, 5.0]
+    assert contrast_values(t, {"a.m": 1, "zz.m": -1}) is None
+    t["d"]["m"]["values"] = [1.0]
+    assert contrast_values(t, w) is None

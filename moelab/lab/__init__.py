@@ -172,12 +172,28 @@ def _analyse(exp: Experiment, runs: dict[str, list[Path]], table: dict[str, Any]
         extra, figs = kind(exp, runs) if kind else ({}, {})
         for name, vals in analysis.extra_evals(exp, runs).items():
             table[name].update({k: summarize(v) for k, v in vals.items()})
+        if exp.options.get("contrasts"):
+            extra["contrasts"] = contrasts(exp, table)
     except Exception as exc:  # keep the trained numbers; the error is reported in result.json
         print(f"[lab] {exp.name}: analysis failed: {exc!r}", flush=True)
         extra, figs = {"error": repr(exc)}, {}
     figs["curves"] = plots.training_curves({n: runner.curves(d[0]) for n, d in runs.items()})
     figs["pareto"] = plots.pareto(table)
     return extra, figs
+
+
+def contrasts(exp: Experiment, table: dict[str, Any]) -> dict[str, Any]:
+    """The ``[contrasts]`` table: NAME = {"VARIANT.METRIC" = weight, ...} -> per-seed summary of
+    the weighted sum (``analysis.contrasts.NAME`` in checks); missing arms are left out."""
+    from moelab.lab.spec import contrast_values
+    from moelab.lab.stats import summarize
+
+    out = {}
+    for name, weights in exp.options.get("contrasts", {}).items():
+        vals = contrast_values(table, weights)
+        if vals:
+            out[name] = summarize(vals)
+    return out
 
 
 def _setup(cfg, nproc: int = 1) -> dict[str, Any]:
@@ -271,6 +287,8 @@ def rescore(exp: Experiment, path: Path) -> dict[str, Any]:
         for node in m.values():
             if isinstance(node, dict) and "values" not in node and "std_ddof" not in node:
                 node["std_ddof"] = 0
+    if exp.options.get("contrasts"):
+        res["analysis"]["contrasts"] = contrasts(exp, res["measured"])
     setup = res.get("setup", {})
     too_short = size_shortfall(exp, setup, res.get("quick", False)) if setup else "no setup"
     verdict, checks = decide(

@@ -138,7 +138,8 @@ def _undecided(note: str) -> dict[str, Any]:
 class Decisive:
     """The run size at which the experiment's claim can show (``[decisive]`` table).
 
-    ``overrides`` are added to every run at that size (``lab run --decisive``); ``seeds`` is its
+    ``overrides`` are added to every run at that size (``lab run --decisive``), ``variants``
+    adds per-variant overrides (e.g. steps for an equal token budget); ``seeds`` is its
     default seed count; ``why`` says what sets the size. Verdicts come only from runs at least
     this long (steps and training tokens of the decisive config); shorter runs report
     ``inconclusive`` (too short).
@@ -147,6 +148,7 @@ class Decisive:
     overrides: list[str]
     seeds: int = 3
     why: str = ""
+    variants: dict[str, list[str]] = field(default_factory=dict)  # per-variant extras
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,9 @@ class Experiment:
             raise ValueError("--quick and --decisive exclude each other")
         if decisive and self.decisive is None:
             raise ValueError(f"{self.name}: the experiment declares no [decisive] size")
-        extra = self.quick if quick else self.decisive.overrides if decisive else []
+        extra = self.quick if quick else []
+        if decisive:
+            extra = [*self.decisive.overrides, *self.decisive.variants.get(variant, [])]
         return [*self.common, *self.variants[variant], *extra, f"train.seed={seed}"]
 
     def run_config(
@@ -247,6 +251,17 @@ def lookup(numbers: dict[str, Any], path: str) -> float | None:
         node = node["mean"]
     ok = isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node)
     return float(node) if ok else None
+
+
+def contrast_values(numbers: dict[str, Any], weights: dict[str, float]) -> list[float] | None:
+    """Per-seed values of Σ_p w_p·value_p(seed) over metric paths (an interaction or any linear
+    contrast of arms, e.g. (a − b) − (c − d)); None unless every path has values for the same
+    number of seeds."""
+    cols = [lookup_values(numbers, path) for path in weights]
+    if any(c is None for c in cols) or len({len(c) for c in cols}) != 1:
+        return None
+    pairs = list(zip(weights.values(), cols, strict=True))
+    return [sum(w * c[s] for w, c in pairs) for s in range(len(cols[0]))]
 
 
 def lookup_values(numbers: dict[str, Any], path: str) -> list[float] | None:
