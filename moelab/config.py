@@ -14,6 +14,7 @@ import json
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
@@ -318,6 +319,13 @@ class MoEConfig:
                 f"moe.top_k={self.top_k} exceeds the experts in router.topk_groups="
                 f"{r.topk_groups} groups of {per_group}; allowed: top_k <= "
                 f"{r.topk_groups * per_group}"
+            )
+        if self.top_k == 1 and r.normalize and r.method == "topk" and r.noise != "gumbel":
+            warnings.warn(
+                "moe.top_k=1 with router.normalize=true: each token's gate weight is exactly 1, "
+                "so the router gets no gradient from the LM loss (only from balance terms); "
+                "set router.normalize=false to scale the expert output by p_i as Switch does",
+                stacklevel=2,
             )
         if self.balance.load_coef > 0 and r.noise != "learned":
             raise ValueError(

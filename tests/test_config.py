@@ -261,3 +261,19 @@ def test_a_runs_config_json_is_a_config_source(tmp_path):
     path.write_text("{not json")
     with raises("config.json", "not valid JSON"):
         load_config_dict(str(path))
+
+
+def test_top1_with_renormalised_gates_warns():
+    """k = 1 with normalize=true: the gate weight is exactly 1 and the router gets no LM
+    gradient, so building the config warns; normalize=false (Switch's p_i) does not."""
+    import warnings
+
+    from moelab.config import MoEConfig, RouterConfig
+
+    with pytest.warns(UserWarning, match="no gradient from the LM loss"):
+        MoEConfig(d_model=8, num_experts=4, top_k=1, d_expert=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MoEConfig(d_model=8, num_experts=4, top_k=1, d_expert=8,
+                  router=RouterConfig(normalize=False))  # fmt: skip
+        MoEConfig(d_model=8, num_experts=4, top_k=2, d_expert=8)

@@ -258,7 +258,16 @@ def fluctuation_numbers(run_dir: Path) -> dict[str, Any]:
 
 
 def fluctuation(exp, runs: Runs) -> tuple[dict, dict]:
-    res = {name: fluctuation_numbers(dirs[0]) for name, dirs in runs.items()}
+    """Per arm: seed 0's snapshot curves, and ``changed_after_*`` averaged over seeds with the
+    per-seed ``*_values`` (the checks' noise model)."""
+    res = {}
+    for name, dirs in runs.items():
+        per_seed = [fluctuation_numbers(d) for d in dirs]
+        res[name] = {**per_seed[0], "seeds": len(dirs)}
+        for key in ("changed_after_20", "changed_after_50", "changed_after_80"):
+            vals = [p[key] for p in per_seed if key in p]
+            if vals:
+                res[name] |= {key: float(np.mean(vals)), f"{key}_values": vals}
     return res, {"fluctuation": plots.fluctuation_plot(res)}
 
 
