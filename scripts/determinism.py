@@ -4,7 +4,9 @@ Trains the numerics-fingerprint micro run (moelab.lab.fingerprint) ``--repeats``
 thread count in fresh processes, optionally while ``--load N`` busy-loop processes compete for
 the cores, and with MKL's dynamic thread adjustment on (default) or pinned off. Writes JSON:
 per configuration the distinct loss sequences seen (1 = reproducible) and whether 1 and 2
-threads agree. Usage: python scripts/determinism.py --out runs/determinism.json
+threads agree. The noise experiment's analysis reads results/noise/determinism.json:
+
+    python scripts/determinism.py --out results/noise/determinism.json
 """
 
 from __future__ import annotations

@@ -378,7 +378,18 @@ def noise(exp, runs: Runs) -> tuple[dict, dict]:
           for m, d in by_len.items()}  # fmt: skip
     mde = {m: {L: {n: mde_from_sd(v, n) for n in (3, 8)} for L, v in d.items()}
            for m, d in sd.items()}  # fmt: skip
-    return {"sd": sd, "per_arm": per_arm, "mde": mde}, {"noise": plots.noise_plot(runs)}
+    out = {"sd": sd, "per_arm": per_arm, "mde": mde, **_determinism()}
+    return out, {"noise": plots.noise_plot(runs)}
+
+
+def _determinism(path: Path = Path("results/noise/determinism.json")) -> dict[str, Any]:
+    """The verdicts of ``scripts/determinism.py`` (same command twice, idle and under load, with
+    MKL's dynamic threads on and off), when it has been run."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"determinism": {k: v for k, v in rec.items() if not isinstance(v, dict)}}
 
 
 KINDS = {
