@@ -55,8 +55,12 @@ class DataConfig:
     max_chars_per_domain: cap on each domain's characters (train + val), taken as evenly
         spaced chunks so that a long domain keeps its variety; keeps tokenisation fast.
     val_fraction: share of each domain held out as validation, a contiguous tail.
-    batch_mode: ``mixed`` (every sequence draws its domain, proportional to domain size) or
-        ``single_domain`` (one domain per batch, drawn the same way).
+    batch_mode: ``mixed`` (every sequence draws its domain, proportional to domain size),
+        ``single_domain`` (one domain per batch, drawn the same way) or ``grouped`` (each run
+        of ``domain_group`` consecutive sequences draws one domain: with micro-batches of that
+        many sequences, every micro-batch is single-domain and the global batch mixed; the
+        count-matched control of Qiu et al.'s shuffle).
+    domain_group: sequences per same-domain group in ``grouped`` mode.
     holdout_domains: domains never trained on (not even by the tokenizer); all their text is
         validation (leave-one-domain-out experiments).
     cache_dir: tokenizer / token cache; empty = ``$MOELAB_CACHE`` or ``~/.cache/moelab``.
@@ -70,7 +74,8 @@ class DataConfig:
     seq_len: int = 256
     max_chars_per_domain: int = 2_000_000
     val_fraction: float = 0.05
-    batch_mode: Literal["mixed", "single_domain"] = "mixed"
+    batch_mode: Literal["mixed", "single_domain", "grouped"] = "mixed"
+    domain_group: int = 4
     holdout_domains: tuple[str, ...] = ()
     cache_dir: str = ""
 
@@ -84,6 +89,7 @@ class DataConfig:
         check_range("data.seq_len", self.seq_len, lo=1)
         check_range("data.max_chars_per_domain", self.max_chars_per_domain, lo=1000)
         check_range("data.val_fraction", self.val_fraction, lo=0, hi=0.5, lo_open=True)
+        check_range("data.domain_group", self.domain_group, lo=1)
         if self.domains and "builtin" not in self.sources:
             raise ValueError(
                 f"data.domains={list(self.domains)} selects builtin domains but data.sources "
@@ -447,13 +453,23 @@ class Batcher:
     """Global training batches of random windows; batch ``step`` depends only on (seed, step).
 
     ``mixed``: each sequence draws its domain with probability proportional to the domain's
-    training tokens; ``single_domain``: one such draw per batch. Resume with ``load_state_dict``.
+    training tokens; ``single_domain``: one such draw per batch; ``grouped``: one draw per run
+    of ``group`` consecutive sequences. Resume with ``load_state_dict``.
     """
 
     def __init__(
-        self, corpus: Corpus, *, batch_size: int, seq_len: int, mode: str = "mixed", seed: int = 0
+        self,
+        corpus: Corpus,
+        *,
+        batch_size: int,
+        seq_len: int,
+        mode: str = "mixed",
+        seed: int = 0,
+        group: int = 4,
     ) -> None:
-        check_choice("data.batch_mode", mode, ("mixed", "single_domain"))
+        check_choice("data.batch_mode", mode, ("mixed", "single_domain", "grouped"))
+        check_range("data.domain_group", group, lo=1)
+        self.group = group
         check_range("batch_size", batch_size, lo=1)
         check_range("seq_len", seq_len, lo=1)
         self.names = list(corpus.train)
@@ -478,6 +494,10 @@ class Batcher:
         B, L = self.batch_size, self.seq_len
         if self.mode == "mixed":
             which_B = rng.choice(len(self.names), size=B, p=self._probs)
+        elif self.mode == "grouped":
+            n_groups = -(-B // self.group)
+            which_G = rng.choice(len(self.names), size=n_groups, p=self._probs)
+            which_B = np.repeat(which_G, self.group)[:B]
         else:
             which_B = np.full(B, rng.choice(len(self.names), p=self._probs))
         lengths_B = np.array([len(self._arrays[d]) for d in which_B])

@@ -156,6 +156,7 @@ def train(
         seq_len=cfg.data.seq_len,
         mode=cfg.data.batch_mode,
         seed=cfg.train.seed,
+        group=cfg.data.domain_group,
     )
     trackers = [
         metrics.DeadExpertTracker(layer.cfg.num_experts, top_k=layer.cfg.top_k)

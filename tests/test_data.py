@@ -291,10 +291,11 @@ def test_batches_are_deterministic_and_resume_exactly(builtin: Corpus) -> None:
         other.load_state_dict(state)
 
 
-@pytest.mark.parametrize("mode", ["mixed", "single_domain"])
+@pytest.mark.parametrize("mode", ["mixed", "single_domain", "grouped"])
 def test_batch_shapes_targets_and_labels(builtin: Corpus, mode: str) -> None:
-    """Targets are inputs shifted by one and every window comes from its labelled domain."""
-    batcher = Batcher(builtin, batch_size=6, seq_len=16, mode=mode, seed=0)
+    """Targets are inputs shifted by one and every window comes from its labelled domain;
+    grouped mode gives each run of ``group`` sequences one domain."""
+    batcher = Batcher(builtin, batch_size=6, seq_len=16, mode=mode, seed=0, group=3)
     for _ in range(3):
         batch = batcher.next()
         assert batch.tokens.shape == batch.targets.shape == (6, 16)
@@ -302,10 +303,24 @@ def test_batch_shapes_targets_and_labels(builtin: Corpus, mode: str) -> None:
         assert torch.equal(batch.tokens[:, 1:], batch.targets[:, :-1])
         if mode == "single_domain":
             assert batch.domains.unique().numel() == 1
+        if mode == "grouped":
+            assert all(g.unique().numel() == 1 for g in batch.domains.split(3))
         for row in range(6):
             window = torch.cat([batch.tokens[row], batch.targets[row, -1:]]).numpy()
             name = builtin.domains[int(batch.domains[row])]
             assert contains_window(builtin.train[name].astype(np.int64), window)
+
+
+def test_grouped_micro_batches_are_single_domain_and_the_batch_mixed(builtin: Corpus) -> None:
+    """batch_mode='grouped' with domain_group = micro-batch size: every micro-batch of the
+    split holds one domain, while the global batches still mix domains."""
+    batcher = Batcher(builtin, batch_size=16, seq_len=8, mode="grouped", seed=1, group=4)
+    mixed = 0
+    for _ in range(20):
+        batch = batcher.next()
+        assert all(m.domains.unique().numel() == 1 for m in batch.split(4))
+        mixed += batch.domains.unique().numel() > 1
+    assert mixed >= 10
 
 
 def test_mixed_mode_draws_domains_by_size(builtin: Corpus) -> None:

@@ -377,3 +377,30 @@ def test_contrast_values_are_per_seed_weighted_sums():
     assert contrast_values(t, {"a.m": 1, "zz.m": -1}) is None
     t["d"]["m"]["values"] = [1.0]
     assert contrast_values(t, w) is None
+
+
+def test_scope_holdout_gap_compares_the_same_domain_held_out_and_trained(tmp_path):
+    """`scope`: holdout_gap per seed = MaxVio of a domain's routing when held out − the same
+    domain's MaxVio in the reference arm trained on every domain; seen_maxvio_global pools the
+    training domains only."""
+    import types
+
+    from moelab.lab import analysis
+
+    def run(name, holdout, freq_DE):
+        d = tmp_path / name
+        d.mkdir()
+        row = {"val_loss/a": 1.0, "val_loss/b": 1.0, "domain_freq_layers": [freq_DE]}
+        (d / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+        (d / "config.json").write_text(json.dumps({"data": {"holdout_domains": holdout}}))
+        return d
+
+    even, skew = [0.5, 0.5], [0.9, 0.1]  # MaxVio 0 and 0.8
+    ref = run("ref", [], [even, even])
+    hold_b = run("hold_b", ["b"], [even, skew])
+    exp = types.SimpleNamespace(options={"holdout_reference": "ref"})
+    res, _ = analysis.scope(exp, {"ref": [ref], "hold_b": [hold_b]})
+    assert res["holdout_gap_values"] == pytest.approx([0.8])
+    assert res["hold_b"]["holdout_maxvio"] == pytest.approx(0.8)
+    assert res["hold_b"]["seen_maxvio_global"] == pytest.approx(0.0)
+    assert res["ref"]["by_domain"] == {"a": 0.0, "b": 0.0}

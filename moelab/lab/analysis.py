@@ -119,32 +119,70 @@ def _mean_over_seeds(dirs: list[Path], key: str) -> float:
 
 
 def scope(exp, runs: Runs) -> tuple[dict, dict]:
-    """Domain specialisation heatmaps, MI and balance on the held-out domain."""
+    """Domain specialisation heatmaps and balance by domain, per arm over seeds (``X_values``):
+    ``in_domain_maxvio`` (MaxVio of each training domain's routing), ``holdout_maxvio`` (of the
+    held-out domain's), ``seen_maxvio_global`` (MaxVio of the training domains' pooled routing,
+    without the held-out domain's counts) and ``by_domain`` MaxVio. With ``holdout_reference``
+    (an arm trained on every domain), ``holdout_gap`` per seed = mean over the arms that hold
+    a domain out of (its MaxVio held out − the same domain's MaxVio in the reference arm)."""
     res: dict[str, Any] = {}
     heat = {}
     for name, dirs in runs.items():
-        per_seed = []
-        for d in dirs:
-            ev = [r for r in read_rows(d / "metrics.jsonl") if "domain_freq_layers" in r][-1]
-            cfg = json.loads((d / "config.json").read_text())
-            domains = [k.split("/", 1)[1] for k in ev if k.startswith("val_loss/")]
-            freq_LDE = torch.tensor(ev["domain_freq_layers"], dtype=torch.float64)
-            hold = [domains.index(h) for h in cfg["data"]["holdout_domains"] if h in domains]
-            seen = [i for i in range(len(domains)) if i not in hold]
-            row = {
-                "in_domain_maxvio": float(metrics.max_violation(freq_LDE[:, seen]).mean()),
-                "holdout_maxvio": (
-                    float(metrics.max_violation(freq_LDE[:, hold]).mean()) if hold else None
-                ),
-            }
-            per_seed.append(row)
-            heat[name] = (domains, freq_LDE[-1].numpy())
-        res[name] = {
-            k: float(np.mean([r[k] for r in per_seed]))
-            for k in per_seed[0]
-            if per_seed[0][k] is not None
-        }
+        per_seed = [_domain_balance(d) for d in dirs]
+        heat[name] = per_seed[0].pop("_heat")
+        for p in per_seed[1:]:
+            p.pop("_heat")
+        res[name] = {"seeds": len(dirs), "by_domain": per_seed[0]["by_domain"]}
+        for key in ("in_domain_maxvio", "holdout_maxvio", "seen_maxvio_global"):
+            vals = [p[key] for p in per_seed if p.get(key) is not None]
+            if vals:
+                res[name] |= {key: float(np.mean(vals)), f"{key}_values": vals}
+        res[name]["_per_seed"] = per_seed
+    ref = exp.options.get("holdout_reference") if hasattr(exp, "options") else None
+    if ref in res:
+        gap = _holdout_gap(res, ref)
+        if gap:
+            res["holdout_gap"], res["holdout_gap_values"] = float(np.mean(gap)), gap
+    for r in res.values():
+        if isinstance(r, dict):
+            r.pop("_per_seed", None)
     return res, {"domain_heatmaps": plots.heatmaps(heat)}
+
+
+def _domain_balance(run_dir: Path) -> dict[str, Any]:
+    ev = [r for r in read_rows(run_dir / "metrics.jsonl") if "domain_freq_layers" in r][-1]
+    cfg = json.loads((run_dir / "config.json").read_text())
+    domains = [k.split("/", 1)[1] for k in ev if k.startswith("val_loss/")]
+    freq_LDE = torch.tensor(ev["domain_freq_layers"], dtype=torch.float64)
+    hold = [domains.index(h) for h in cfg["data"]["holdout_domains"] if h in domains]
+    seen = [i for i in range(len(domains)) if i not in hold]
+    mv_D = metrics.max_violation(freq_LDE).mean(0)  # (D,) MaxVio of each domain's routing
+    return {
+        "by_domain": dict(zip(domains, mv_D.tolist(), strict=True)),
+        "held_out": [domains[i] for i in hold],
+        "in_domain_maxvio": float(mv_D[seen].mean()),
+        "holdout_maxvio": float(mv_D[hold].mean()) if hold else None,
+        "seen_maxvio_global": float(metrics.max_violation(freq_LDE[:, seen].mean(1)).mean()),
+        "_heat": (domains, freq_LDE[-1].numpy()),
+    }
+
+
+def _holdout_gap(res: dict[str, Any], ref: str) -> list[float]:
+    """Per seed: mean over hold-out arms of MaxVio(domain held out) − MaxVio(domain trained)."""
+    arms = [r for n, r in res.items() if n != ref and r["_per_seed"][0]["held_out"]]
+    n = min([len(res[ref]["_per_seed"]), *(len(a["_per_seed"]) for a in arms)]) if arms else 0
+    gaps = []
+    for s in range(n):
+        trained = res[ref]["_per_seed"][s]["by_domain"]
+        diffs = [
+            a["_per_seed"][s]["by_domain"][d] - trained[d]
+            for a in arms
+            for d in a["_per_seed"][s]["held_out"]
+            if d in trained
+        ]
+        if diffs:
+            gaps.append(float(np.mean(diffs)))
+    return gaps
 
 
 def batch_size(exp, runs: Runs) -> tuple[dict, dict]:
