@@ -404,3 +404,22 @@ def test_scope_holdout_gap_compares_the_same_domain_held_out_and_trained(tmp_pat
     assert res["hold_b"]["holdout_maxvio"] == pytest.approx(0.8)
     assert res["hold_b"]["seen_maxvio_global"] == pytest.approx(0.0)
     assert res["ref"]["by_domain"] == {"a": 0.0, "b": 0.0}
+
+
+def test_lab_run_refuses_bad_sizes_and_never_overwrites_with_nothing(tmp_path, monkeypatch):
+    """--seeds < 1 and --quick with --decisive are one-line errors; --cached-only with an empty
+    cache trains nothing and leaves an existing result.json untouched."""
+    from moelab.lab import runner
+
+    for argv, msg in [(["--seeds", "0"], "seeds"), (["--quick", "--decisive"], "exclude")]:
+        args = _parse(["lab", "run", "collapse", *argv])
+        with pytest.raises(ValueError, match=msg):
+            args.func(args)
+    monkeypatch.setattr(runner, "CACHE", tmp_path / "empty")
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "result.json").write_text("{}")
+    args = _parse(["lab", "run", "collapse", "--quick", "--cached-only", "--out", str(out)])
+    with pytest.raises(ValueError, match="left as it was"):
+        args.func(args)
+    assert (out / "result.json").read_text() == "{}"

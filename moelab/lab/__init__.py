@@ -37,6 +37,11 @@ def run_experiment(
     n_seeds = seeds or default_seeds(exp, quick, decisive)
     names = variants or exp.variant_names(quick)
     runs, table, setup, stale = _train_variants(exp, names, quick, n_seeds, cached_only, decisive)
+    if not runs:
+        raise ValueError(
+            f"{exp.name}: no run trained or cached for variants {names} (--cached-only with an "
+            f"empty cache?); {out / 'result.json'} left as it was"
+        )
     extra, figs = _analyse(exp, runs, table)
     too_short = size_shortfall(exp, setup, quick)
     verdict, checks = decide(
@@ -304,6 +309,12 @@ def rescore(exp: Experiment, path: Path) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.seeds is not None and args.seeds < 1:
+        raise ValueError(f"--seeds={args.seeds}: allowed: an integer >= 1")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs={args.jobs}: allowed: an integer >= 1")
+    if args.quick and args.decisive:
+        raise ValueError("--quick and --decisive exclude each other; give one")
     exps = [load_experiment(n) for n in args.names]
     if args.threads:  # part of each run's config, hence of its cache key
         exps = [replace(e, common=[*e.common, f"train.threads={args.threads}"]) for e in exps]
