@@ -17,6 +17,7 @@ import glob
 import hashlib
 import json
 import lzma
+import math
 import os
 import sysconfig
 import tempfile
@@ -36,6 +37,15 @@ EOT = "<|endoftext|>"  # document separator, the tokenizer's only special token
 TOKENIZER_VERSION = "moelab-bytelevel-bpe-v1"  # bump when tokenisation changes: new cache keys
 CORPUS_DIR = Path(__file__).parent / "corpus"
 BUILTIN_DOMAINS = ("literary_shakespeare", "literary_kjv", "technical_python_docs", "code_stdlib")
+# Generated domains, chosen by name in ``data.domains`` (never part of the default set).
+# synthetic_uniform: i.i.d. uniform characters of SYNTHETIC_ALPHABET in lines of SYNTHETIC_LINE
+# characters + a newline: no causal model can beat SYNTHETIC_NATS_PER_CHAR on it, so a lower
+# loss proves that routing leaked future tokens (Wang et al. 2024 §5.2).
+SYNTHETIC_DOMAINS = ("synthetic_uniform",)
+SYNTHETIC_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,;:!"
+SYNTHETIC_LINE = 63
+SYNTHETIC_CHARS = 2_000_000
+SYNTHETIC_NATS_PER_CHAR = SYNTHETIC_LINE / (SYNTHETIC_LINE + 1) * math.log(len(SYNTHETIC_ALPHABET))
 BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()  # the 256 byte symbols
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 _CHUNK_CHARS = 20_000  # size of the evenly spaced chunks that cap a long domain
@@ -49,7 +59,8 @@ class DataConfig:
     sources: ``"builtin"`` (the four builtin domains) and/or paths: a text file, a folder (all
         text files below it, sorted) or a glob. Each path is one domain named after the file
         stem / folder name (``.xz`` files are decompressed).
-    domains: the builtin domains to use (empty = all of ``BUILTIN_DOMAINS``).
+    domains: the builtin domains to use (empty = all of ``BUILTIN_DOMAINS``; the generated
+        ``SYNTHETIC_DOMAINS`` only when named).
     vocab_size: BPE vocabulary size including the 256 bytes and ``<|endoftext|>``.
     seq_len: tokens per training sequence.
     max_chars_per_domain: cap on each domain's characters (train + val), taken as evenly
@@ -95,7 +106,7 @@ class DataConfig:
                 f"data.domains={list(self.domains)} selects builtin domains but data.sources "
                 "has no 'builtin'; add 'builtin' to data.sources or leave data.domains empty"
             )
-        _check_names("data.domains", self.domains, BUILTIN_DOMAINS)
+        _check_names("data.domains", self.domains, BUILTIN_DOMAINS + SYNTHETIC_DOMAINS)
         if self.sources == ("builtin",):  # user domain names are known only when loading
             _check_holdout(self.holdout_domains, list(self.domains or BUILTIN_DOMAINS))
 
@@ -135,15 +146,30 @@ class _Source:
     def digest(self) -> str:
         """sha256 of the raw bytes (compressed for .xz) of the files: cheap and exact."""
         h = hashlib.sha256()
+        if self.name in SYNTHETIC_DOMAINS:  # generated: its recipe is its content
+            recipe = [self.name, SYNTHETIC_ALPHABET, SYNTHETIC_LINE, SYNTHETIC_CHARS, 0]
+            return hashlib.sha256(json.dumps(recipe).encode()).hexdigest()
         for path in self.files:
             h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
         return h.hexdigest()
 
     def text(self) -> str:
+        if self.name in SYNTHETIC_DOMAINS:
+            return synthetic_text()
         text = EOT.join(_read_text(p) for p in self.files)
         if not text.strip():
             raise ValueError(f"data domain {self.name!r} has no text; give non-empty text files")
         return text
+
+
+def synthetic_text(n_chars: int = SYNTHETIC_CHARS, seed: int = 0) -> str:
+    """The ``synthetic_uniform`` domain: i.i.d. uniform characters of ``SYNTHETIC_ALPHABET``,
+    ``SYNTHETIC_LINE`` per line, each line ended by a newline (deterministic in ``seed``)."""
+    rng = np.random.default_rng(seed)
+    n_lines = n_chars // (SYNTHETIC_LINE + 1)
+    idx_NL = rng.integers(0, len(SYNTHETIC_ALPHABET), size=(n_lines, SYNTHETIC_LINE))
+    rows = np.array(list(SYNTHETIC_ALPHABET))[idx_NL]
+    return "".join("".join(r) + "\n" for r in rows)
 
 
 def _read_text(path: Path) -> str:
@@ -225,7 +251,12 @@ def _discover(cfg: DataConfig) -> list[_Source]:
             sources.append(_user_source(spec))
             continue
         for name in cfg.domains or BUILTIN_DOMAINS:
-            files = _stdlib_files() if name == "code_stdlib" else (CORPUS_DIR / f"{name}.txt.xz",)
+            if name in SYNTHETIC_DOMAINS:
+                files = ()
+            elif name == "code_stdlib":
+                files = _stdlib_files()
+            else:
+                files = (CORPUS_DIR / f"{name}.txt.xz",)
             sources.append(_Source(name, files))
     names = [s.name for s in sources]
     for name in names:

@@ -397,3 +397,28 @@ def test_batch_to_device_keeps_contents(builtin: Corpus) -> None:
     batch = Batcher(builtin, batch_size=2, seq_len=4).next()
     moved = batch.to("cpu")
     assert isinstance(moved, Batch) and torch.equal(moved.tokens, batch.tokens)
+
+
+def test_synthetic_uniform_domain_is_iid_text_with_a_known_entropy(tmp_path) -> None:
+    """`synthetic_uniform` is deterministic text of lines of SYNTHETIC_LINE characters drawn
+    uniformly from SYNTHETIC_ALPHABET; its entropy bound is (63/64)·ln 32 nats per character;
+    it is chosen by name only and loads like any domain."""
+    import math
+
+    from moelab import data
+
+    text = data.synthetic_text(64 * 500)
+    assert text == data.synthetic_text(64 * 500)
+    lines = text.split("\n")[:-1]
+    assert len(lines) == 500 and {len(x) for x in lines} == {data.SYNTHETIC_LINE}
+    freq = np.unique(list("".join(lines)), return_counts=True)
+    assert set(freq[0]) == set(data.SYNTHETIC_ALPHABET)
+    assert freq[1].min() > 0.7 * freq[1].mean()
+    assert data.SYNTHETIC_NATS_PER_CHAR == pytest.approx(63 / 64 * math.log(32))
+    assert "synthetic_uniform" not in data.BUILTIN_DOMAINS
+    cfg = DataConfig(domains=("literary_kjv", "synthetic_uniform"), vocab_size=300,
+                     max_chars_per_domain=20000, seq_len=16, cache_dir=str(tmp_path))  # fmt: skip
+    corpus = data.load_corpus(cfg)
+    assert set(corpus.decode(corpus.val["synthetic_uniform"])) <= set(
+        data.SYNTHETIC_ALPHABET + "\n"
+    )
