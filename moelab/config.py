@@ -109,6 +109,9 @@ class RouterConfig:
     For ``expert_choice``, ``sinkhorn``, ``hash``, ``random`` and ``uniform``, the loss-free
     bias and ``normalize`` do not apply (selection does not come from per-token scores).
     init_std: router weight init std (Switch Table 3 uses a 0.1x-scaled init); 0 = zeros.
+    dtype: precision of the gate computation: ``fp32`` (Switch's selective precision, the
+        default, also under ``train.dtype = "bf16"``) or ``bf16`` (gate matmul in bfloat16,
+        scores and gate weights rounded to bf16: the unstable setting of Switch Table 2).
     sinkhorn_iters: iterations of Sinkhorn normalisation for ``method="sinkhorn"``.
     """
 
@@ -118,6 +121,7 @@ class RouterConfig:
     score: ScoreFn = "softmax"
     topk_before_softmax: bool = False
     normalize: bool = True
+    dtype: Literal["fp32", "bf16"] = "fp32"
     num_groups: int = 1
     topk_groups: int = 1
     noise: Literal["none", "jitter", "learned", "gumbel"] = "none"

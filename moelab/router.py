@@ -65,6 +65,17 @@ def straight_through(logits_TE: Tensor, noise_TE: Tensor, experts_TK: Tensor, ta
 # ----------------------------------------------------------------------------- module
 
 
+def _as_fp32(r: Routing) -> Routing:
+    """A bf16 router's Routing handed on in fp32: every floating tensor rounded to bfloat16
+    (differentiable casts) and back, so scores and gate weights carry bf16 precision."""
+    cast = {
+        f.name: getattr(r, f.name).bfloat16().float()
+        for f in dataclasses.fields(r)
+        if isinstance(getattr(r, f.name), Tensor) and getattr(r, f.name).is_floating_point()
+    }
+    return dataclasses.replace(r, **cast)
+
+
 class Router(nn.Module):
     """Linear fp32 gate x (T, D) -> logits (T, E) -> Routing, implementing every RouterConfig
     option (noise, annealing, expert masking, soft warm-up, all methods)."""
@@ -105,22 +116,31 @@ class Router(nn.Module):
     ) -> Routing:
         """Route x (T, D) (leading dims are flattened) at training step ``step``.
 
-        The gate runs in fp32 with autocast off whatever the input dtype (Switch §2.4).
+        The gate runs with autocast off whatever the input dtype: in fp32 (Switch §2.4's
+        selective precision, the default) or, with ``router.dtype = "bf16"``, in bfloat16:
+        input, weight and logits in bf16, scores and gate weights rounded to bf16 (handed on as
+        fp32 tensors holding bf16 values), the unstable setting of Switch Table 2.
         ``bias`` (E,): loss-free selection bias (``topk`` only; the other methods balance by
         construction or ignore the scores). ``token_ids`` (T,): needed by ``hash``.
         """
         x_TD = x.reshape(-1, x.shape[-1])
+        dtype = torch.bfloat16 if self.cfg.dtype == "bf16" else torch.float32
         with torch.autocast(x.device.type, enabled=False):
-            x_TD = x_TD.float()
-            method = self.cfg.method
-            if method == "topk":
-                return self._topk(x_TD, bias, step)
-            logits_TE = F.linear(x_TD, self.weight)
-            if method == "expert_choice":
-                return expert_choice_route(logits_TE, self.top_k, score=self.cfg.score)
-            if method == "sinkhorn":
-                return self._sinkhorn(logits_TE)
-            return self._fixed(logits_TE, token_ids)
+            routing = self._route(x_TD.to(dtype), bias, step, token_ids)
+        return routing if dtype == torch.float32 else _as_fp32(routing)
+
+    def _route(
+        self, x_TD: Tensor, bias: Tensor | None, step: int, token_ids: Tensor | None
+    ) -> Routing:
+        method = self.cfg.method
+        if method == "topk":
+            return self._topk(x_TD, bias, step)
+        logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype))
+        if method == "expert_choice":
+            return expert_choice_route(logits_TE, self.top_k, score=self.cfg.score)
+        if method == "sinkhorn":
+            return self._sinkhorn(logits_TE)
+        return self._fixed(logits_TE, token_ids)
 
     def _topk(self, x_TD: Tensor, bias: Tensor | None, step: int) -> Routing:
         """Token-choice top-k with the training-only noise, masking and soft warm-up."""
@@ -129,7 +149,7 @@ class Router(nn.Module):
         if cfg.noise == "jitter" and scale > 0:  # Switch: multiplicative input jitter
             eps = cfg.noise_std * scale
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-        logits_TE = F.linear(x_TD, self.weight)
+        logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype))
         if train and cfg.expert_mask_prob > 0:
             mask_E = expert_mask_bias(
                 self.num_experts, self.top_k, cfg.expert_mask_prob, x_TD.device
@@ -164,7 +184,9 @@ class Router(nn.Module):
         Both the selection and the score function use H; the clean logits and the noise std are
         returned for the smooth load loss (eq. 8-10).
         """
-        std_TE = F.softplus(F.linear(x_TD, self.noise_weight)) * (self.cfg.noise_std * scale)
+        std_TE = F.softplus(F.linear(x_TD, self.noise_weight.to(x_TD.dtype))) * (
+            self.cfg.noise_std * scale
+        )
         noisy_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
         routing = route(noisy_TE, self.top_k, bias=bias, **self._route_kwargs())
         return dataclasses.replace(routing, clean_logits=logits_TE, noise_std=std_TE)

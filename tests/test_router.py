@@ -167,3 +167,27 @@ def test_uniform_is_exactly_balanced_and_random_is_distinct():
     rnd = _router(method="random").eval()(_x())
     assert all(len(set(row)) == K for row in rnd.experts.tolist())
     torch.testing.assert_close(rnd.weights, torch.full((T, K), 1.0 / K))
+
+
+def test_bf16_router_computes_in_bfloat16_and_returns_fp32():
+    """router.dtype='bf16': logits are F.linear in bfloat16 and scores / gate weights carry
+    bf16 precision, handed on as fp32 tensors; the default stays an fp32 computation."""
+    import torch.nn.functional as F
+
+    from moelab.config import RouterConfig
+    from moelab.router import Router
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    fp32 = Router(RouterConfig(init_std=0.5), 32, 8, 2)
+    bf16 = Router(RouterConfig(init_std=0.5, dtype="bf16"), 32, 8, 2)
+    bf16.load_state_dict(fp32.state_dict())
+    r32, r16 = fp32(x), bf16(x)
+    want_logits = F.linear(x.bfloat16(), fp32.weight.bfloat16())
+    assert r16.logits.dtype == r16.scores.dtype == r16.weights.dtype == torch.float32
+    assert torch.equal(r16.logits, want_logits.float())
+    want_scores = want_logits.float().softmax(-1)
+    assert torch.equal(r16.scores, want_scores.bfloat16().float())
+    assert torch.equal(r16.weights, r16.weights.bfloat16().float())
+    assert torch.equal(r32.logits, F.linear(x, fp32.weight))
+    assert not torch.equal(r16.scores, r32.scores)
