@@ -14,14 +14,15 @@ over the micro-batches of an optimizer step or all-reduced over ranks (Qiu et al
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
+from moelab.config import ScoreFn
+
 BiasRule = Literal["sign", "proportional", "multiplicative"]
 BiasSchedule = Literal["constant", "linear", "cosine"]
-ScoreFn = Literal["softmax", "sigmoid"]
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -96,10 +97,12 @@ def _per_token_distribution(scores_TE: Tensor) -> Tensor:
 def score_distribution(scores: Tensor, score: ScoreFn) -> Tensor:
     """Per-token routing distribution (T, E) from scores (T, E) (DeepSeek-V3 eq. 19: s').
 
-    softmax scores are returned unchanged; sigmoid scores are divided by their per-token sum
-    without an epsilon, so the result is invariant to scaling all scores (no gaming).
+    softmax scores are returned unchanged; other scores (sigmoid) are divided by their
+    per-token sum without an epsilon, so the result is invariant to scaling all scores (no
+    gaming).
     """
-    _check("score", score in ("softmax", "sigmoid"), "'softmax' or 'sigmoid'", score)
+    allowed = get_args(ScoreFn)
+    _check("score", score in allowed, " or ".join(map(repr, allowed)), score)
     return scores if score == "softmax" else _per_token_distribution(scores)
 
 

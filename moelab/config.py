@@ -74,8 +74,11 @@ def _qualname(obj: Any, name: str) -> str:
 
 # ----------------------------------------------------------------------------- MoE layer configs
 
+# The one list of score functions (their formulas: ``moelab.routing.SCORE_FNS``).
 ScoreFn = Literal["softmax", "sigmoid"]
 RouterMethod = Literal["topk", "expert_choice", "sinkhorn", "hash", "random", "uniform"]
+# Methods whose selection comes from per-token scores, so a selection bias changes it.
+BIAS_METHODS = ("topk",)
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,8 @@ class RouterConfig:
         hard top-k over this many steps (seed 001). Dense cost while it lasts.
     expert_mask_prob: *expert masking* (seed 001): each expert is removed from selection with
         this probability per forward pass in training. Not dropout inside experts.
-    For ``expert_choice``, ``sinkhorn``, ``hash``, ``random`` and ``uniform``, the loss-free
-    bias and ``normalize`` do not apply (selection does not come from per-token scores).
+    For ``expert_choice``, ``sinkhorn``, ``hash``, ``random`` and ``uniform``, ``normalize`` does
+    not apply and a loss-free bias is refused (selection does not come from per-token scores).
     init_std: router weight init std (Switch Table 3 uses a 0.1x-scaled init); 0 = zeros.
     sinkhorn_iters: iterations of Sinkhorn normalisation for ``method="sinkhorn"``.
     """
@@ -165,12 +168,14 @@ class BalanceConfig:
     E/(K·T)·Σ c_i·P_i, which equals 1.0 under perfect balance. transformers'
     ``router_aux_loss_coef`` multiplies K times this value, so ours = theirs × K.
 
-    aux_scope: where the counts c_i come from: ``micro`` (this micro-batch), ``sequence``
-        (each sequence separately, averaged; DeepSeek-V3 eq. 17-20), ``global`` (counts
+    aux_scope: where the counts c_i come from: ``micro`` (this micro-batch), ``global`` (counts
         accumulated over the gradient-accumulation steps of this optimizer step and, under
         expert parallelism, all-reduced over data-parallel ranks; Qiu et al. 2025).
-    seq_aux_coef: an additional sequence-scope Switch loss (DeepSeek-V3's complementary loss,
-        paper value 1e-4), usable together with the bias.
+        ``sequence`` is the old spelling of ``seq_aux_coef``: ``aux_coef=c, aux_scope="sequence"``
+        is read as ``seq_aux_coef=c`` (aux_coef 0, scope micro).
+    seq_aux_coef: the sequence-wise Switch loss (each sequence separately, averaged;
+        DeepSeek-V3 eq. 17-20, complementary loss, paper value 1e-4), usable with the bias and
+        with the micro or global Switch loss.
     device_coef / comm_coef: DeepSeek-V2 device-level and communication balance losses over
         ``balance.num_devices`` expert groups (real placement under expert parallelism).
     importance_coef / load_coef: Shazeer et al. 2017 CV² of importance and of the smooth load.
@@ -233,6 +238,25 @@ class BalanceConfig:
             check_range(f"balance.{name}", getattr(self, name), lo=0)
         check_range("balance.num_devices", self.num_devices, lo=1)
         check_range("balance.adaptive_max", self.adaptive_max, lo=self.adaptive_min)
+        if self.aux_scope == "sequence":
+            self._map_sequence_scope()
+
+    def _map_sequence_scope(self) -> None:
+        """``aux_scope="sequence"`` (old spelling) -> ``seq_aux_coef``: one sequence loss."""
+        if self.seq_aux_coef > 0 and self.aux_coef > 0:
+            raise ValueError(
+                "balance.aux_scope='sequence' and balance.seq_aux_coef both set the sequence-wise "
+                "loss; allowed: one of them (aux_scope='sequence' is the old spelling of "
+                "seq_aux_coef)"
+            )
+        if self.adaptive_target > 0:
+            raise ValueError(
+                "balance.aux_scope='sequence' (now balance.seq_aux_coef) has no adaptive λ; "
+                "allowed with balance.adaptive_target > 0: aux_scope 'micro' or 'global'"
+            )
+        object.__setattr__(self, "seq_aux_coef", self.seq_aux_coef or self.aux_coef)
+        object.__setattr__(self, "aux_coef", 0.0)
+        object.__setattr__(self, "aux_scope", "micro")
 
 
 @dataclass(frozen=True)
@@ -328,6 +352,16 @@ class MoEConfig:
             raise ValueError(
                 f"balance.num_devices={self.balance.num_devices} must divide moe.num_experts="
                 f"{self.num_experts}"
+            )
+
+    def check_bias_applies(self) -> None:
+        """Refuse a loss-free bias on a routing method whose selection ignores it (checked when
+        a layer is built and in a run's model config; a lone MoEConfig may still carry one)."""
+        if self.balance.bias_rate > 0 and self.router.method not in BIAS_METHODS:
+            raise ValueError(
+                f"balance.bias_rate > 0 (loss-free bias) does nothing with router.method="
+                f"{self.router.method!r}, whose selection ignores a bias; allowed: "
+                f"router.method in {list(BIAS_METHODS)} or balance.bias_rate=0"
             )
 
     @property

@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 from torch import Tensor
 
-from moelab.config import check_choice
+from moelab.config import ScoreFn, check_choice
 
-SCORES = ("softmax", "sigmoid")
+# Score function name (``moelab.config.ScoreFn``) -> logits (T, E) -> scores (T, E).
+SCORE_FNS: dict[str, Callable[[Tensor], Tensor]] = {
+    "softmax": lambda logits_TE: logits_TE.softmax(-1),  # Switch eq. 1
+    "sigmoid": lambda logits_TE: logits_TE.sigmoid(),  # DeepSeek-V3 eq. 15
+}
+SCORES: tuple[str, ...] = get_args(ScoreFn)
+assert set(SCORES) == set(SCORE_FNS), "every ScoreFn needs a formula in SCORE_FNS"
 
 
 @dataclass(frozen=True)
@@ -92,8 +100,9 @@ def check_groups(E: int, k: int, num_groups: int, topk_groups: int) -> None:
 
 
 def score_fn(logits_TE: Tensor, score: str) -> Tensor:
-    """Router scores (T, E): softmax over experts (Switch eq. 1) or sigmoid (DeepSeek-V3 eq. 15)."""
-    return logits_TE.softmax(-1) if score == "softmax" else logits_TE.sigmoid()
+    """Router scores (T, E) of logits (T, E) by the formula of ``SCORE_FNS[score]``."""
+    check_choice("score", score, SCORES)
+    return SCORE_FNS[score](logits_TE)
 
 
 def _limit_groups(sel_TE: Tensor, num_groups: int, topk_groups: int) -> Tensor:
