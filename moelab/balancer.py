@@ -214,13 +214,21 @@ class Balancer(nn.Module):
         self.register_buffer("step_counts", torch.zeros(num_experts, dtype=torch.int64))
         self.register_buffer("progress", torch.zeros((), dtype=torch.int64))
         self.register_buffer("aux_coef", torch.tensor(cfg.aux_coef, dtype=torch.float32))
+        if self.quantile:  # only then, so the other configs keep their checkpoint keys
+            self.register_buffer("price_sum", torch.zeros(num_experts))
+            self.register_buffer("price_count", torch.zeros((), dtype=torch.int64))
 
     # ------------------------------------------------------------------ forward
 
     @property
     def bias_on(self) -> bool:
         """Whether the loss-free bias moves (and so takes part in selection)."""
-        return self.cfg.bias_rate > 0
+        return self.cfg.bias_on
+
+    @property
+    def quantile(self) -> bool:
+        """Quantile Balancing (``bias_rule="quantile"``): the bias is −β, the expert prices."""
+        return self.cfg.bias_rule == "quantile"
 
     def selection_bias(self) -> Tensor | None:
         """(E,) bias to add to the scores for selection only, or None when it is off."""
@@ -243,16 +251,29 @@ class Balancer(nn.Module):
         return self.aux_coef if term.adaptive else getattr(self.cfg, term.coef)
 
     @torch.no_grad()
-    def count(self, batch_E: Tensor) -> None:
-        """Add a training forward's computation-batch counts (E,) to the step."""
+    def price_estimate(self, scores_TE: Tensor, mask_T: Tensor | None = None) -> Tensor | None:
+        """Quantile Balancing: this forward's estimate (E,) of the next prices β from its scores
+        (T, E) at the current β = −bias (``balance.quantile_prices``); None for other rules or
+        a forward with no real token."""
+        if not self.quantile or (mask_T is not None and not bool(mask_T.any())):
+            return None
+        return bal.quantile_prices(scores_TE, -self.bias, self.top_k, mask=mask_T)
+
+    @torch.no_grad()
+    def count(self, batch_E: Tensor, prices_E: Tensor | None = None) -> None:
+        """Add a training forward's computation-batch counts (E,) to the step, and under
+        Quantile Balancing its price estimate (E,) (already averaged over data ranks)."""
         self.step_counts += batch_E
+        if prices_E is not None:
+            self.price_sum += prices_E
+            self.price_count += 1
 
     # ------------------------------------------------------------------ step boundary
 
     def rate_at(self, total_steps: int | None) -> float:
         """Bias update rate u of the step now ending (``bias_schedule``); 0 with the bias off."""
         b = self.cfg
-        if not self.bias_on:
+        if b.bias_rate <= 0:
             return 0.0
         return bal.bias_rate_at(int(self.progress), total_steps or 0, b.bias_rate, b.bias_schedule)
 
@@ -264,7 +285,9 @@ class Balancer(nn.Module):
         with no training forward (counts all zero) changes nothing but ``progress``."""
         b, counts_E = self.cfg, self.step_counts
         if int(counts_E.sum()) > 0:
-            if self.bias_on:
+            if self.quantile:
+                self._quantile_update()
+            elif b.bias_rate > 0:
                 new_E = bal.update_bias(
                     self.bias,
                     counts_E,
@@ -277,6 +300,16 @@ class Balancer(nn.Module):
                 self.aux_coef.fill_(self._adapted(float(max_violation(counts_E))))
         self.reset_step()
         self.progress += 1
+
+    def _quantile_update(self) -> None:
+        """β ← the step's mean price estimate, mixed with the old β by ``quantile_ema``."""
+        n = int(self.price_count)
+        if n == 0:
+            return
+        est_E, ema = self.price_sum / n, self.cfg.quantile_ema
+        prices_E = est_E if ema == 0 else ema * -self.bias + (1.0 - ema) * est_E
+        bias_E = -prices_E
+        self.bias.copy_(bias_E - bias_E.mean() if self.cfg.bias_center else bias_E)
 
     def _adapted(self, maxvio: float) -> float:
         b = self.cfg
@@ -293,6 +326,9 @@ class Balancer(nn.Module):
     def reset_step(self) -> None:
         """Forget the counts of the current step (a skipped step updates nothing)."""
         self.step_counts.zero_()
+        if self.quantile:
+            self.price_sum.zero_()
+            self.price_count.zero_()
 
     def stats(self) -> dict[str, float]:
         """What the logger reports: mean |bias|, bias range, the live aux coefficient."""

@@ -10,9 +10,10 @@ reference code).
 
 A *dispatcher* moves the planned slots to the experts and back; the MoE layer is built with one
 (``LocalDispatcher`` here, ``moelab.ep.AllToAllDispatcher`` across an EP group). It has two
-calls: ``load(routed_E)`` gives the computation batch's counts (before the balance losses,
-which need them), ``combine(x_TD, plan, experts, load)`` the weighted expert output and the
-computation batch's kept counts.
+calls: ``load(routed_E, prices_E=None)`` gives the computation batch's counts (before the
+balance losses, which need them; with Quantile Balancing also the mean price estimate),
+``combine(x_TD, plan, experts, load)`` the weighted expert output and the computation batch's
+kept counts.
 """
 
 from __future__ import annotations
@@ -242,10 +243,12 @@ def plan_with_reroute(
 @dataclass(frozen=True)
 class Load:
     """The computation batch's routed counts: batch_E (E,) summed over the data ranks that
-    share it (this micro-batch alone in one process); routed_WE (W, E) per rank, or None."""
+    share it (this micro-batch alone in one process); routed_WE (W, E) per rank, or None;
+    prices_E (E,): a Quantile Balancing price estimate averaged over those ranks, or None."""
 
     batch_E: Tensor
     routed_WE: Tensor | None = None
+    prices_E: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -268,7 +271,7 @@ class Combined:
 class Dispatcher(Protocol):
     """Moves planned slots to their experts and the results back (see the module docstring)."""
 
-    def load(self, routed_E: Tensor) -> Load: ...
+    def load(self, routed_E: Tensor, prices_E: Tensor | None = None) -> Load: ...
 
     def combine(self, x_TD: Tensor, p: Plan, experts: nn.Module, load: Load) -> Combined:
         """experts: the layer's (local) ``moelab.experts.Experts``."""
@@ -280,8 +283,8 @@ class LocalDispatcher:
     segments and unpermute run as one autograd node (``Experts.forward_tokens``), equal to
     ``unpermute(experts(permute(x)))`` with a third of the saved activations."""
 
-    def load(self, routed_E: Tensor) -> Load:
-        return Load(routed_E)
+    def load(self, routed_E: Tensor, prices_E: Tensor | None = None) -> Load:
+        return Load(routed_E, None, prices_E)
 
     def combine(self, x_TD: Tensor, p: Plan, experts: nn.Module, load: Load) -> Combined:
         y_TD = experts.forward_tokens(x_TD, p.token_S, p.weight_S, p.splits)

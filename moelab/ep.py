@@ -219,9 +219,12 @@ class AllToAllDispatcher:
     def __init__(self, comm: Comm, num_experts: int) -> None:
         self.comm, self.num_experts = comm, num_experts
 
-    def load(self, routed_E: Tensor) -> dispatch.Load:
+    def load(self, routed_E: Tensor, prices_E: Tensor | None = None) -> dispatch.Load:
         routed_WE = self.comm.all_gather_cat(routed_E.unsqueeze(0), "all_gather of expert counts")
-        return dispatch.Load(routed_WE.sum(0), routed_WE)
+        if prices_E is not None:  # Quantile Balancing: the mean estimate over the data ranks
+            what = "all_gather of expert price estimates"
+            prices_E = self.comm.all_gather_cat(prices_E.unsqueeze(0), what).mean(0)
+        return dispatch.Load(routed_WE.sum(0), routed_WE, prices_E)
 
     def combine(
         self, x_TD: Tensor, p: dispatch.Plan, experts: nn.Module, load: dispatch.Load

@@ -124,7 +124,8 @@ class MoELayer(nn.Module):
         routing = self._route(x_TD, None if token_ids is None else token_ids.reshape(-1))
         slot_mask_TK = _slot_mask(routing, mask_T)
         counts_E = dispatch.routed_counts(routing.experts, slot_mask_TK, self.cfg.num_experts)
-        load = self.dispatcher.load(counts_E)  # the computation batch (all data ranks under EP)
+        prices_E = self.balancer.price_estimate(routing.scores, mask_T) if self.training else None
+        load = self.dispatcher.load(counts_E, prices_E)  # the computation batch (all data ranks)
         cap = self._capacity(x_TD.shape[0] if mask_T is None else int(mask_T.sum()))
         seq_len = x.shape[-2] if x.dim() >= 3 else x_TD.shape[0]  # a 2-D x is one sequence
         losses = self.balancer.losses(
@@ -136,7 +137,7 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y_TD = y_TD + self._shared(x_TD, mask_T)
         if self.training:
-            self.balancer.count(load.batch_E)
+            self.balancer.count(load.batch_E, load.prices_E)
         stats = self._stats(routing, mask_T)
         if self.training:  # counts of the whole computation batch (all ranks under EP)
             counts_E, kept_E, dropped = done.routed_E, done.kept_E, done.dropped

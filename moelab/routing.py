@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import get_args
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.config import ScoreFn, check_choice
@@ -23,6 +24,7 @@ from moelab.config import ScoreFn, check_choice
 SCORE_FNS: dict[str, Callable[[Tensor], Tensor]] = {
     "softmax": lambda logits_TE: logits_TE.softmax(-1),  # Switch eq. 1
     "sigmoid": lambda logits_TE: logits_TE.sigmoid(),  # DeepSeek-V3 eq. 15
+    "sqrtsoftplus": lambda logits_TE: F.softplus(logits_TE).sqrt(),  # DeepSeek-V4
 }
 SCORES: tuple[str, ...] = get_args(ScoreFn)
 assert set(SCORES) == set(SCORE_FNS), "every ScoreFn needs a formula in SCORE_FNS"
@@ -33,7 +35,7 @@ class Routing:
     """The result of routing T tokens over E experts (see docs/DESIGN.md)."""
 
     logits: Tensor  # (T, E) fp32 logits used for selection (after noise), for z-loss
-    scores: Tensor  # (T, E) after score fn (softmax/sigmoid), before any bias; has grad
+    scores: Tensor  # (T, E) after the score fn (SCORE_FNS), before any bias; has grad
     weights: Tensor  # (T, K) gate weights used to combine expert outputs; has grad
     experts: Tensor  # (T, K) int64, preference order (choice 0 = best)
     mask: Tensor | None = None  # (T, K) bool, False = slot unused (expert choice, padding)

@@ -202,6 +202,37 @@ def test_prepare_composes_the_ep_dispatcher_into_a_plain_layer():
         assert int(r["counts"].sum()) == T_GLOBAL * 2  # all tokens of both ranks, top-2
 
 
+def _quantile_worker(rank: int) -> torch.Tensor:
+    """One Quantile Balancing step under EP=2: the bias after end_step."""
+    from moelab.parallel import DistributedWorld
+    from moelab.train import ParallelConfig
+
+    cfg = dataclasses.replace(_layer_cfg(0.0, "micro"), balance=BalanceConfig(bias_rule="quantile"))
+    world = DistributedWorld(ParallelConfig(ep=2, timeout_s=30))
+    layer = world.prepare(_model(cfg), cfg)["moe"]
+    with torch.no_grad():
+        layer(_data(0)[0].chunk(2)[rank])
+    layer.end_step()
+    return layer.bias.clone()
+
+
+def test_quantile_prices_are_averaged_over_the_data_ranks():
+    """Under EP each rank estimates the prices from its own tokens; the bias after the step
+    is minus their mean, the same on every rank (like the loss-free counts)."""
+    from moelab import balance as bal
+
+    ranks = values(spawn(2, _quantile_worker), 2)
+    cfg = dataclasses.replace(_layer_cfg(0.0, "micro"), balance=BalanceConfig(bias_rule="quantile"))
+    layer = _model(cfg)["moe"]
+    est = []
+    for shard in _data(0)[0].chunk(2):
+        with torch.no_grad():
+            est.append(bal.quantile_prices(layer.router(shard).scores, torch.zeros(8), 2))
+    want = -(est[0] + est[1]) / 2
+    for bias in ranks:
+        torch.testing.assert_close(bias, want, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- failures
 
 

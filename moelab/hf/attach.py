@@ -160,10 +160,19 @@ class BalanceHandle:
                 )
                 self._record_losses(i, routing, counts_E, module.training)
             if module.training:
-                self.balancers[i].count(counts_E)
+                self._count(i, logits_TE, counts_E)
             return logits_TE, weights_TK, experts_TK
 
         return forward
+
+    def _count(self, i: int, logits_TE: Tensor, counts_E: Tensor) -> None:
+        """Training forward: counts (and, under Quantile Balancing, the price estimate from the
+        model's plain scores, without its own correction bias or groups) into the step."""
+        b = self.balancers[i]
+        prices_E = None
+        if b.quantile:
+            prices_E = b.price_estimate(score_fn(logits_TE.float(), self.sites[i].score))
+        b.count(counts_E, prices_E)
 
     def _seq_len(self, num_tokens: int) -> int | None:
         """L when the router saw the model input's B·L tokens, else None (a model that drops
