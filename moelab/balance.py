@@ -14,14 +14,15 @@ over the micro-batches of an optimizer step or all-reduced over ranks (Qiu et al
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
+from moelab.config import ScoreFn
+
 BiasRule = Literal["sign", "proportional", "multiplicative"]
 BiasSchedule = Literal["constant", "linear", "cosine"]
-ScoreFn = Literal["softmax", "sigmoid"]
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -96,10 +97,12 @@ def _per_token_distribution(scores_TE: Tensor) -> Tensor:
 def score_distribution(scores: Tensor, score: ScoreFn) -> Tensor:
     """Per-token routing distribution (T, E) from scores (T, E) (DeepSeek-V3 eq. 19: s').
 
-    softmax scores are returned unchanged; sigmoid scores are divided by their per-token sum
-    without an epsilon, so the result is invariant to scaling all scores (no gaming).
+    softmax scores are returned unchanged; other scores (sigmoid) are divided by their
+    per-token sum without an epsilon, so the result is invariant to scaling all scores (no
+    gaming).
     """
-    _check("score", score in ("softmax", "sigmoid"), "'softmax' or 'sigmoid'", score)
+    allowed = get_args(ScoreFn)
+    _check("score", score in allowed, " or ".join(map(repr, allowed)), score)
     return scores if score == "softmax" else _per_token_distribution(scores)
 
 
@@ -348,6 +351,32 @@ def update_bias(
     if center:
         new_E = new_E - new_E.mean()
     return new_E.to(bias.dtype)
+
+
+@torch.no_grad()
+def quantile_prices(
+    scores_TE: Tensor, prices_E: Tensor, k: int, *, mask: Tensor | None = None
+) -> Tensor:
+    """Next expert prices β (E,) of Quantile Balancing (Su 2026, "MoE World Tour 6: Optimal
+    Allocation for Equilibrium"; Megatron-LM ``quantile_balancing``).
+
+    With scores s (T, E) and the current prices β (E,), tokens choose the top-k of s − β.
+    Each token's cutoff a_t is its (k+1)-th largest value of s_t − β; the next β_i is the
+    (C+1)-th largest over tokens of s_ti − a_t with C = ⌈T·k/E⌉ (the T-th when C + 1 > T), so
+    that about C tokens still prefer expert i at that price. Padding (``mask`` False) is left
+    out. The selection bias is −β. Requires 1 <= k < E; no autograd.
+    """
+    E = scores_TE.shape[-1]
+    _check("k", isinstance(k, int) and 1 <= k < E, f"an integer in [1, {E - 1}]", k)
+    _check("prices", tuple(prices_E.shape) == (E,), f"shape ({E},)", tuple(prices_E.shape))
+    s_TE = scores_TE.detach().float()
+    if mask is not None:
+        s_TE = s_TE[mask]
+    T = s_TE.shape[0]
+    _check("scores", T >= 1, "at least one (unmasked) token", T)
+    cutoff_T1 = (s_TE - prices_E.float()).topk(k + 1, dim=-1).values[:, k : k + 1]
+    rank = min(math.ceil(T * k / E) + 1, T)
+    return (s_TE - cutoff_T1).topk(rank, dim=0).values[rank - 1]
 
 
 def bias_rate_at(step: int, total_steps: int, rate: float, schedule: BiasSchedule) -> float:

@@ -75,8 +75,11 @@ def _qualname(obj: Any, name: str) -> str:
 
 # ----------------------------------------------------------------------------- MoE layer configs
 
-ScoreFn = Literal["softmax", "sigmoid"]
+# The one list of score functions (their formulas: ``moelab.routing.SCORE_FNS``).
+ScoreFn = Literal["softmax", "sigmoid", "sqrtsoftplus"]
 RouterMethod = Literal["topk", "expert_choice", "sinkhorn", "hash", "random", "uniform"]
+# Methods whose selection comes from per-token scores, so a selection bias changes it.
+BIAS_METHODS = ("topk",)
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,9 @@ class RouterConfig:
         tokens, *non-causal* in a decoder), ``sinkhorn`` (balanced assignment, BASE layers),
         ``hash`` (token id modulo hashing, Roller et al. 2021), ``random`` and ``uniform``
         (round-robin, perfectly balanced; for benchmarks).
-    score: score function applied to the logits, ``softmax`` or ``sigmoid`` (DeepSeek-V3).
+    score: score function applied to the logits, ``softmax``, ``sigmoid`` (DeepSeek-V3) or
+        ``sqrtsoftplus`` = sqrt(softplus(logit)) (DeepSeek-V4; Megatron-Core
+        ``moe_router_score_function``); non-softmax scores are renormalised over the chosen k.
     topk_before_softmax: Mixtral style (softmax over the k selected logits) instead of Switch
         style (softmax over all E, then top-k). Only with ``score="softmax"``.
     normalize: renormalise the selected gate weights to sum to 1 per token.
@@ -106,8 +111,8 @@ class RouterConfig:
         hard top-k over this many steps (seed 001). Dense cost while it lasts.
     expert_mask_prob: *expert masking* (seed 001): each expert is removed from selection with
         this probability per forward pass in training. Not dropout inside experts.
-    For ``expert_choice``, ``sinkhorn``, ``hash``, ``random`` and ``uniform``, the loss-free
-    bias and ``normalize`` do not apply (selection does not come from per-token scores).
+    For ``expert_choice``, ``sinkhorn``, ``hash``, ``random`` and ``uniform``, ``normalize`` does
+    not apply and a loss-free bias is refused (selection does not come from per-token scores).
     init_std: router weight init std (Switch Table 3 uses a 0.1x-scaled init); 0 = zeros.
     dtype: precision of the gate computation: ``fp32`` (Switch's selective precision, the
         default, also under ``train.dtype = "bf16"``) or ``bf16`` (gate matmul in bfloat16,
@@ -170,12 +175,14 @@ class BalanceConfig:
     E/(K·T)·Σ c_i·P_i, which equals 1.0 under perfect balance. transformers'
     ``router_aux_loss_coef`` multiplies K times this value, so ours = theirs × K.
 
-    aux_scope: where the counts c_i come from: ``micro`` (this micro-batch), ``sequence``
-        (each sequence separately, averaged; DeepSeek-V3 eq. 17-20), ``global`` (counts
+    aux_scope: where the counts c_i come from: ``micro`` (this micro-batch), ``global`` (counts
         accumulated over the gradient-accumulation steps of this optimizer step and, under
         expert parallelism, all-reduced over data-parallel ranks; Qiu et al. 2025).
-    seq_aux_coef: an additional sequence-scope Switch loss (DeepSeek-V3's complementary loss,
-        paper value 1e-4), usable together with the bias.
+        ``sequence`` is the old spelling of ``seq_aux_coef``: ``aux_coef=c, aux_scope="sequence"``
+        is read as ``seq_aux_coef=c`` (aux_coef 0, scope micro).
+    seq_aux_coef: the sequence-wise Switch loss (each sequence separately, averaged;
+        DeepSeek-V3 eq. 17-20, complementary loss, paper value 1e-4), usable with the bias and
+        with the micro or global Switch loss.
     device_coef / comm_coef: DeepSeek-V2 device-level and communication balance losses over
         ``balance.num_devices`` expert groups (real placement under expert parallelism).
     importance_coef / load_coef: Shazeer et al. 2017 CV² of importance and of the smooth load.
@@ -186,7 +193,12 @@ class BalanceConfig:
     bias_rule: ``sign`` (Alg. 1: b_i += u·sign(mean − c_i)), ``proportional``
         (b_i += u·(mean − c_i)/mean, so u does not depend on the batch size),
         ``multiplicative`` (b_i += u·log((mean + 1)/(c_i + 1)), i.e. multiplies the selection
-        odds; +1 keeps empty experts finite).
+        odds; +1 keeps empty experts finite), or ``quantile``: Quantile Balancing (Su 2026,
+        "MoE World Tour 6"; Megatron-LM ``quantile_balancing``), which needs no rate: the bias
+        is −β, β_i the price at which ⌈T·k/E⌉ tokens still prefer expert i
+        (``moelab.balance.quantile_prices``), estimated each step.
+    quantile_ema: with ``bias_rule="quantile"``: β ← ema·β + (1 − ema)·estimate, in [0, 1)
+        (0 = each step's estimate as it is).
     bias_schedule: rate over training: ``constant``, ``linear`` or ``cosine`` decay to 0.
     bias_center: re-centre the bias to zero mean after each update.
     adaptive_target: adaptive-λ: raise ``aux_coef`` while MaxVio_batch exceeds this
@@ -209,7 +221,8 @@ class BalanceConfig:
     batch_entropy_coef: float = 0.0
     overflow_coef: float = 0.0
     bias_rate: float = 0.0
-    bias_rule: Literal["sign", "proportional", "multiplicative"] = "sign"
+    bias_rule: Literal["sign", "proportional", "multiplicative", "quantile"] = "sign"
+    quantile_ema: float = 0.0
     bias_schedule: Literal["constant", "linear", "cosine"] = "constant"
     bias_center: bool = False
     adaptive_target: float = 0.0
@@ -238,6 +251,36 @@ class BalanceConfig:
             check_range(f"balance.{name}", getattr(self, name), lo=0)
         check_range("balance.num_devices", self.num_devices, lo=1)
         check_range("balance.adaptive_max", self.adaptive_max, lo=self.adaptive_min)
+        check_range("balance.quantile_ema", self.quantile_ema, lo=0, hi=1, hi_open=True)
+        if self.bias_rule == "quantile" and self.bias_rate > 0:
+            raise ValueError(
+                "balance.bias_rate is not used by balance.bias_rule='quantile' (Quantile Balancing "
+                "needs no rate); allowed: bias_rate=0 with it, or another bias_rule"
+            )
+        if self.aux_scope == "sequence":
+            self._map_sequence_scope()
+
+    @property
+    def bias_on(self) -> bool:
+        """Whether a loss-free bias takes part in selection (a rate, or Quantile Balancing)."""
+        return self.bias_rate > 0 or self.bias_rule == "quantile"
+
+    def _map_sequence_scope(self) -> None:
+        """``aux_scope="sequence"`` (old spelling) -> ``seq_aux_coef``: one sequence loss."""
+        if self.seq_aux_coef > 0 and self.aux_coef > 0:
+            raise ValueError(
+                "balance.aux_scope='sequence' and balance.seq_aux_coef both set the sequence-wise "
+                "loss; allowed: one of them (aux_scope='sequence' is the old spelling of "
+                "seq_aux_coef)"
+            )
+        if self.adaptive_target > 0:
+            raise ValueError(
+                "balance.aux_scope='sequence' (now balance.seq_aux_coef) has no adaptive λ; "
+                "allowed with balance.adaptive_target > 0: aux_scope 'micro' or 'global'"
+            )
+        object.__setattr__(self, "seq_aux_coef", self.seq_aux_coef or self.aux_coef)
+        object.__setattr__(self, "aux_coef", 0.0)
+        object.__setattr__(self, "aux_scope", "micro")
 
 
 @dataclass(frozen=True)
@@ -340,6 +383,23 @@ class MoEConfig:
             raise ValueError(
                 f"balance.num_devices={self.balance.num_devices} must divide moe.num_experts="
                 f"{self.num_experts}"
+            )
+
+    def check_bias_applies(self) -> None:
+        """Refuse a loss-free bias on a routing method whose selection ignores it (checked when
+        a layer is built and in a run's model config; a lone MoEConfig may still carry one)."""
+        b = self.balance
+        if b.bias_on and self.router.method not in BIAS_METHODS:
+            which = "bias_rule='quantile'" if b.bias_rule == "quantile" else "bias_rate > 0"
+            raise ValueError(
+                f"balance.{which} (loss-free bias) does nothing with router.method="
+                f"{self.router.method!r}, whose selection ignores a bias; allowed: "
+                f"router.method in {list(BIAS_METHODS)} or no balance.bias_rate / bias_rule"
+            )
+        if b.bias_rule == "quantile" and self.top_k >= self.num_experts:
+            raise ValueError(
+                f"balance.bias_rule='quantile' needs moe.top_k < moe.num_experts (a (k+1)-th "
+                f"choice per token); got top_k={self.top_k}, num_experts={self.num_experts}"
             )
 
     @property

@@ -7,17 +7,24 @@ by expert so that each expert's tokens form one contiguous segment of a (S, D) b
 run on their segments (``moelab.experts``) and the results are scattered back, weighted by the
 gate. Memory is O(T·K·D); there is no (T, E, C) one-hot dispatch tensor (unlike GShard/Switch
 reference code).
+
+A *dispatcher* moves the planned slots to the experts and back; the MoE layer is built with one
+(``LocalDispatcher`` here, ``moelab.ep.AllToAllDispatcher`` across an EP group). It has two
+calls: ``load(routed_E, prices_E=None)`` gives the computation batch's counts (before the
+balance losses, which need them; with Quantile Balancing also the mean price estimate),
+``combine(x_TD, plan, experts, load)`` the weighted expert output and the computation batch's
+kept counts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 DropPolicy = Literal["score", "position"]
 
@@ -61,6 +68,12 @@ class Plan:
         return self.routed_E.sum() - self.kept_E.sum()
 
 
+def routed_counts(experts_TK: Tensor, mask_TK: Tensor | None, num_experts: int) -> Tensor:
+    """(E,) int64 valid slots per expert before drops; experts_TK (T, K), mask_TK (T, K) bool."""
+    valid_S = None if mask_TK is None else mask_TK.reshape(-1)
+    return _bincount(experts_TK.reshape(-1), valid_S, num_experts)
+
+
 def plan(
     experts_TK: Tensor,
     weights_TK: Tensor,
@@ -69,6 +82,7 @@ def plan(
     capacity: int | Tensor = 0,
     policy: DropPolicy = "score",
     mask_TK: Tensor | None = None,
+    routed_E: Tensor | None = None,
 ) -> Plan:
     """Sort token-slots by expert and drop those over capacity.
 
@@ -76,14 +90,16 @@ def plan(
     padding or expert-choice slots not chosen). ``policy="score"`` keeps each expert's highest
     gate weights (Megatron "probs"); ``"position"`` keeps first choices before second choices,
     then earlier tokens first (GShard Alg. 1 / Switch). ``capacity`` is an int (0 = dropless)
-    or an (E,) tensor of per-expert room (used when re-routing).
+    or an (E,) tensor of per-expert room (used when re-routing). ``routed_E``: the
+    ``routed_counts`` of these slots when the caller has them already.
     """
     T, K = experts_TK.shape
     if policy not in ("score", "position"):
         raise ValueError(f"policy={policy!r} is not allowed; choose one of ['score', 'position']")
     experts_S = experts_TK.reshape(-1)
     valid_S = None if mask_TK is None else mask_TK.reshape(-1)
-    routed_E = _bincount(experts_S, valid_S, num_experts)
+    if routed_E is None:
+        routed_E = _bincount(experts_S, valid_S, num_experts)
     if isinstance(capacity, Tensor) or (capacity > 0 and bool((routed_E > capacity).any())):
         keep_S = _within_capacity(experts_S, weights_TK, valid_S, num_experts, capacity, policy)
     else:
@@ -174,6 +190,7 @@ def plan_with_reroute(
     policy: DropPolicy = "score",
     mask_TK: Tensor | None = None,
     normalize: bool = True,
+    routed_E: Tensor | None = None,
 ) -> Plan:
     """Plan, then move each dropped slot to the token's best expert not yet chosen (one round).
 
@@ -183,7 +200,13 @@ def plan_with_reroute(
     first-round load (what the router asked for).
     """
     first = plan(
-        experts_TK, weights_TK, num_experts, capacity=capacity, policy=policy, mask_TK=mask_TK
+        experts_TK,
+        weights_TK,
+        num_experts,
+        capacity=capacity,
+        policy=policy,
+        mask_TK=mask_TK,
+        routed_E=routed_E,
     )
     if capacity == 0 or int(first.dropped) == 0:
         return first
@@ -212,3 +235,57 @@ def plan_with_reroute(
         mask_TK=first.kept_TK | (second.kept_TK & dropped_TK),
     )
     return dataclasses.replace(final, routed_E=first.routed_E, capacity=capacity)
+
+
+# ----------------------------------------------------------------------------- dispatchers
+
+
+@dataclass(frozen=True)
+class Load:
+    """The computation batch's routed counts: batch_E (E,) summed over the data ranks that
+    share it (this micro-batch alone in one process); routed_WE (W, E) per rank, or None;
+    prices_E (E,): a Quantile Balancing price estimate averaged over those ranks, or None."""
+
+    batch_E: Tensor
+    routed_WE: Tensor | None = None
+    prices_E: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Combined:
+    """A dispatcher's result: output_TD (T, D) the gate-weighted expert outputs; routed_E and
+    kept_E (E,) the computation batch's slots per expert before / after drops; stats: extra
+    detached diagnostics (under EP ``rank_load`` (W,) and ``dropped_rank`` (W,))."""
+
+    output_TD: Tensor
+    routed_E: Tensor
+    kept_E: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def dropped(self) -> Tensor:
+        """Dropped slots of the computation batch (0-dim int64)."""
+        return self.routed_E.sum() - self.kept_E.sum()
+
+
+class Dispatcher(Protocol):
+    """Moves planned slots to their experts and the results back (see the module docstring)."""
+
+    def load(self, routed_E: Tensor, prices_E: Tensor | None = None) -> Load: ...
+
+    def combine(self, x_TD: Tensor, p: Plan, experts: nn.Module, load: Load) -> Combined:
+        """experts: the layer's (local) ``moelab.experts.Experts``."""
+        ...
+
+
+class LocalDispatcher:
+    """One process: the computation batch is this micro-batch; permute, experts on contiguous
+    segments and unpermute run as one autograd node (``Experts.forward_tokens``), equal to
+    ``unpermute(experts(permute(x)))`` with a third of the saved activations."""
+
+    def load(self, routed_E: Tensor, prices_E: Tensor | None = None) -> Load:
+        return Load(routed_E, None, prices_E)
+
+    def combine(self, x_TD: Tensor, p: Plan, experts: nn.Module, load: Load) -> Combined:
+        y_TD = experts.forward_tokens(x_TD, p.token_S, p.weight_S, p.splits)
+        return Combined(y_TD, p.routed_E, p.kept_E)

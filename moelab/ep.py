@@ -1,5 +1,5 @@
-"""Expert parallelism: the EP layout, its collectives and the MoE layer with the all-to-all
-token exchange (GShard / DeepSpeed-MoE style, ``all_to_all_single``). With
+"""Expert parallelism: the EP layout, its collectives and the all-to-all token dispatcher
+(GShard / DeepSpeed-MoE style, ``all_to_all_single``). With
 ``moelab.parallel`` (the world that uses it), the only moelab modules importing
 torch.distributed.
 
@@ -13,7 +13,6 @@ the same experts {r % P, r % P + P, ...}.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,7 +24,6 @@ from torch import Tensor, nn
 
 from moelab import dispatch
 from moelab.errors import RunError
-from moelab.moe import MoELayer, MoEOutput
 
 
 class DistributedError(RunError):
@@ -202,60 +200,53 @@ class _AllToAll(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-# ----------------------------------------------------------------------------- EP layer
+# ----------------------------------------------------------------------------- EP dispatcher
 
 
-class ExpertParallelMoE(MoELayer):
-    """``MoELayer`` whose experts are sharded over an EP group.
+class AllToAllDispatcher:
+    """The token dispatcher of an MoE layer whose experts are sharded over an EP group
+    (GShard / DeepSpeed-MoE style all-to-all; ``moelab.dispatch.Dispatcher``).
 
-    Installed by ``DistributedWorld.prepare`` by swapping the class of an existing layer (as
-    FSDP2's ``fully_shard`` does), so the model code is the same with or without parallelism.
-    Routing and capacity are local (router parameters are replicated; capacity is per source
-    rank, as in Megatron's local dropping). In training the returned ``counts``/``kept``/
-    ``dropped`` are those of the whole computation batch (all ranks); ``stats`` adds
-    ``rank_load`` (W,) slots processed by each rank's experts and ``dropped_rank`` (W,).
+    Installed on each MoE layer by ``DistributedWorld.prepare`` with the layer's expert shard,
+    so the model code is the same with or without parallelism. Routing and capacity are local
+    (router parameters are replicated; capacity is per source rank, as in Megatron's local
+    dropping). ``load`` all-gathers every rank's routed counts (W, E), once per layer and
+    forward: their sum is the computation batch's counts (global-scope aux, loss-free bias),
+    the rows give the per-rank drops. ``combine`` all-gathers the kept counts to size the
+    exchange and adds ``rank_load`` (W,) and ``dropped_rank`` (W,) to the stats.
     """
 
-    comm: Comm
-    _table: Tensor | None  # (W, 2, E) routed / kept counts of every rank, this forward only
+    def __init__(self, comm: Comm, num_experts: int) -> None:
+        self.comm, self.num_experts = comm, num_experts
 
-    def forward(
-        self, x: Tensor, *, token_ids: Tensor | None = None, mask: Tensor | None = None
-    ) -> MoEOutput:
-        self._table = None
-        out = super().forward(x, token_ids=token_ids, mask=mask)
-        table, self._table = self._table, None
-        if not self.training or table is None:
-            return out
-        routed_WE, kept_WE = table[:, 0], table[:, 1]
-        stats = out.stats | {
-            "rank_load": rank_loads(kept_WE, self.comm.layout.ep),
-            "dropped_rank": (routed_WE - kept_WE).sum(1),
-        }
-        return dataclasses.replace(
-            out,
-            counts=routed_WE.sum(0),
-            kept=kept_WE.sum(0),
-            dropped=routed_WE.sum() - kept_WE.sum(),
-            stats=stats,
-        )
+    def load(self, routed_E: Tensor, prices_E: Tensor | None = None) -> dispatch.Load:
+        routed_WE = self.comm.all_gather_cat(routed_E.unsqueeze(0), "all_gather of expert counts")
+        if prices_E is not None:  # Quantile Balancing: the mean estimate over the data ranks
+            what = "all_gather of expert price estimates"
+            prices_E = self.comm.all_gather_cat(prices_E.unsqueeze(0), what).mean(0)
+        return dispatch.Load(routed_WE.sum(0), routed_WE, prices_E)
 
-    def _experts_forward(self, x_TD: Tensor, plan: dispatch.Plan) -> Tensor:
+    def combine(
+        self, x_TD: Tensor, p: dispatch.Plan, experts: nn.Module, load: dispatch.Load
+    ) -> dispatch.Combined:
         """Permute -> all-to-all to the expert owners -> local experts -> all-to-all back ->
         unpermute (weighted)."""
         comm = self.comm
-        x_SD = dispatch.permute(x_TD, plan)  # (S, D) sorted by global expert
-        mine = torch.stack([plan.routed_E, plan.kept_E]).flatten()  # (2E,)
-        table = comm.all_gather_cat(mine.unsqueeze(0), "all_gather of expert counts")
-        self._table = table.view(-1, 2, self.cfg.num_experts)  # (W, 2, E)
-        ex = exchange_plan(self._table[:, 1], comm.layout)
+        x_SD = dispatch.permute(x_TD, p)  # (S, D) sorted by global expert
+        kept_WE = comm.all_gather_cat(p.kept_E.unsqueeze(0), "all_gather of kept expert counts")
+        ex = exchange_plan(kept_WE, comm.layout)
         x_RD = _AllToAll.apply(x_SD, ex.recv, ex.send, comm, "all_to_all (dispatch)")
         x_RD = x_RD.index_select(0, ex.order_R.to(x_RD.device))  # grouped by local expert
-        y_RD = self.experts(x_RD, ex.local_splits)
-        y_RD = _keep_in_graph(y_RD, x_RD, self.experts)
+        y_RD = experts(x_RD, ex.local_splits)
+        y_RD = _keep_in_graph(y_RD, x_RD, experts)
         y_RD = y_RD.index_select(0, ex.inverse_R.to(y_RD.device))  # back to source order
         y_SD = _AllToAll.apply(y_RD, ex.send, ex.recv, comm, "all_to_all (combine)")
-        return dispatch.unpermute(y_SD, plan, x_TD.shape[0])
+        stats = {
+            "rank_load": rank_loads(kept_WE, comm.layout.ep),
+            "dropped_rank": (load.routed_WE - kept_WE).sum(1),
+        }
+        y_TD = dispatch.unpermute(y_SD, p, x_TD.shape[0])
+        return dispatch.Combined(y_TD, load.batch_E, kept_WE.sum(0), stats)
 
 
 def _keep_in_graph(y_RD: Tensor, x_RD: Tensor, experts: nn.Module) -> Tensor:

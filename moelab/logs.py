@@ -85,6 +85,7 @@ def step_row(step: int, r, model, trackers, lr: float, tokens: int, tok_s: float
         for i in range(len(layers))
     ]
     counts = r.step_counts()
+    balance = [layer.balancer.stats() for layer in layers]
     total_slots = sum(int(c.sum()) for c in counts)
     mv_step = [float(metrics.max_violation(c)) for c in counts]
     row |= {
@@ -97,9 +98,9 @@ def step_row(step: int, r, model, trackers, lr: float, tokens: int, tok_s: float
         "since_hit_max_layers": [int(t.tokens_since_last_hit.max()) for t in trackers],
         "drop_rate": metrics.drop_rate(r.dropped, total_slots),
         "z_layers": r.z,
-        "bias_absmean_layers": [float(layer.bias.abs().mean()) for layer in layers],
-        "bias_range_layers": [float(layer.bias.max() - layer.bias.min()) for layer in layers],
-        "aux_coef_layers": [float(layer.aux_coef) for layer in layers],
+        "bias_absmean_layers": [b["bias_absmean"] for b in balance],
+        "bias_range_layers": [b["bias_range"] for b in balance],
+        "aux_coef_layers": [b["aux_coef"] for b in balance],
         "counts_layers": [c.tolist() for c in counts],
         "expert_grad_norm_layers": [[round(float(g), 6) for g in e] for e in r.expert_grad_norms],
     }

@@ -63,6 +63,8 @@ class ModelConfig:
             )
         if (self.d_model // self.n_heads) % 2:
             raise ValueError("model.d_model / model.n_heads must be even (rotary embeddings)")
+        if self.moe is not None:
+            self.moe.check_bias_applies()
         if self.moe is not None and self.moe.d_model != self.d_model:
             raise ValueError(
                 f"model.moe.d_model={self.moe.d_model} differs from model.d_model="
@@ -232,7 +234,12 @@ class MoELM(nn.Module):
     def end_step(self, total_steps: int | None = None) -> None:
         """Balance-state update of every MoE layer after an optimizer step."""
         for layer in self.moe_layers:
-            layer.end_step(total_steps)
+            layer.balancer.end_step(total_steps)
+
+    def reset_step(self) -> None:
+        """Drop the balance counts of the current step in every MoE layer (a skipped step)."""
+        for layer in self.moe_layers:
+            layer.balancer.reset_step()
 
     def count_params(self) -> dict[str, int]:
         """Total and active-per-token parameter counts (embedding counted once). Under expert

@@ -7,16 +7,16 @@ The layer is usable inside any PyTorch model: ``MoELayer(cfg)(x)`` takes x of sh
 ``losses`` hold every balance term already multiplied by its coefficient. Balance losses use
 the routing *before* capacity drops (Switch's reading; Megatron-LM #1513).
 
-The only state besides parameters is the explicit balance state, all buffers saved in
-checkpoints: ``bias`` (E,) for loss-free balancing, ``step_counts`` (E,) accumulated over the
-micro-batches of the current optimizer step, ``progress`` (optimizer steps taken, for
-annealing schedules) and ``aux_coef`` (the live coefficient under adaptive-λ).
-Call :meth:`MoELayer.end_step` after every optimizer step.
+Two components are chosen when the layer is built: the ``balancer``
+(:class:`moelab.balancer.Balancer`, the balance state and policy: selection bias, loss terms,
+step counts) and the ``dispatcher`` (``moelab.dispatch.LocalDispatcher`` in one process,
+``moelab.ep.AllToAllDispatcher`` under expert parallelism). The only state besides parameters
+is the balancer's, saved in checkpoints under the layer's own keys (``bias``, ``step_counts``,
+``progress``, ``aux_coef``). Call :meth:`MoELayer.end_step` after every optimizer step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,9 +25,9 @@ from torch import Tensor, nn
 
 from moelab import balance as bal
 from moelab import dispatch
+from moelab.balancer import BalanceInputs, Balancer
 from moelab.config import MoEConfig
 from moelab.experts import Experts, SharedExperts
-from moelab.metrics import max_violation
 from moelab.router import Router
 from moelab.routing import Routing
 
@@ -70,12 +70,20 @@ class MoEOutput:
 
 
 class MoELayer(nn.Module):
-    """A Mixture-of-Experts FFN layer configured by :class:`moelab.MoEConfig`."""
+    """A Mixture-of-Experts FFN layer configured by :class:`moelab.MoEConfig`.
 
-    def __init__(self, cfg: MoEConfig) -> None:
+    dispatcher: how planned slots reach the experts (default: one process).
+    """
+
+    def __init__(self, cfg: MoEConfig, *, dispatcher: dispatch.Dispatcher | None = None) -> None:
         super().__init__()
+        cfg.check_bias_applies()
         self.cfg = cfg
         E = cfg.num_experts
+        # First child, so its buffers keep the place the layer's own buffers had.
+        self.balancer = Balancer(
+            cfg.balance, num_experts=E, top_k=cfg.top_k, score=cfg.router.score
+        )
         self.router = Router(cfg.router, cfg.d_model, E, cfg.top_k)
         self.experts = Experts(
             E,
@@ -90,14 +98,17 @@ class MoELayer(nn.Module):
             if cfg.num_shared
             else None
         )
-        self.register_buffer("bias", torch.zeros(E))
-        self.register_buffer("step_counts", torch.zeros(E, dtype=torch.int64))
-        self.register_buffer("progress", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("aux_coef", torch.tensor(cfg.balance.aux_coef, dtype=torch.float32))
-        # Set by moelab.parallel: all-reduce (E,) counts over the data-parallel ranks.
-        self.reduce_counts: Callable[[Tensor], Tensor] | None = None
+        self.dispatcher: dispatch.Dispatcher = dispatcher or dispatch.LocalDispatcher()
         # Set by the model: this layer's index among its MoE layers (named in errors).
         self.layer_index: int | None = None
+        self.register_state_dict_post_hook(_flatten_balancer_keys)
+        self.register_load_state_dict_pre_hook(_nest_balancer_keys)
+
+    # Read-only views of the balance state (owned by ``self.balancer``).
+    bias = property(lambda self: self.balancer.bias, doc="(E,) loss-free selection bias")
+    step_counts = property(lambda self: self.balancer.step_counts, doc="(E,) this step's counts")
+    progress = property(lambda self: self.balancer.progress, doc="optimizer steps taken")
+    aux_coef = property(lambda self: self.balancer.aux_coef, doc="live Switch coefficient")
 
     # ------------------------------------------------------------------ forward
 
@@ -112,38 +123,52 @@ class MoELayer(nn.Module):
         mask_T = None if mask is None else mask.reshape(-1).to(torch.bool)
         routing = self._route(x_TD, None if token_ids is None else token_ids.reshape(-1))
         slot_mask_TK = _slot_mask(routing, mask_T)
-        counts_E = _counts(routing.experts, slot_mask_TK, self.cfg.num_experts)
-        # Counts of the whole computation batch (all data ranks under EP; one all-reduce).
-        global_E = counts_E if self.reduce_counts is None else self.reduce_counts(counts_E)
+        counts_E = dispatch.routed_counts(routing.experts, slot_mask_TK, self.cfg.num_experts)
+        prices_E = self.balancer.price_estimate(routing.scores, mask_T) if self.training else None
+        load = self.dispatcher.load(counts_E, prices_E)  # the computation batch (all data ranks)
         cap = self._capacity(x_TD.shape[0] if mask_T is None else int(mask_T.sum()))
-        losses = self._losses(routing, counts_E, global_E, slot_mask_TK, mask_T, x.shape, cap)
-        plan = self._plan(routing, slot_mask_TK, cap)
-        y_TD = self._experts_forward(x_TD, plan)
+        seq_len = x.shape[-2] if x.dim() >= 3 else x_TD.shape[0]  # a 2-D x is one sequence
+        losses = self.balancer.losses(
+            BalanceInputs(routing, counts_E, load.batch_E, self.training, mask_T, seq_len, cap)
+        )
+        plan = self._plan(routing, slot_mask_TK, cap, counts_E)
+        done = self.dispatcher.combine(x_TD, plan, self.experts, load)
+        y_TD = done.output_TD
         if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if mask_T is not None:  # padding gets no FFN output at all
-                shared_TD = shared_TD * mask_T.unsqueeze(1).to(shared_TD.dtype)
-            y_TD = y_TD + shared_TD
+            y_TD = y_TD + self._shared(x_TD, mask_T)
         if self.training:
-            self._accumulate(global_E)
+            self.balancer.count(load.batch_E, load.prices_E)
+        stats = self._stats(routing, mask_T)
+        if self.training:  # counts of the whole computation batch (all ranks under EP)
+            counts_E, kept_E, dropped = done.routed_E, done.kept_E, done.dropped
+            stats |= done.stats
+        else:
+            kept_E, dropped = plan.kept_E, plan.dropped
         return MoEOutput(
             output=y_TD.reshape(x.shape),
             losses=losses,
             counts=counts_E,
-            kept=plan.kept_E,
-            dropped=plan.dropped,
+            kept=kept_E,
+            dropped=dropped,
             experts=routing.experts.detach(),
             slot_mask=slot_mask_TK,
-            stats=self._stats(routing, mask_T),
+            stats=stats,
         )
+
+    def _shared(self, x_TD: Tensor, mask_T: Tensor | None) -> Tensor:
+        """Always-on shared experts (T, D); padding gets no FFN output at all."""
+        shared_TD = self.shared(x_TD)
+        if mask_T is not None:
+            shared_TD = shared_TD * mask_T.unsqueeze(1).to(shared_TD.dtype)
+        return shared_TD
 
     def _route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
         """The router's decision; NonFiniteRouterError (naming this layer) on NaN/inf logits."""
         try:
             return self.router(
                 x_TD,
-                bias=self.bias if self.cfg.balance.bias_rate > 0 else None,
-                step=int(self.progress),
+                bias=self.balancer.selection_bias(),
+                step=int(self.balancer.progress),
                 token_ids=token_ids_T,
             )
         except ValueError as exc:
@@ -159,141 +184,31 @@ class MoELayer(nn.Module):
         factor = self.cfg.capacity.factor_for(self.training)
         return dispatch.capacity(num_tokens, self.cfg.top_k, self.cfg.num_experts, factor)
 
-    def _plan(self, routing: Routing, slot_mask_TK: Tensor | None, cap: int) -> dispatch.Plan:
-        c = self.cfg.capacity
+    def _plan(
+        self, routing: Routing, slot_mask_TK: Tensor | None, cap: int, routed_E: Tensor
+    ) -> dispatch.Plan:
+        c, E = self.cfg.capacity, self.cfg.num_experts
         if c.reroute and cap > 0 and routing.mask is None:
             return dispatch.plan_with_reroute(
                 routing.experts,
                 routing.weights,
                 routing.scores,
-                self.cfg.num_experts,
+                E,
                 capacity=cap,
                 policy=c.policy,
                 mask_TK=slot_mask_TK,
                 normalize=self.cfg.router.normalize,
+                routed_E=routed_E,
             )
         return dispatch.plan(
             routing.experts,
             routing.weights,
-            self.cfg.num_experts,
+            E,
             capacity=cap,
             policy=c.policy,
             mask_TK=slot_mask_TK,
+            routed_E=routed_E,
         )
-
-    def _experts_forward(self, x_TD: Tensor, plan: dispatch.Plan) -> Tensor:
-        """Permute, run experts on contiguous segments, unpermute (overridden under EP).
-
-        Single process: the three steps as one autograd node (``Experts.forward_tokens``),
-        equal to ``unpermute(experts(permute(x)))`` with a third of the saved activations.
-        """
-        return self.experts.forward_tokens(x_TD, plan.token_S, plan.weight_S, plan.splits)
-
-    # ------------------------------------------------------------------ balance
-
-    def _losses(
-        self,
-        routing: Routing,
-        counts_E: Tensor,
-        global_E: Tensor,
-        slot_mask_TK: Tensor | None,
-        mask_T: Tensor | None,
-        shape: torch.Size,
-        cap: int,
-    ) -> dict[str, Tensor]:
-        """Every balance term with a non-zero coefficient, weighted (before capacity drops).
-
-        counts_E: this rank's counts; global_E: the same summed over data ranks (``reduce_counts``).
-        """
-        b, E = self.cfg.balance, self.cfg.num_experts
-        dist_TE = bal.score_distribution(routing.scores, self.cfg.router.score)
-        probs_E = _masked_mean(dist_TE, mask_T)
-        out: dict[str, Tensor] = {}
-        if b.aux_coef > 0 or b.adaptive_target > 0:
-            out["aux"] = self.aux_coef * self._scoped_aux(
-                routing, counts_E, global_E, probs_E, mask_T, shape
-            )
-        if b.seq_aux_coef > 0:
-            out["seq_aux"] = b.seq_aux_coef * self._sequence_aux(routing, mask_T, shape)
-        if b.device_coef > 0:
-            out["device"] = b.device_coef * bal.device_loss(
-                counts=counts_E, probs=probs_E, num_devices=b.num_devices
-            )
-        if b.comm_coef > 0:
-            hits_G = bal.device_hits(routing.experts, E, b.num_devices, mask=mask_T)
-            out["comm"] = b.comm_coef * bal.comm_loss(
-                device_hits=hits_G,
-                probs=probs_E,
-                num_devices=b.num_devices,
-                max_devices=min(self.cfg.top_k, b.num_devices),
-            )
-        if b.importance_coef > 0:
-            out["importance"] = b.importance_coef * bal.importance_loss(
-                routing.weights, routing.experts, E, mask=mask_T
-            )
-        if b.load_coef > 0:
-            out["load"] = b.load_coef * self._smooth_load(routing, mask_T)
-        if b.z_coef > 0:
-            out["z"] = b.z_coef * bal.z_loss(routing.logits, mask=mask_T)
-        if b.entropy_coef > 0:
-            out["entropy"] = b.entropy_coef * bal.token_entropy_loss(dist_TE, mask=mask_T)
-        if b.batch_entropy_coef > 0:
-            out["batch_entropy"] = b.batch_entropy_coef * bal.batch_entropy_loss(
-                dist_TE, mask=mask_T
-            )
-        if b.overflow_coef > 0 and cap > 0:
-            out["overflow"] = b.overflow_coef * bal.overflow_loss(
-                counts=counts_E, probs=probs_E, capacity=cap
-            )
-        return out
-
-    def _scoped_aux(
-        self,
-        routing: Routing,
-        counts_E: Tensor,
-        global_E: Tensor,
-        probs_E: Tensor,
-        mask_T: Tensor | None,
-        shape: torch.Size,
-    ) -> Tensor:
-        scope = self.cfg.balance.aux_scope
-        if scope == "sequence":
-            return self._sequence_aux(routing, mask_T, shape)
-        if scope == "global":
-            counts_E = self._global_counts(global_E)
-        return bal.switch_loss_from_stats(counts=counts_E, probs=probs_E)
-
-    def _global_counts(self, global_E: Tensor) -> Tensor:
-        """Counts over the optimizer step so far (all micro-batches, all data ranks)."""
-        return self.step_counts + global_E if self.training else global_E
-
-    def _sequence_aux(self, routing: Routing, mask_T: Tensor | None, shape: torch.Size) -> Tensor:
-        """DeepSeek-V3 sequence-wise loss; a 2-D input counts as one sequence."""
-        L = shape[-2] if len(shape) >= 3 else shape[0]
-        E = self.cfg.num_experts
-        dist = bal.score_distribution(routing.scores, self.cfg.router.score)
-        mask_BL = None if mask_T is None else mask_T.view(-1, L)
-        return bal.sequence_switch_loss(
-            dist.view(-1, L, E),
-            routing.experts.view(-1, L, routing.experts.shape[1]),
-            E,
-            mask_BL=mask_BL,
-        )
-
-    def _smooth_load(self, routing: Routing, mask_T: Tensor | None) -> Tensor:
-        if routing.clean_logits is None or routing.noise_std is None:
-            return routing.logits.new_zeros(())  # no noise (eval mode): load is not smooth
-        return bal.smooth_load_loss(
-            clean_logits=routing.clean_logits,
-            noisy_logits=routing.logits,
-            noise_std=routing.noise_std,
-            k=self.cfg.top_k,
-            mask=mask_T,
-        )
-
-    @torch.no_grad()
-    def _accumulate(self, global_E: Tensor) -> None:
-        self.step_counts += global_E
 
     @torch.no_grad()
     def _stats(self, routing: Routing, mask_T: Tensor | None) -> dict[str, Tensor]:
@@ -301,35 +216,25 @@ class MoELayer(nn.Module):
 
     # ------------------------------------------------------------------ step boundary
 
-    @torch.no_grad()
     def end_step(self, total_steps: int | None = None) -> None:
-        """After an optimizer step: loss-free bias update and adaptive λ from the counts
-        accumulated over the step (Wang et al. 2024 Alg. 1: counts of the batch just trained
-        on set the bias for the next), then reset the accumulator and advance ``progress``."""
-        b = self.cfg.balance
-        counts_E = self.step_counts
-        if int(counts_E.sum()) > 0:
-            if b.bias_rate > 0:
-                rate = bal.bias_rate_at(
-                    int(self.progress), total_steps or 0, b.bias_rate, b.bias_schedule
-                )
-                self.bias.copy_(
-                    bal.update_bias(self.bias, counts_E, rate, b.bias_rule, center=b.bias_center)
-                )
-            if b.adaptive_target > 0:
-                maxvio = float(max_violation(counts_E))
-                self.aux_coef.fill_(
-                    bal.adapt_coef(
-                        float(self.aux_coef),
-                        maxvio,
-                        target=b.adaptive_target,
-                        rate=b.adaptive_rate,
-                        lo=b.adaptive_min,
-                        hi=b.adaptive_max,
-                    )
-                )
-        self.step_counts.zero_()
-        self.progress += 1
+        """After an optimizer step: the balancer's update (``Balancer.end_step``)."""
+        self.balancer.end_step(total_steps)
+
+
+def _flatten_balancer_keys(module: MoELayer, state: dict, prefix: str, meta: dict) -> None:
+    """Save the balancer's buffers as ``<layer>.bias`` etc., the checkpoint format from before
+    the Balancer existed (old checkpoints load; key order unchanged)."""
+    inner = prefix + "balancer."
+    for key in [k for k in state if k.startswith(prefix)]:  # this layer's keys, in order
+        value = state.pop(key)
+        state[prefix + key[len(inner) :] if key.startswith(inner) else key] = value
+
+
+def _nest_balancer_keys(module: MoELayer, state: dict, prefix: str, *_: object) -> None:
+    """Inverse of :func:`_flatten_balancer_keys` when loading."""
+    for name in module.balancer._buffers:
+        if prefix + name in state:
+            state[prefix + "balancer." + name] = state.pop(prefix + name)
 
 
 def _check_inputs(
@@ -356,16 +261,3 @@ def _slot_mask(routing: Routing, mask_T: Tensor | None) -> Tensor | None:
         return routing.mask
     m_TK = mask_T.unsqueeze(1).expand_as(routing.experts)
     return m_TK if routing.mask is None else m_TK & routing.mask
-
-
-def _counts(experts_TK: Tensor, slot_mask_TK: Tensor | None, num_experts: int) -> Tensor:
-    flat = experts_TK.reshape(-1) if slot_mask_TK is None else experts_TK[slot_mask_TK]
-    return torch.bincount(flat, minlength=num_experts)
-
-
-def _masked_mean(x_TE: Tensor, mask_T: Tensor | None) -> Tensor:
-    """Mean over valid tokens: (T, E) -> (E,)."""
-    if mask_T is None:
-        return x_TE.mean(0)
-    w_T = mask_T.to(x_TE.dtype)
-    return (x_TE * w_T.unsqueeze(1)).sum(0) / w_T.sum().clamp_min(1.0)

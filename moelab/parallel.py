@@ -11,11 +11,12 @@ What is reduced where (the loss on each rank is the mean over its own tokens):
 - expert gradients: each rank's expert gradient already sums the contributions of all tokens
   of its EP group (the backward all-to-all brings them back), so they are all-reduced over the
   expert-DP group and divided by W. Both equal the single-process gradient of the global mean.
-- expert counts (``MoELayer.reduce_counts``): all-reduce (sum) over all W ranks, so global-scope
-  aux losses and the loss-free bias see the whole computation batch and stay identical.
+- expert counts: gathered from all W ranks by each layer's dispatcher
+  (``moelab.ep.AllToAllDispatcher.load``) and summed, so global-scope aux losses and the
+  loss-free bias see the whole computation batch and stay identical.
 
-``DistributedWorld`` implements ``moelab.world.World``; ``ExpertParallelMoE`` is the MoE layer
-with the all-to-all token exchange (GShard / DeepSpeed-MoE style, ``all_to_all_single``).
+``DistributedWorld`` implements ``moelab.world.World``; ``prepare`` gives every MoE layer its
+expert shard and an ``AllToAllDispatcher`` (GShard / DeepSpeed-MoE style token exchange).
 """
 
 from __future__ import annotations
@@ -31,28 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moelab.ep import (  # re-exported: moelab.parallel.X names stay valid
-    Comm,
-    DistributedError,
-    Exchange,
-    ExpertParallelMoE,
-    Layout,
-    exchange_plan,
-    rank_loads,
-)
+from moelab.ep import AllToAllDispatcher, Comm, Layout
 from moelab.moe import MoELayer
-
-__all__ = [
-    "Comm",
-    "DistributedError",
-    "DistributedWorld",
-    "Exchange",
-    "ExpertParallelMoE",
-    "Layout",
-    "exchange_plan",
-    "rank_loads",
-]
-
 
 # ----------------------------------------------------------------------------- the world
 
@@ -113,7 +94,8 @@ class DistributedWorld:
             )
 
     def prepare(self, model: nn.Module, cfg: Any) -> nn.Module:
-        """Check configs, broadcast rank 0's weights, shard experts, install the EP layers."""
+        """Check configs, broadcast rank 0's weights, shard experts, give every MoE layer the
+        all-to-all dispatcher."""
         self._check_same(_cfg_dict(cfg), "run config")
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
         for _, layer in layers:
@@ -132,13 +114,7 @@ class DistributedWorld:
             setattr(experts, pname, nn.Parameter(full.data[mine].clone()))
             self._expert_params[f"{name}.experts.{pname}"] = E
         experts.num_experts = mine.stop - mine.start
-        layer.__class__ = ExpertParallelMoE
-        layer.comm = self.comm
-        layer._table = None
-        layer.reduce_counts = self._reduce_counts
-
-    def _reduce_counts(self, counts_E: Tensor) -> Tensor:
-        return self.comm.all_reduce(counts_E.clone(), "all_reduce of expert counts")
+        layer.dispatcher = AllToAllDispatcher(self.comm, E)
 
     # ------------------------------------------------------------------ gradients
 

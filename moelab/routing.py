@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from moelab.config import check_choice
+from moelab.config import ScoreFn, check_choice
 
-SCORES = ("softmax", "sigmoid")
+# Score function name (``moelab.config.ScoreFn``) -> logits (T, E) -> scores (T, E).
+SCORE_FNS: dict[str, Callable[[Tensor], Tensor]] = {
+    "softmax": lambda logits_TE: logits_TE.softmax(-1),  # Switch eq. 1
+    "sigmoid": lambda logits_TE: logits_TE.sigmoid(),  # DeepSeek-V3 eq. 15
+    "sqrtsoftplus": lambda logits_TE: F.softplus(logits_TE).sqrt(),  # DeepSeek-V4
+}
+SCORES: tuple[str, ...] = get_args(ScoreFn)
+assert set(SCORES) == set(SCORE_FNS), "every ScoreFn needs a formula in SCORE_FNS"
 
 
 @dataclass(frozen=True)
@@ -25,7 +35,7 @@ class Routing:
     """The result of routing T tokens over E experts (see docs/DESIGN.md)."""
 
     logits: Tensor  # (T, E) fp32 logits used for selection (after noise), for z-loss
-    scores: Tensor  # (T, E) after score fn (softmax/sigmoid), before any bias; has grad
+    scores: Tensor  # (T, E) after the score fn (SCORE_FNS), before any bias; has grad
     weights: Tensor  # (T, K) gate weights used to combine expert outputs; has grad
     experts: Tensor  # (T, K) int64, preference order (choice 0 = best)
     mask: Tensor | None = None  # (T, K) bool, False = slot unused (expert choice, padding)
@@ -92,8 +102,9 @@ def check_groups(E: int, k: int, num_groups: int, topk_groups: int) -> None:
 
 
 def score_fn(logits_TE: Tensor, score: str) -> Tensor:
-    """Router scores (T, E): softmax over experts (Switch eq. 1) or sigmoid (DeepSeek-V3 eq. 15)."""
-    return logits_TE.softmax(-1) if score == "softmax" else logits_TE.sigmoid()
+    """Router scores (T, E) of logits (T, E) by the formula of ``SCORE_FNS[score]``."""
+    check_choice("score", score, SCORES)
+    return SCORE_FNS[score](logits_TE)
 
 
 def _limit_groups(sel_TE: Tensor, num_groups: int, topk_groups: int) -> Tensor:

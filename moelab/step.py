@@ -137,8 +137,7 @@ def _nonfinite(model: MoELM, opt: torch.optim.Optimizer, cfg: RunConfig, step: i
         raise NonFiniteError(
             f"{what} at step {step + 1}; set train.nonfinite='skip' to skip such steps"
         )
-    for layer in model.moe_layers:
-        layer.step_counts.zero_()
+    model.reset_step()
     opt.zero_grad(set_to_none=True)
     return StepResult(math.nan, math.nan, math.nan, True, [], [], 0, [], [], nonfinite=what)
 

@@ -374,3 +374,57 @@ def test_bad_input_raises_value_error_naming_the_argument(call, name):
     """Obvious misuse raises ValueError whose message starts with the argument's name."""
     with pytest.raises(ValueError, match=f"^{name}="):
         call()
+
+
+# ----------------------------------------------------------------------------- Quantile Balancing
+
+
+def _quantile_reference(s_TE, beta_E, k, mask_T=None):
+    """Su 2026 by hand: a_t = (k+1)-th largest of s_t − β; β_i = (⌈T·k/E⌉+1)-th largest over
+    the real tokens of s_ti − a_t (the T-th when there are fewer)."""
+    rows = [t for t in range(s_TE.shape[0]) if mask_T is None or bool(mask_T[t])]
+    T, E = len(rows), s_TE.shape[1]
+    cutoff = {t: sorted((s_TE[t] - beta_E).tolist(), reverse=True)[k] for t in rows}
+    rank = min(math.ceil(T * k / E) + 1, T)
+    out = []
+    for i in range(E):
+        column = sorted((float(s_TE[t, i]) - cutoff[t] for t in rows), reverse=True)
+        out.append(column[rank - 1])
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize(
+    "seed, T, E, k", [(0, 32, 8, 2), (1, 7, 4, 1), (2, 50, 6, 3), (3, 3, 8, 2)]
+)
+def test_quantile_prices_match_the_formula_by_hand(seed, T, E, k):
+    """quantile_prices == a per-token, per-expert loop over the formula, with random prices
+    and a padding mask (masked tokens left out)."""
+    g = torch.Generator().manual_seed(seed)
+    s_TE = torch.rand(T, E, generator=g)
+    beta_E = 0.1 * torch.randn(E, generator=g)
+    mask_T = torch.rand(T, generator=g) > 0.2
+    mask_T[0] = True
+    got = bl.quantile_prices(s_TE, beta_E, k)
+    torch.testing.assert_close(got, _quantile_reference(s_TE, beta_E, k), rtol=0, atol=1e-6)
+    got = bl.quantile_prices(s_TE, beta_E, k, mask=mask_T)
+    torch.testing.assert_close(got, _quantile_reference(s_TE, beta_E, k, mask_T), rtol=0, atol=1e-6)
+
+
+def test_quantile_prices_give_each_expert_its_share_at_the_old_cutoffs():
+    """At the new prices (and the old per-token cutoffs) at most C = ⌈T·k/E⌉ tokens strictly
+    prefer each expert, and more than C at or above the price (ties: a token whose (k+1)-th
+    choice is the expert sits exactly at 0)."""
+    g = torch.Generator().manual_seed(5)
+    T, E, k = 64, 8, 2
+    s_TE = torch.rand(T, E, generator=g)
+    beta_E = torch.zeros(E)
+    cutoff_T1 = s_TE.topk(k + 1, dim=-1).values[:, k:]
+    prices_E = bl.quantile_prices(s_TE, beta_E, k)
+    C = math.ceil(T * k / E)
+    assert ((s_TE - cutoff_T1 > prices_E).sum(0) <= C).all()
+    assert ((s_TE - cutoff_T1 >= prices_E).sum(0) > C).all()
+
+
+def test_quantile_prices_refuse_k_equal_to_the_number_of_experts():
+    with pytest.raises(ValueError, match="k"):
+        bl.quantile_prices(torch.rand(4, 3), torch.zeros(3), 3)

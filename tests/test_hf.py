@@ -13,6 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moelab import balance as bal  # noqa: E402
+from moelab.balancer import Balancer  # noqa: E402
 from moelab.config import BalanceConfig  # noqa: E402
 from moelab.hf import (  # noqa: E402
     STATE_FILE,
@@ -320,3 +321,18 @@ def test_attach_rejects_unsupported_balance_terms():
     """Terms that need expert placement or capacity are refused with the field's name."""
     with pytest.raises(ValueError, match="balance.device_coef"):
         attach(tiny_model("olmoe"), BalanceConfig(device_coef=0.1))
+
+
+def test_attach_runs_a_moelab_balancer_per_layer():
+    """attach gives every router a moelab Balancer; adaptive λ is per layer from that layer's
+    MaxVio (the LM rule), not one coefficient from the mean."""
+    model = tiny_model("olmoe").train()
+    cfg = BalanceConfig(aux_coef=0.01, adaptive_target=0.5, adaptive_rate=1.0)
+    handle = attach(model, cfg)
+    assert all(isinstance(b, Balancer) for b in handle.balancers)
+    with torch.no_grad():
+        handle.step_counts[0].copy_(torch.tensor([40] + [1] * (E - 1)))  # MaxVio > target
+        handle.step_counts[1].fill_(5)  # balanced
+    stats = handle.end_step()
+    assert stats.aux_coef_layers == pytest.approx([0.02, 0.005])
+    assert handle.state_dict()["aux_coef_layers"] == pytest.approx([0.02, 0.005])

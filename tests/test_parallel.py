@@ -173,6 +173,66 @@ def test_ep4_matches_one_process():
     _check_layer(4, 4, capacity=1.0, aux_scope="micro")
 
 
+def _composition_worker(rank: int) -> dict:
+    """After prepare: what the layer is made of (no class swap, no side-channel attributes)."""
+    from moelab.ep import AllToAllDispatcher
+    from moelab.parallel import DistributedWorld
+    from moelab.train import ParallelConfig
+
+    cfg = _layer_cfg(0.0, "global")
+    world = DistributedWorld(ParallelConfig(ep=2, timeout_s=30))
+    layer = world.prepare(_model(cfg), cfg)["moe"]
+    out = layer(_data(0)[0].chunk(2)[rank])
+    return {
+        "type": type(layer).__name__,
+        "dispatcher": isinstance(layer.dispatcher, AllToAllDispatcher),
+        "side_channels": [a for a in ("comm", "_table", "reduce_counts") if hasattr(layer, a)],
+        "step_counts": layer.step_counts.clone(),
+        "counts": out.counts,
+    }
+
+
+def test_prepare_composes_the_ep_dispatcher_into_a_plain_layer():
+    """EP is chosen by the layer's dispatcher: the layer stays a MoELayer with no planted
+    attributes, and its step counts are the computation batch's (both ranks)."""
+    ranks = values(spawn(2, _composition_worker), 2)
+    for r in ranks:
+        assert r["type"] == "MoELayer" and r["dispatcher"] and r["side_channels"] == []
+        assert torch.equal(r["step_counts"], r["counts"])
+        assert int(r["counts"].sum()) == T_GLOBAL * 2  # all tokens of both ranks, top-2
+
+
+def _quantile_worker(rank: int) -> torch.Tensor:
+    """One Quantile Balancing step under EP=2: the bias after end_step."""
+    from moelab.parallel import DistributedWorld
+    from moelab.train import ParallelConfig
+
+    cfg = dataclasses.replace(_layer_cfg(0.0, "micro"), balance=BalanceConfig(bias_rule="quantile"))
+    world = DistributedWorld(ParallelConfig(ep=2, timeout_s=30))
+    layer = world.prepare(_model(cfg), cfg)["moe"]
+    with torch.no_grad():
+        layer(_data(0)[0].chunk(2)[rank])
+    layer.end_step()
+    return layer.bias.clone()
+
+
+def test_quantile_prices_are_averaged_over_the_data_ranks():
+    """Under EP each rank estimates the prices from its own tokens; the bias after the step
+    is minus their mean, the same on every rank (like the loss-free counts)."""
+    from moelab import balance as bal
+
+    ranks = values(spawn(2, _quantile_worker), 2)
+    cfg = dataclasses.replace(_layer_cfg(0.0, "micro"), balance=BalanceConfig(bias_rule="quantile"))
+    layer = _model(cfg)["moe"]
+    est = []
+    for shard in _data(0)[0].chunk(2):
+        with torch.no_grad():
+            est.append(bal.quantile_prices(layer.router(shard).scores, torch.zeros(8), 2))
+    want = -(est[0] + est[1]) / 2
+    for bias in ranks:
+        torch.testing.assert_close(bias, want, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- failures
 
 

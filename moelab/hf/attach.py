@@ -3,13 +3,15 @@
 Each router's forward is replaced (on the instance; ``detach`` restores it) by
 :func:`moelab.hf.routers.select`, which reproduces the model's own rule with a selection-only
 bias per layer (loss-free balancing, Wang et al. 2024 Alg. 1): the bias changes *which* experts
-are chosen, never the gate weights of the chosen ones. The same forward records what the
-balance losses need (``moelab.balance``): the Switch loss at micro, sequence or global scope
-(counts accumulated over the micro-batches of an optimizer step, Qiu et al. 2025), DeepSeek-V3's
-sequence-wise loss, z-loss, and the entropy losses. ``handle.aux_loss()`` sums them for the last
-forward (each averaged over layers, times its coefficient); ``handle.end_step()`` updates the
-biases from the accumulated counts and resets them. The state (biases, counts, step, config)
-is saved beside the model as ``moelab_balance.pt``.
+are chosen, never the gate weights of the chosen ones. Every router gets a
+:class:`moelab.balancer.Balancer`, the same balancing state and policy as a moelab MoE layer:
+the same forward feeds it the routing, and it computes the balance terms switched on (the
+Switch loss at micro or global scope, counts accumulated over the micro-batches of an optimizer
+step, Qiu et al. 2025; DeepSeek-V3's sequence-wise loss; z-loss; the entropy losses).
+``handle.aux_loss()`` sums them for the last forward (each averaged over layers, coefficient
+applied); ``handle.end_step()`` runs every balancer's step update (bias, adaptive λ per layer)
+and resets the counts. The state (biases, counts, step, coefficients, config) is saved beside
+the model as ``moelab_balance.pt``.
 
 Shape legend: T tokens, E experts, K top-k, B sequences, L sequence length, N MoE layers.
 """
@@ -25,13 +27,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moelab import balance, metrics
+from moelab import metrics
+from moelab.balancer import TERMS, BalanceInputs, Balancer
 from moelab.config import BalanceConfig, from_dict, to_dict
-from moelab.hf.routers import RouterSite, find_routers, router_logits, scores_from_logits, select
+from moelab.hf.routers import RouterSite, find_routers, router_logits, select
+from moelab.routing import Routing, score_fn
 
 STATE_FILE = "moelab_balance.pt"
 FORMAT = "moelab.hf.attach/1"
-UNSUPPORTED = ("device_coef", "comm_coef", "importance_coef", "load_coef", "overflow_coef")
+# What a transformers router gives the balance terms: no expert placement, capacity, learned
+# noise or moelab gate weights.
+UNAVAILABLE = {"placement", "capacity", "noise", "gates"}
+UNSUPPORTED = tuple(t.coef for t in TERMS if UNAVAILABLE & set(t.needs))
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,8 @@ class StepStats:
     maxvio: float
     maxvio_layers: list[float]
     bias_rate: float
-    aux_coef: float
+    aux_coef: float  # mean over layers of the live coefficient (adaptive λ is per layer)
+    aux_coef_layers: list[float] | None = None
 
 
 def disable_model_aux(model: nn.Module) -> dict[str, Any]:
@@ -61,10 +69,10 @@ def disable_model_aux(model: nn.Module) -> dict[str, Any]:
 def _check_config(cfg: BalanceConfig, sites: list[RouterSite]) -> None:
     used = [name for name in UNSUPPORTED if getattr(cfg, name) > 0]
     if used:
+        allowed = ", ".join(t.coef for t in TERMS if t.coef not in UNSUPPORTED)
         raise ValueError(
-            f"moelab.hf.attach does not support balance.{used[0]} (needs expert placement or "
-            "capacity); allowed: aux_coef, seq_aux_coef, z_coef, entropy_coef, "
-            "batch_entropy_coef, bias_rate"
+            f"moelab.hf.attach does not support balance.{used[0]} (needs expert placement, "
+            f"capacity, learned noise or gate weights); allowed: {allowed}, bias_rate"
         )
     unknown = [s for s in sites if s.rule is None]
     if unknown:
@@ -77,8 +85,9 @@ def _check_config(cfg: BalanceConfig, sites: list[RouterSite]) -> None:
 class BalanceHandle:
     """The balance state attached to a model; see the module docstring.
 
-    bias: N tensors (E,) (selection-only bias); step_counts: N tensors (E,) of slots counted
-    in training-mode forwards since the last ``end_step``; steps: optimizer steps so far.
+    balancers: one :class:`Balancer` per router site. bias / step_counts: their N (E,) tensors
+    (selection-only bias; slots counted in training-mode forwards since the last
+    ``end_step``); steps: optimizer steps so far.
     """
 
     def __init__(
@@ -89,16 +98,10 @@ class BalanceHandle:
         total_steps: int | None = None,
         disable_own_aux: bool = True,
     ) -> None:
-        self.model, self.cfg, self.total_steps = model, cfg, total_steps
+        self.model, self.total_steps = model, total_steps
         self.sites = find_routers(model)
         _check_config(cfg, self.sites)
-        dev = self.sites[0].module.weight.device
-        self.bias = [torch.zeros(s.num_experts, device=dev) for s in self.sites]
-        self.step_counts = [
-            torch.zeros(s.num_experts, dtype=torch.long, device=dev) for s in self.sites
-        ]
-        self.steps = 0
-        self.aux_coef = cfg.aux_coef
+        self._use_config(cfg)
         self._last: dict[str, dict[int, Tensor]] = {}
         self._seq_shape: tuple[int, int] | None = None
         self._old_aux = disable_model_aux(model) if disable_own_aux else None
@@ -106,6 +109,32 @@ class BalanceHandle:
             site.module.forward = types.MethodType(self._make_forward(i), site.module)
         self._pre_hook = model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)
         self.attached = True
+
+    def _use_config(self, cfg: BalanceConfig) -> None:
+        """A fresh balancer per router for ``cfg``."""
+        dev = self.sites[0].module.weight.device
+        self.cfg = cfg
+        self.balancers = [
+            Balancer(cfg, num_experts=s.num_experts, top_k=s.top_k, score=s.score).to(dev)
+            for s in self.sites
+        ]
+
+    @property
+    def bias(self) -> list[Tensor]:
+        return [b.bias for b in self.balancers]
+
+    @property
+    def step_counts(self) -> list[Tensor]:
+        return [b.step_counts for b in self.balancers]
+
+    @property
+    def steps(self) -> int:
+        return int(self.balancers[0].progress)
+
+    @property
+    def aux_coef(self) -> float:
+        """Mean over layers of the live aux coefficient."""
+        return sum(float(b.aux_coef) for b in self.balancers) / len(self.balancers)
 
     # ------------------------------------------------------------------ forward path
 
@@ -117,73 +146,46 @@ class BalanceHandle:
         self._seq_shape = tuple(x.shape[:2]) if x is not None and x.dim() >= 2 else None
 
     def _make_forward(self, i: int):
-        site = self.sites[i]
+        site = self.sites[i]  # the balancer is looked up per call (load_state_dict renews it)
 
         def forward(module: nn.Module, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             logits_TE = router_logits(site, hidden_states)
-            weights_TK, experts_TK = select(site, logits_TE, self.bias[i])
+            weights_TK, experts_TK = select(site, logits_TE, self.balancers[i].bias)
             ids_S = experts_TK.flatten()
             counts_E = torch.zeros(site.num_experts, dtype=torch.long, device=ids_S.device)
             counts_E.scatter_add_(0, ids_S, torch.ones_like(ids_S))  # no host sync on GPU
-            if module.training:
-                self.step_counts[i] += counts_E
             if torch.is_grad_enabled():
-                self._record_losses(i, logits_TE, experts_TK, counts_E, module.training)
+                routing = Routing(
+                    logits_TE, score_fn(logits_TE.float(), site.score), weights_TK, experts_TK
+                )
+                self._record_losses(i, routing, counts_E, module.training)
+            if module.training:
+                self._count(i, logits_TE, counts_E)
             return logits_TE, weights_TK, experts_TK
 
         return forward
 
-    def _seq_view(self, x_TX: Tensor) -> Tensor | None:
-        """(T, X) -> (B, L, X) when the model input shape is known and matches, else None."""
-        if self._seq_shape is None or self._seq_shape[0] * self._seq_shape[1] != x_TX.shape[0]:
+    def _count(self, i: int, logits_TE: Tensor, counts_E: Tensor) -> None:
+        """Training forward: counts (and, under Quantile Balancing, the price estimate from the
+        model's plain scores, without its own correction bias or groups) into the step."""
+        b = self.balancers[i]
+        prices_E = None
+        if b.quantile:
+            prices_E = b.price_estimate(score_fn(logits_TE.float(), self.sites[i].score))
+        b.count(counts_E, prices_E)
+
+    def _seq_len(self, num_tokens: int) -> int | None:
+        """L when the router saw the model input's B·L tokens, else None (a model that drops
+        or pads tokens: the sequence-wise loss is left out)."""
+        if self._seq_shape is None or self._seq_shape[0] * self._seq_shape[1] != num_tokens:
             return None
-        return x_TX.view(*self._seq_shape, x_TX.shape[-1])
+        return self._seq_shape[1]
 
-    def _record_losses(
-        self, i: int, logits_TE: Tensor, experts_TK: Tensor, counts_E: Tensor, training: bool
-    ) -> None:
-        cfg, site = self.cfg, self.sites[i]
-        scores_TE = scores_from_logits(logits_TE, site.score)
-        losses: dict[str, Tensor] = {}
-        if self.aux_coef > 0 or cfg.seq_aux_coef > 0:
-            p_TE = balance.score_distribution(scores_TE, site.score)
-            losses.update(self._switch_losses(i, p_TE, experts_TK, counts_E, training))
-        if cfg.z_coef > 0:
-            losses["z"] = cfg.z_coef * balance.z_loss(logits_TE)
-        if cfg.entropy_coef > 0:
-            losses["entropy"] = cfg.entropy_coef * balance.token_entropy_loss(scores_TE)
-        if cfg.batch_entropy_coef > 0:
-            losses["batch_entropy"] = cfg.batch_entropy_coef * balance.batch_entropy_loss(scores_TE)
-        for name, value in losses.items():
+    def _record_losses(self, i: int, routing: Routing, counts_E: Tensor, training: bool) -> None:
+        T = routing.experts.shape[0]
+        inputs = BalanceInputs(routing, counts_E, counts_E, training, seq_len=self._seq_len(T))
+        for name, value in self.balancers[i].losses(inputs).items():
             self._last.setdefault(name, {})[i] = value
-
-    def _switch_losses(
-        self, i: int, p_TE: Tensor, experts_TK: Tensor, counts_E: Tensor, training: bool
-    ) -> dict[str, Tensor]:
-        """Switch loss at the configured scope and DeepSeek-V3's sequence-wise loss.
-
-        Sequence scope needs the (B, L) of the model input; when the router saw another token
-        count (a model that drops or pads tokens) it falls back to the micro-batch counts.
-        """
-        cfg, E = self.cfg, self.sites[i].num_experts
-        out: dict[str, Tensor] = {}
-        seq = None
-        if cfg.seq_aux_coef > 0 or (self.aux_coef > 0 and cfg.aux_scope == "sequence"):
-            p_BLE, experts_BLK = self._seq_view(p_TE), self._seq_view(experts_TK)
-            if p_BLE is not None:
-                seq = balance.sequence_switch_loss(p_BLE, experts_BLK, E)
-        if self.aux_coef > 0:
-            if cfg.aux_scope == "sequence" and seq is not None:
-                out["aux"] = self.aux_coef * seq
-            else:  # global: counts of every micro-batch of this optimizer step so far
-                glob = cfg.aux_scope == "global" and training
-                scope_E = self.step_counts[i] if glob else counts_E
-                out["aux"] = self.aux_coef * balance.switch_loss_from_stats(
-                    counts=scope_E, probs=p_TE.mean(0)
-                )
-        if cfg.seq_aux_coef > 0 and seq is not None:
-            out["seq_aux"] = cfg.seq_aux_coef * seq
-        return out
 
     # ------------------------------------------------------------------ public API
 
@@ -200,34 +202,15 @@ class BalanceHandle:
 
     @torch.no_grad()
     def end_step(self) -> StepStats:
-        """After each optimizer step: loss-free bias update from the step's counts (Wang et al.
-        2024 Alg. 1), adaptive aux coefficient, then reset the counts. A step with no
-        training-mode forward (counts all zero) changes nothing but the step counter."""
-        cfg = self.cfg
-        rate = balance.bias_rate_at(
-            self.steps, self.total_steps or 1, cfg.bias_rate, cfg.bias_schedule
-        )
-        counts_NE = torch.stack(self.step_counts)
-        maxvios = metrics.max_violation(counts_NE).tolist()  # one host sync per step
-        seen = (counts_NE.sum(-1) > 0).tolist()
-        for i, counts_E in enumerate(self.step_counts):
-            if rate > 0 and seen[i]:
-                self.bias[i] = balance.update_bias(
-                    self.bias[i], counts_E, rate, cfg.bias_rule, center=cfg.bias_center
-                )
-            counts_E.zero_()
-        mean_maxvio = sum(maxvios) / len(maxvios)
-        if cfg.adaptive_target > 0 and any(seen):
-            self.aux_coef = balance.adapt_coef(
-                self.aux_coef,
-                mean_maxvio,
-                target=cfg.adaptive_target,
-                rate=cfg.adaptive_rate,
-                lo=cfg.adaptive_min,
-                hi=cfg.adaptive_max,
-            )
-        self.steps += 1
-        return StepStats(mean_maxvio, maxvios, rate, self.aux_coef)
+        """After each optimizer step: every balancer's update (loss-free bias from the step's
+        counts, Wang et al. 2024 Alg. 1; adaptive aux coefficient per layer), then the counts
+        reset. A step with no training-mode forward changes nothing but the step counter."""
+        maxvios = metrics.max_violation(torch.stack(self.step_counts)).tolist()  # one host sync
+        rate = self.balancers[0].rate_at(self.total_steps)
+        for b in self.balancers:
+            b.end_step(self.total_steps)
+        coefs = [float(b.aux_coef) for b in self.balancers]
+        return StepStats(sum(maxvios) / len(maxvios), maxvios, rate, self.aux_coef, coefs)
 
     def freeze_routers(self, frozen: bool = True) -> None:
         """requires_grad False (or back to True) on every router parameter."""
@@ -245,25 +228,32 @@ class BalanceHandle:
             "step_counts": [c.cpu() for c in self.step_counts],
             "steps": self.steps,
             "aux_coef": self.aux_coef,
+            "aux_coef_layers": [float(b.aux_coef) for b in self.balancers],
             "total_steps": self.total_steps,
         }
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any], *, keep_config: bool = False) -> None:
-        """Restore biases, counts and step; the saved config too unless ``keep_config``."""
+        """Restore biases, counts and step; the saved config and coefficients too unless
+        ``keep_config``."""
         names = [s.name for s in self.sites]
         if state.get("format") != FORMAT or state["sites"] != names:
             raise ValueError(
                 "saved moelab balance state does not match this model: routers "
                 f"{state.get('sites')} vs {names}"
             )
-        dev = self.bias[0].device
-        self.bias = [b.to(dev) for b in state["bias"]]
-        self.step_counts = [c.to(dev) for c in state["step_counts"]]
-        self.steps = int(state["steps"])
         if not keep_config:
-            self.cfg = from_dict(BalanceConfig, state["balance"])
-            self.aux_coef = float(state["aux_coef"])
+            self._use_config(from_dict(BalanceConfig, state["balance"]))
             self.total_steps = state["total_steps"]
+            coefs = state.get("aux_coef_layers") or [state["aux_coef"]] * len(names)
+            for b, c in zip(self.balancers, coefs, strict=True):
+                b.aux_coef.fill_(float(c))
+        for b, bias, counts in zip(
+            self.balancers, state["bias"], state["step_counts"], strict=True
+        ):
+            b.bias.copy_(bias)
+            b.step_counts.copy_(counts)
+            b.progress.fill_(int(state["steps"]))
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/moelab_balance.pt`` atomically (tmp file + os.replace)."""

@@ -85,7 +85,7 @@ def export_problems(model: MoELM) -> list[str]:
     biased = [
         i
         for i, layer in enumerate(model.moe_layers)
-        if layer.cfg.balance.bias_rate > 0 and bool(layer.bias.abs().max() > 0)
+        if layer.balancer.bias_on and bool(layer.balancer.bias.abs().max() > 0)
     ]
     if biased:
         problems.append(

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from moelab import metrics
-from moelab.hf.routers import RouterSite, capture_routing, find_routers, scores_from_logits
+from moelab.hf.routers import RouterSite, capture_routing, find_routers
 from moelab.hf.text import batches, domain_stream, load_domains, model_tokenizer
+from moelab.routing import score_fn
 
 COACT_CHUNK = 4096  # tokens per coactivation call: bounds the (T, E) one-hot memory
 
@@ -67,7 +68,7 @@ class LayerRecord:
         small = torch.uint8 if E <= 256 else torch.int16  # T·K ids without 8 bytes each
         self.experts.append(experts_TK.to(small))
         self.domains.append(torch.full((T,), domain, dtype=torch.int32, device=logits_TE.device))
-        scores_TE = scores_from_logits(logits_TE, self.site.score)
+        scores_TE = score_fn(logits_TE.float(), self.site.score)
         p_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-30)
         p_sum_E = p_TE.sum(0).double()
         self.prob_sum_E = p_sum_E if self.prob_sum_E is None else self.prob_sum_E + p_sum_E

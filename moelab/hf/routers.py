@@ -19,11 +19,13 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moelab.config import ScoreFn
+from moelab.routing import score_fn
 
 SUPPORTED = "Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3"
 
@@ -43,7 +45,7 @@ class RouterRule:
     grouped: group-limited top-k with ``e_score_correction_bias`` and ``routed_scaling_factor``.
     """
 
-    score: Literal["softmax", "sigmoid"]
+    score: ScoreFn
     normalize_attr: str | None
     fp32_logits: bool = False
     cast_weights: bool = True
@@ -77,7 +79,7 @@ class RouterSite:
     rule: RouterRule | None
 
     @property
-    def score(self) -> Literal["softmax", "sigmoid"]:
+    def score(self) -> ScoreFn:
         """Score function of the routing distribution (softmax unless the rule says sigmoid)."""
         return self.rule.score if self.rule else "softmax"
 
@@ -126,11 +128,6 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
 # ----------------------------------------------------------------------------- selection rules
 
 
-def scores_from_logits(logits_TE: Tensor, score: str) -> Tensor:
-    """Routing scores ``(T, E)`` fp32: softmax over experts, or element-wise sigmoid."""
-    return logits_TE.float().softmax(-1) if score == "softmax" else logits_TE.float().sigmoid()
-
-
 def _grouped_choice(site: RouterSite, choice_TE: Tensor) -> Tensor:
     """DeepSeek-V3 group-limited routing: keep the ``topk_group`` groups whose two best scores
     sum highest, mask the other experts to -inf (DeepSeek-V3 §2.1.2, node-limited routing)."""
@@ -154,7 +151,7 @@ def select(site: RouterSite, logits_TE: Tensor, bias_E: Tensor | None) -> tuple[
     rule = site.rule
     if rule is None:
         raise NoMoERouterError(f"{site.name}: router class {type(site.module).__name__} is unknown")
-    scores_TE = scores_from_logits(logits_TE, rule.score)
+    scores_TE = score_fn(logits_TE.float(), rule.score)
     choice_TE = scores_TE
     if rule.grouped:
         choice_TE = choice_TE + site.module.e_score_correction_bias
@@ -197,7 +194,7 @@ def _unpack(site: RouterSite, output: object) -> tuple[Tensor, Tensor]:
     if isinstance(output, tuple):
         output = output[0]
     logits_TE = output.reshape(-1, site.num_experts)
-    scores_TE = scores_from_logits(logits_TE, site.score)
+    scores_TE = score_fn(logits_TE.float(), site.score)
     return logits_TE, torch.topk(scores_TE, site.top_k, dim=-1)[1]
 
 
