@@ -205,6 +205,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
         "dead_window": _last(train_rows, "dead_window_layers"),
         "dead_train_batch": _last(train_rows, "dead_layers"),
         "spikes": count_spikes([r["loss"] for r in train_rows]),
+        "spiked": float(count_spikes([r["loss"] for r in train_rows]) > 0),  # 0/1 per run
         "max_z": max((max(r.get("z_layers") or [0]) for r in train_rows), default=0.0),
     }
     if any("train_eval_gap" in r for r in train_rows):  # early: the first fifth of training
