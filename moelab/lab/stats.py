@@ -78,11 +78,17 @@ def margin_stats(
     delta = float(a_S.mean() - factor * b_S.mean() - offset)
     if len(a_S) < 2 or len(b_S) < 2:
         return delta, None, None
-    va, vb = a_S.var(ddof=1) / len(a_S), factor**2 * b_S.var(ddof=1) / len(b_S)
-    se = math.sqrt(va + vb)
-    den = (va**2 / (len(a_S) - 1) if va else 0.0) + (vb**2 / (len(b_S) - 1) if vb else 0.0)
-    df = (va + vb) ** 2 / den if den > 0 else float(len(a_S) + len(b_S) - 2)
-    return delta, se, df
+    a_sum = (float(a_S.std(ddof=1)), len(a_S))
+    return (delta, *_welch(a_sum, (float(b_S.std(ddof=1)), len(b_S)), factor))
+
+
+def _welch(a: tuple[float, int], b: tuple[float, int], factor: float) -> tuple[float, float]:
+    """(se, Welch–Satterthwaite df) of mean(a) − factor·mean(b) from (sample SD, n) pairs."""
+    (sa, na), (sb, nb) = a, b
+    va, vb = sa**2 / na, factor**2 * sb**2 / nb
+    den = (va**2 / (na - 1) if va else 0.0) + (vb**2 / (nb - 1) if vb else 0.0)
+    df = (va + vb) ** 2 / den if den > 0 else float(na + nb - 2)
+    return math.sqrt(va + vb), df
 
 
 def _one_sample(d_S: np.ndarray) -> tuple[float, float | None, float | None]:
@@ -128,12 +134,17 @@ def compare(
     delta, se, df = margin_stats(
         a, b, factor=factor, offset=offset, paired=is_paired, b_const=b_const
     )
+    return _comparison(delta, se, df, op, is_paired)
+
+
+def _comparison(delta: float, se: float | None, df: float | None, op: str, paired: bool):
+    """The Comparison of a margin: 95 % CI from the t quantile, MDE, 2-SE outcome."""
     ci = None
     if se is not None and df is not None:
         half = float(sps.t.ppf(0.975, df)) * se
         ci = [delta - half, delta + half]
     mde = None if se is None else MDE_SE * se
-    return Comparison(delta, se, df, ci, mde, outcome(delta, se, op), is_paired)
+    return Comparison(delta, se, df, ci, mde, outcome(delta, se, op), paired)
 
 
 def compare_summaries(
@@ -155,18 +166,8 @@ def compare_summaries(
     else:
         (mb, sb, nb) = b
         delta = ma - factor * mb - offset
-        se, df = None, None
-        if sa is not None and sb is not None:
-            va, vb = sa**2 / na, factor**2 * sb**2 / nb
-            se = math.sqrt(va + vb)
-            den = (va**2 / (na - 1) if va else 0.0) + (vb**2 / (nb - 1) if vb else 0.0)
-            df = (va + vb) ** 2 / den if den > 0 else float(na + nb - 2)
-    ci = None
-    if se is not None and df is not None:
-        half = float(sps.t.ppf(0.975, df)) * se
-        ci = [delta - half, delta + half]
-    mde = None if se is None else MDE_SE * se
-    return Comparison(delta, se, df, ci, mde, outcome(delta, se, op), False)
+        se, df = (None, None) if sa is None or sb is None else _welch((sa, na), (sb, nb), factor)
+    return _comparison(delta, se, df, op, False)
 
 
 def flip_rate(
