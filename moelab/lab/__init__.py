@@ -69,6 +69,7 @@ def run_experiment(
         "analysis": extra,
         "setup": setup,
         "stale_runs": stale,
+        "fingerprint": _fingerprint_of(runs),
         "batch_tokens": _first(setup, "batch_tokens"),
         "tokens_per_expert_per_step": _first(setup, "tokens_per_expert_per_step"),
         "wall_seconds": round(time.time() - t0, 1),
@@ -222,6 +223,18 @@ def _setup(cfg, nproc: int = 1) -> dict[str, Any]:
         "num_experts": E,
         "top_k": k,
     }
+
+
+def _fingerprint_of(runs: dict[str, list[Path]]) -> dict[str, Any]:
+    """The numerics fingerprint digests and platforms the result's runs were trained with."""
+    from moelab.lab import fingerprint
+
+    seen = {}
+    for dirs in runs.values():
+        for d in dirs:
+            fp = fingerprint.read(d) or {}
+            seen[fp.get("digest", "none")] = fp.get("platform")
+    return seen
 
 
 def default_out(exp: Experiment, quick: bool, decisive: bool) -> str:
