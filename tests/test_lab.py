@@ -140,14 +140,16 @@ def test_lab_run_quick_end_to_end(tmp_path, monkeypatch, capsys):
     other = dict(fingerprint.current(), digest="other")
     monkeypatch.setattr(fingerprint, "current", lambda: other)
     args = _parse(["lab", "run", "collapse", "--quick", "--out", str(out), "--cached-only"])
-    assert args.func(args) == 0
-    res = json.loads((out / "result.json").read_text())
-    assert res["stale_runs"] == ["none seed 0", "aux seed 0"] and res["variants_run"] == []
+    with pytest.raises(ValueError, match="no run trained or cached"):
+        args.func(args)  # nothing valid is cached: result.json is left as it was
     # without --cached-only they are retrained, the old folders kept aside
     args = _parse(["lab", "run", "collapse", "--quick", "--out", str(out)])
     assert args.func(args) == 0
     assert "other numerics fingerprint" in capsys.readouterr().out
     assert len(list((tmp_path / "cache").glob("*.stale-*"))) == 2
+    res = json.loads((out / "result.json").read_text())
+    assert res["stale_runs"] == ["none seed 0", "aux seed 0"]
+    assert list(res["fingerprint"]) == ["other"]
 
 
 def test_lookup_handles_dotted_variant_names():
