@@ -193,7 +193,9 @@ class BalanceConfig:
     bias_rule: ``sign`` (Alg. 1: b_i += u·sign(mean − c_i)), ``proportional``
         (b_i += u·(mean − c_i)/mean, so u does not depend on the batch size),
         ``multiplicative`` (b_i += u·log((mean + 1)/(c_i + 1)), i.e. multiplies the selection
-        odds; +1 keeps empty experts finite), or ``quantile``: Quantile Balancing (Su 2026,
+        odds; +1 keeps empty experts finite) — moelab's scale-free forms, *not* the rules of
+        Wang et al. Tables 3-4 (raw-count u·e_i, and a multiplicative bias on the scores),
+        whose numbers they must not be compared with — or ``quantile``: Quantile Balancing (Su 2026,
         "MoE World Tour 6"; Megatron-LM ``quantile_balancing``), which needs no rate: the bias
         is −β, β_i the price at which ⌈T·k/E⌉ tokens still prefer expert i
         (``moelab.balance.quantile_prices``), estimated each step.
