@@ -93,6 +93,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from moelab.inspect import load_trained
 
+    if args.max_tokens < 0:
+        raise ValueError(
+            f"--max-tokens {args.max_tokens} is out of range; allowed: 0 (all) or a positive "
+            "integer"
+        )
     run = load_trained(args.checkpoint, args.data)
     from moelab.evaluate import evaluate
 

@@ -25,7 +25,7 @@ import torch
 from moelab import checkpoint, metrics, runfolder
 from moelab.config import to_dict
 from moelab.data import Batcher, Corpus, load_corpus
-from moelab.evaluate import evaluate
+from moelab.evaluate import check_evaluable, evaluate
 from moelab.logs import MetricsLog, step_row
 from moelab.model import MoELM
 from moelab.runconfig import (  # noqa: F401 - re-exported: moelab.train is the public entry
@@ -167,6 +167,7 @@ def _train(cfg, out, world, resume, max_steps, progress, on_step, allow_change) 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     corpus = load_corpus(cfg.data)
+    check_evaluable(corpus, seq_len=cfg.data.seq_len)  # before any step, not at the end
     cfg, model = build_model(cfg, corpus)
     model = world.prepare(model, cfg)
     opt = make_optimizer(model, cfg.train)

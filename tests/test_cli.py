@@ -149,6 +149,8 @@ def test_run_folder_misuse_gives_one_line_and_loses_nothing(tmp_path):
         assert message in line, (extra, line)
         (out / "train.lock").unlink(missing_ok=True)
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before, extra
+    line = _error(run("eval", str(out), "--max-tokens", "-1", check=False))
+    assert "--max-tokens -1 is out of range" in line
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
