@@ -41,8 +41,10 @@ def check_range(
     lo_open: bool = False,
     hi_open: bool = False,
 ) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``lo <= value <= hi`` (open ends optional)."""
-    bad = not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value)
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number with
+    ``lo <= value <= hi`` (open ends optional). NaN and ±inf are refused always: an infinite
+    rate or coefficient only turns into NaN steps later, far from its cause."""
+    bad = not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
     if not bad and lo is not None:
         bad = value <= lo if lo_open else value < lo
     if not bad and hi is not None:
@@ -51,7 +53,7 @@ def check_range(
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
         span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-        raise ValueError(f"{name}={value!r} is out of range; allowed: a number in {span}")
+        raise ValueError(f"{name}={value!r} is out of range; allowed: a finite number in {span}")
 
 
 def _check_literals(obj: Any) -> None:

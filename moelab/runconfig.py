@@ -79,6 +79,8 @@ class TrainConfig:
             check_range(f"train.{name}", getattr(self, name), lo=0)
         check_range("train.lr", self.lr, lo=0, lo_open=True)
         check_range("train.min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
+        for name in ("beta1", "beta2"):  # AdamW's own range
+            check_range(f"train.{name}", getattr(self, name), lo=0, hi=1, hi_open=True)
 
 
 @dataclass(frozen=True)

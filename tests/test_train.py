@@ -124,6 +124,13 @@ def test_dense_twin_has_the_same_active_parameters(micro_cfg):
         ("model.moe.balance.aux_scpe='global'", "did you mean 'model.moe.balance.aux_scope'"),
         ("data.batch_mode='random'", "data.batch_mode"),
         ("train.train_eval_gap=5", "train.train_eval_gap=5 is not allowed"),
+        ("train.lr=inf", "train.lr=inf is out of range; allowed: a finite number"),
+        ("model.moe.balance.bias_rate=inf", "balance.bias_rate=inf is out of range"),
+        ("model.moe.balance.aux_coef=inf", "balance.aux_coef=inf is out of range"),
+        ("train.grad_clip=inf", "train.grad_clip=inf is out of range"),
+        ("train.beta1=1.5", "train.beta1=1.5 is out of range"),
+        ("train.beta2=-0.1", "train.beta2=-0.1 is out of range"),
+        ("parallel.timeout_s=inf", "parallel.timeout_s=inf is out of range"),
     ],
 )
 def test_bad_config_values_name_the_field(micro_cfg, override, message):
