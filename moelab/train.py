@@ -370,13 +370,17 @@ def _save(out, cfg, model, opt, batcher, trackers, world, step, digest: str = ""
     world.barrier()
 
 
-def _restore(out, cfg, model, opt, batcher, trackers, world, digest, allow_change) -> int:
+def _restore(
+    out, cfg, model, opt, batcher, trackers, world, digest: str | None = None, allow_change=()
+) -> int:
     """Load the latest checkpoint of ``out`` into the run's state; returns its step. Refuses
-    one written for another config or other data (:func:`moelab.runfolder.check_resume`)."""
+    one written for another config or (given the corpus ``digest``) other data
+    (:func:`moelab.runfolder.check_resume`, :func:`moelab.runfolder.check_data`)."""
     state = checkpoint.load(out)
     _check_layout(out, cfg, world, state.get("layout"))  # the more specific message first
     runfolder.check_resume(out, state["config"], to_dict(cfg), allow=allow_change)
-    runfolder.check_data(out, state.get("data_digest"), digest)
+    if digest is not None:
+        runfolder.check_data(out, state.get("data_digest"), digest)
     world.load_full_state_dict(model, state["model"])
     world.load_optimizer_state(opt, model, state["optimizer"])
     batcher.load_state_dict(state["batcher"])
