@@ -33,13 +33,18 @@ class CheckpointError(ValueError):
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
-    """Write bytes to ``path.tmp``, fsync, rename to ``path`` (atomic on POSIX)."""
+    """Write bytes to ``path.tmp``, fsync, rename to ``path`` (atomic on POSIX); a failed
+    write removes its ``.tmp``."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 

@@ -15,6 +15,7 @@ import sys
 
 from moelab.checkpoint import CheckpointError
 from moelab.errors import RunError
+from moelab.signals import Interrupted
 
 # (module, function adding the subcommand parser): each sets ``func`` returning an exit code.
 _PLUGINS = [
@@ -66,11 +67,23 @@ def _config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from moelab.train import train
 
-    cfg = _config(args)
     steps = args.max_steps
+    if steps is not None and steps < 1:
+        raise ValueError(f"--max-steps {steps} is out of range; allowed: an integer >= 1")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other; allowed: one of them")
+    cfg = _config(args)
     if steps and steps > cfg.train.steps:  # --max-steps beyond the schedule extends it
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
-    summary = train(cfg, args.out, resume=args.resume, max_steps=steps, progress=not args.quiet)
+    summary = train(
+        cfg,
+        args.out,
+        resume=args.resume,
+        max_steps=steps,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        allow_change=tuple(args.allow_change),
+    )
     if summary and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 only
         keys = ("steps", "val_loss", "maxvio_global", "mi")
         print(json.dumps({k: summary[k] for k in keys if k in summary}))
@@ -80,6 +93,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from moelab.inspect import load_trained
 
+    if args.max_tokens < 0:
+        raise ValueError(
+            f"--max-tokens {args.max_tokens} is out of range; allowed: 0 (all) or a positive "
+            "integer"
+        )
     run = load_trained(args.checkpoint, args.data)
     from moelab.evaluate import evaluate
 
@@ -140,6 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--max-steps", type=int, help="stop after N steps (checkpoint written)")
     p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in OUT (its checkpoints are removed)",
+    )
+    p.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="with --resume: accept this setting differing from the checkpoint's, e.g. "
+        "train.lr (repeatable; more steps and logging/eval cadence are always accepted)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -181,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except Interrupted as exc:
+        print(f"moelab {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (ValueError, CheckpointError, RunError, OSError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"moelab {args.command}: error: {msg}", file=sys.stderr)

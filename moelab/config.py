@@ -41,8 +41,10 @@ def check_range(
     lo_open: bool = False,
     hi_open: bool = False,
 ) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``lo <= value <= hi`` (open ends optional)."""
-    bad = not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value)
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number with
+    ``lo <= value <= hi`` (open ends optional). NaN and ±inf are refused always: an infinite
+    rate or coefficient only turns into NaN steps later, far from its cause."""
+    bad = not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
     if not bad and lo is not None:
         bad = value <= lo if lo_open else value < lo
     if not bad and hi is not None:
@@ -51,7 +53,7 @@ def check_range(
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
         span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-        raise ValueError(f"{name}={value!r} is out of range; allowed: a number in {span}")
+        raise ValueError(f"{name}={value!r} is out of range; allowed: a finite number in {span}")
 
 
 def _check_literals(obj: Any) -> None:
@@ -436,19 +438,29 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
         path = f"{where}.{key}" if where else key
         if key not in fields:
             raise ValueError(f"unknown setting {path!r}{_suggest(key, fields, where)}")
-        hint = _resolve_hint(hints[key])
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value, where=path)
-        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif hint is tuple or get_origin(hint) is tuple:
-            value = tuple(value)
-        kwargs[key] = value
+        kwargs[key] = _field_value(_resolve_hint(hints[key]), value, path)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
         missing = [n for n, f in fields.items() if n not in kwargs and _required(f)]
         raise ValueError(f"{where or cls.__name__}: missing setting(s) {missing}") from exc
+
+
+def _field_value(hint: Any, value: Any, path: str) -> Any:
+    """``value`` as field type ``hint`` wants it: a table as its dataclass, an int as a float,
+    a list as a tuple; a scalar where a table or a list belongs is refused naming ``path``."""
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, dict):
+            return from_dict(hint, value, where=path)
+        if value is not None:
+            raise ValueError(f"{path}={value!r} is not allowed; expected a table of settings")
+    elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    elif hint is tuple or get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{path}={value!r} is not allowed; expected a list, e.g. ['a', 'b']")
+        return tuple(value)
+    return value
 
 
 def _required(f: dataclasses.Field) -> bool:

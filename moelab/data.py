@@ -380,6 +380,7 @@ class Corpus:
     train: dict[str, np.ndarray]  # name -> (N,) uint16/uint32 ids
     val: dict[str, np.ndarray]  # name -> (N,) uint16/uint32 ids
     holdout: tuple[str, ...] = ()
+    digest: str = ""  # of the sources' bytes and the data settings: same digest, same ids
 
     @property
     def vocab_size(self) -> int:
@@ -434,7 +435,9 @@ def load_corpus(cfg: DataConfig) -> Corpus:
                 ids = _encode(tokenizer, texts(name)[i])
                 _atomic_write(path, lambda f, ids=ids: np.save(f, ids))
             splits[split][name] = np.load(path)
-    return Corpus(names, tokenizer, splits["train"], splits["val"], tuple(cfg.holdout_domains))
+    digest = _sha([[[n, digests[n]] for n in names], sorted(holdout), settings])[:24]
+    holdout_ = tuple(cfg.holdout_domains)
+    return Corpus(names, tokenizer, splits["train"], splits["val"], holdout_, digest)
 
 
 # ----------------------------------------------------------------------------- batching

@@ -97,7 +97,7 @@ def train_one(run: DemoRun, cfg: RunConfig, run_dir: Path, *, progress: bool) ->
     (run_dir / REQUEST_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
     print(f"[demo] {run.name}: {run.preset} {' '.join(run.overrides)}".rstrip(), flush=True)
     wall, cpu = time.perf_counter(), time.process_time()
-    summary = train(cfg, run_dir, progress=progress)
+    summary = train(cfg, run_dir, progress=progress, overwrite=True)  # its own folder, redone
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     print(f"[demo] {run.name}: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
     timing = {"wall_s": wall, "cpu_s": cpu}

@@ -70,6 +70,7 @@ def evaluate(
     DeepSeek-V3's sequence view), ``mi`` / ``mi_layers`` (domain→expert mutual information,
     bits), ``counts_layers`` (per-layer expert counts) and ``domain_freq_layers``.
     """
+    check_evaluable(corpus, seq_len=seq_len, max_tokens=max_tokens)
     was_training = model.training
     model.eval()
     layers = model.moe_layers
@@ -90,6 +91,23 @@ def evaluate(
     stats.reduce(world.sum_)
     model.train(was_training)
     return _summarise(stats, corpus)
+
+
+def check_evaluable(corpus: Corpus, *, seq_len: int, max_tokens: int = 0) -> None:
+    """Raise ValueError unless an evaluation would see at least one token of a training
+    domain: no token is an error, never a perfect ``val_loss`` of 0."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(
+            f"max_tokens={max_tokens!r} is out of range; allowed: 0 (the whole split) or a "
+            "positive integer"
+        )
+    sizes = {n: len(corpus.val[n]) for n in corpus.domains if n not in corpus.holdout}
+    if not any(size > seq_len for size in sizes.values()):
+        raise ValueError(
+            f"no validation token to evaluate: every training domain's validation split "
+            f"({sizes} tokens) is shorter than data.seq_len + 1 = {seq_len + 1}; lower "
+            "data.seq_len, raise data.val_fraction or give more text"
+        )
 
 
 def _capped(batches: Iterable, max_tokens: int) -> list:

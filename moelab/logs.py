@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,8 @@ class MetricsLog:
     """Append JSON rows to ``DIR/metrics.jsonl`` (and scalars to TensorBoard under DIR/tb).
 
     ``truncate_after``: on resume, drop rows with ``step`` beyond the checkpoint so that the
-    log reads as one uninterrupted run.
+    log reads as one uninterrupted run (rewritten atomically); a torn last line (a crash or a
+    full disk mid-append) is dropped with a one-line note naming the file.
     """
 
     def __init__(
@@ -25,8 +28,13 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after and self.path.exists():
-            rows = [r for r in read_rows(self.path) if r["step"] <= truncate_after]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            rows, torn = _parse(self.path)
+            if torn:
+                print(f"moelab: dropped a torn last line of {str(self.path)!r}", file=sys.stderr)
+            keep = [r for r in rows if r.get("step", 0) <= truncate_after]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+            os.replace(tmp, self.path)
         elif not truncate_after:
             self.path.write_text("")
         if tensorboard:
@@ -50,9 +58,29 @@ class MetricsLog:
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a metrics.jsonl file."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All rows of a metrics.jsonl file; a torn last line (a write in progress or cut short)
+    is left out, a malformed line before it raises ValueError naming the file and line."""
+    return _parse(Path(path))[0]
+
+
+def _parse(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """(rows, whether a torn last line was left out) of a metrics.jsonl file."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    rows, torn = [], False
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif not any(x.strip() for x in lines[i + 1 :]):
+            torn = True  # the last line: a crash mid-append
+        else:
+            raise ValueError(f"{str(path)!r} line {i + 1} is not a JSON row; the log is damaged")
+    return rows, torn
 
 
 def step_row(step: int, r, model, trackers, lr: float, tokens: int, tok_s: float) -> dict:

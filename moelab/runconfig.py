@@ -79,6 +79,8 @@ class TrainConfig:
             check_range(f"train.{name}", getattr(self, name), lo=0)
         check_range("train.lr", self.lr, lo=0, lo_open=True)
         check_range("train.min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
+        for name in ("beta1", "beta2"):  # AdamW's own range
+            check_range(f"train.{name}", getattr(self, name), lo=0, hi=1, hi_open=True)
 
 
 @dataclass(frozen=True)
@@ -119,11 +121,14 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.toml"))
 
 
-def load_config_dict(source: str | None) -> dict[str, Any]:
+def load_config_dict(source: str | None, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """A preset name, a TOML path or a run's ``config.json`` as a dict; ``base = "preset"``
-    inherits from a preset."""
+    inherits from a preset (a ``base`` loop is refused naming the chain)."""
     if source is None:
         return {}
+    key = source if source in preset_names() else str(Path(source).resolve())
+    if key in _chain:
+        raise ValueError(f"config base loop: {' -> '.join((*_chain, key))}; break the loop")
     if source in preset_names():
         data = load_toml(PRESETS / f"{source}.toml")
     elif source.endswith((".toml", ".json")) or os.path.sep in source:
@@ -133,8 +138,14 @@ def load_config_dict(source: str | None) -> dict[str, Any]:
             f"config {source!r} is neither a TOML or config.json file nor a preset; presets: "
             f"{preset_names()}"
         )
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"config {source!r} holds a {type(data).__name__}, not a table of settings"
+        )
     base = data.pop("base", None)
-    return _merge(load_config_dict(base), data) if base else data
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"base={base!r} in {source!r} is not allowed; expected a preset or file")
+    return _merge(load_config_dict(base, (*_chain, key)), data) if base else data
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -147,6 +158,11 @@ def _merge(a: dict, b: dict) -> dict:
 def build_config(data: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
     """Resolve a config dict + ``--set`` overrides into a validated RunConfig."""
     data = apply_overrides(data, list(overrides))
+    for table in ("model", "data", "train", "parallel"):
+        if not isinstance(data.get(table, {}), dict):
+            raise ValueError(
+                f"{table}={data[table]!r} is not allowed; expected a table of settings"
+            )
     model = data.setdefault("model", {})
     moe = model.get("moe", {})
     if moe in (False, "none", None):

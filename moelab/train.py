@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -21,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from moelab import checkpoint, metrics
+from moelab import checkpoint, metrics, runfolder
 from moelab.config import to_dict
 from moelab.data import Batcher, Corpus, load_corpus
-from moelab.evaluate import evaluate
+from moelab.evaluate import check_evaluable, evaluate
 from moelab.logs import MetricsLog, step_row
 from moelab.model import MoELM
 from moelab.runconfig import (  # noqa: F401 - re-exported: moelab.train is the public entry
@@ -37,6 +38,7 @@ from moelab.runconfig import (  # noqa: F401 - re-exported: moelab.train is the 
     load_run_config,
     preset_names,
 )
+from moelab.signals import Interrupted, StopFlag, stop_on_signals
 from moelab.step import (  # noqa: F401 - re-exported: the step is part of the trainer
     NonFiniteError,
     StepResult,
@@ -130,23 +132,42 @@ def train(
     max_steps: int | None = None,
     progress: bool = True,
     on_step: StepHook | None = None,
+    overwrite: bool = False,
+    allow_change: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train ``cfg`` writing metrics.jsonl, config.json, checkpoints and summary.json to
     ``out_dir``; returns the summary. ``max_steps`` stops early (the schedule still spans
     ``train.steps``); ``resume`` continues from the latest checkpoint in ``out_dir``, or starts
     fresh when there is none yet (so one command line serves a first run and its restarts).
-    ``on_step(step, model)`` runs before every optimizer step."""
+    ``on_step(step, model)`` runs before every optimizer step.
+
+    The run folder is guarded (:mod:`moelab.runfolder`): one writer at a time, a folder holding
+    another run is refused unless ``resume`` or ``overwrite``, and a resume must keep the
+    checkpoint's config apart from :data:`moelab.runfolder.RESUMABLE` and ``allow_change``.
+    SIGINT / SIGTERM save a checkpoint at the step in progress and raise
+    :class:`moelab.signals.Interrupted` (:mod:`moelab.signals`)."""
     out = Path(out_dir)
+    if max_steps is not None and (isinstance(max_steps, bool) or max_steps < 1):
+        raise ValueError(f"--max-steps {max_steps!r} is out of range; allowed: an integer >= 1")
     world = make_world(cfg.parallel) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else LocalWorld()
     if world.is_main:
-        _check_writable(out)
-    if resume and checkpoint.latest(out) is None:
-        if world.is_main:
-            print(f"moelab: no checkpoint in {str(out)!r} yet; starting fresh", file=sys.stderr)
-        resume = False
+        runfolder.check_writable(out)
+    with runfolder.lock(out, enabled=world.is_main):
+        if resume and checkpoint.latest(out) is None:
+            if world.is_main:
+                print(f"moelab: no checkpoint in {str(out)!r} yet; starting fresh", file=sys.stderr)
+            resume = False
+        elif not resume and world.is_main:
+            runfolder.check_new_run(out, overwrite=overwrite)
+        return _train(cfg, out, world, resume, max_steps, progress, on_step, tuple(allow_change))
+
+
+def _train(cfg, out, world, resume, max_steps, progress, on_step, allow_change) -> dict[str, Any]:
+    """The body of :func:`train`, run while holding the folder's lock."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     corpus = load_corpus(cfg.data)
+    check_evaluable(corpus, seq_len=cfg.data.seq_len)  # before any step, not at the end
     cfg, model = build_model(cfg, corpus)
     model = world.prepare(model, cfg)
     opt = make_optimizer(model, cfg.train)
@@ -162,9 +183,13 @@ def train(
         metrics.DeadExpertTracker(layer.cfg.num_experts, top_k=layer.cfg.top_k)
         for layer in model.moe_layers
     ]
-    start = _restore(out, cfg, model, opt, batcher, trackers, world) if resume else 0
+    state = (cfg, model, opt, batcher, trackers, world)
+    start = _restore(out, *state, corpus.digest, allow_change) if resume else 0
     if not resume:
         seed_everything(cfg.train.seed + 1 + world.rank)
+    stop = min(cfg.train.steps, max_steps or cfg.train.steps)
+    if resume and stop <= start:
+        return _nothing_to_train(out, start, stop)
     log = MetricsLog(
         out,
         enabled=world.is_main,
@@ -174,13 +199,29 @@ def train(
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    stop = min(cfg.train.steps, max_steps or cfg.train.steps)
     hooks = [h for h in (on_step, _injected_crash()) if h is not None]
-    summary = _loop(
-        cfg, model, opt, batcher, corpus, trackers, world, log, out, start, stop, progress, hooks
-    )
-    log.close()
-    return summary
+    try:
+        with stop_on_signals() as flag:
+            return _loop(
+                cfg, model, opt, batcher, corpus, trackers, world, log, out, start, stop,
+                progress, hooks, flag, corpus.digest,
+            )  # fmt: skip
+    finally:
+        log.close()
+
+
+def _nothing_to_train(out: Path, start: int, stop: int) -> dict[str, Any]:
+    """A resume whose stop is not past the checkpoint: refuse one below it; at it, the run is
+    done and its files stay as they are (its summary is returned)."""
+    if stop < start:
+        raise ValueError(
+            f"the run would stop at step {stop} (--max-steps / train.steps) but its checkpoint "
+            f"in {str(out)!r} is at step {start}; allowed: --max-steps above {start}, or a new "
+            "--out"
+        )
+    print(f"moelab: {str(out)!r} is already at step {start}; nothing to train", file=sys.stderr)
+    path = out / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {"steps": start}
 
 
 def _injected_crash() -> StepHook | None:
@@ -197,20 +238,6 @@ def _injected_crash() -> StepHook | None:
     return crash
 
 
-def _check_writable(out: Path) -> None:
-    """Fail before any work if the run folder cannot be created or written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(
-            f"cannot write to the run folder {str(out)!r} ({exc.strerror or exc}); "
-            "give a writable --out"
-        ) from exc
-
-
 def _global_batch(cfg: RunConfig, world: World) -> int:
     if cfg.parallel.batch == "per_rank":
         return cfg.train.batch_size
@@ -223,8 +250,9 @@ def _global_batch(cfg: RunConfig, world: World) -> int:
 
 
 def _loop(
-    cfg, model, opt, batcher, corpus, trackers, world, log, out, start, stop, progress, hooks
-) -> dict[str, Any]:
+    cfg, model, opt, batcher, corpus, trackers, world, log, out, start, stop, progress, hooks,
+    flag: StopFlag, digest: str,
+) -> dict[str, Any]:  # fmt: skip
     tokens_per_step = (
         cfg.train.batch_size
         * cfg.data.seq_len
@@ -274,13 +302,25 @@ def _loop(
                 world=world,
             )
             log.write({"step": done, **last_eval})
-        if _due(done, cfg.train.ckpt_every, stop):
-            _save(out, cfg, model, opt, batcher, trackers, world, done)
+        saved = _due(done, cfg.train.ckpt_every, stop)
+        if saved:
+            _save(out, cfg, model, opt, batcher, trackers, world, done, digest)
         bar.update(1)
+        if done < stop and _stop_requested(flag, world):
+            if not saved:
+                _save(out, cfg, model, opt, batcher, trackers, world, done, digest)
+            bar.close()
+            raise Interrupted(flag.signum or signal.SIGTERM, done, out)
     bar.close()
     return _summary(
         cfg, model, last_eval, stop, tokens_per_step, time.perf_counter() - t0, out, world
     )
+
+
+def _stop_requested(flag: StopFlag, world: World) -> bool:
+    """Whether a stop signal arrived on any rank (all ranks agree, so they stop together)."""
+    raised = 1.0 if flag.signum is not None else 0.0
+    return (world.mean(raised) if world.world_size > 1 else raised) > 0
 
 
 def _due(done: int, every: int, stop: int) -> bool:
@@ -311,7 +351,7 @@ def _summary(cfg, model, last_eval, stop, tokens_per_step, elapsed, out, world) 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _save(out, cfg, model, opt, batcher, trackers, world, step) -> None:
+def _save(out, cfg, model, opt, batcher, trackers, world, step, digest: str = "") -> None:
     """Full (single-process layout) state; every rank checks it is finite, rank 0 writes."""
     state = {
         "model": world.full_state_dict(model),
@@ -322,6 +362,7 @@ def _save(out, cfg, model, opt, batcher, trackers, world, step) -> None:
         "step": step,
         "config": to_dict(cfg),
         "layout": {"world_size": world.world_size, "ep": cfg.parallel.ep},
+        "data_digest": digest,
     }
     checkpoint.check_finite(state, step)  # on every rank, so that all of them stop together
     if world.is_main:
@@ -329,14 +370,17 @@ def _save(out, cfg, model, opt, batcher, trackers, world, step) -> None:
     world.barrier()
 
 
-def _restore(out, cfg, model, opt, batcher, trackers, world) -> int:
+def _restore(
+    out, cfg, model, opt, batcher, trackers, world, digest: str | None = None, allow_change=()
+) -> int:
+    """Load the latest checkpoint of ``out`` into the run's state; returns its step. Refuses
+    one written for another config or (given the corpus ``digest``) other data
+    (:func:`moelab.runfolder.check_resume`, :func:`moelab.runfolder.check_data`)."""
     state = checkpoint.load(out)
-    if state["config"]["model"] != to_dict(cfg)["model"]:
-        raise checkpoint.CheckpointError(
-            f"checkpoint in {str(out)!r} was written for another model config; resume with "
-            "the same config or start a new --out folder"
-        )
-    _check_layout(out, cfg, world, state.get("layout"))
+    _check_layout(out, cfg, world, state.get("layout"))  # the more specific message first
+    runfolder.check_resume(out, state["config"], to_dict(cfg), allow=allow_change)
+    if digest is not None:
+        runfolder.check_data(out, state.get("data_digest"), digest)
     world.load_full_state_dict(model, state["model"])
     world.load_optimizer_state(opt, model, state["optimizer"])
     batcher.load_state_dict(state["batcher"])

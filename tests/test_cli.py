@@ -119,3 +119,62 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
         )
     )
     assert "another model config" in line
+
+
+def test_run_folder_misuse_gives_one_line_and_loses_nothing(tmp_path):
+    """A used --out without --resume, --max-steps below 1, --resume with --overwrite, a folder
+    locked by a live process, and --resume to a step below the checkpoint each give one line;
+    the finished run's files stay byte for byte."""
+    import socket
+
+    out = tmp_path / "run"
+    base = ["train", "--config", MICRO, "--quiet", "--set", "train.eval_every=0"]
+    run(*base, "--out", str(out), "--max-steps", "3")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    lock = {"pid": os.getpid(), "host": socket.gethostname()}
+    cases = [
+        ([], "pass --resume to continue it, --overwrite to replace it, or choose another --out"),
+        (["--max-steps", "0"], "--max-steps 0 is out of range"),
+        (["--max-steps", "-1", "--resume"], "--max-steps -1 is out of range"),
+        (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+        (["--resume", "--max-steps", "2"], "checkpoint in"),
+        (["--resume", "--set", "train.lr=0.5"], "train.lr 0.01 -> 0.5"),
+        (["--lock"], f"in use by process {os.getpid()}"),
+    ]
+    for extra, message in cases:
+        if extra == ["--lock"]:
+            (out / "train.lock").write_text(json.dumps(lock))
+            extra = ["--resume"]
+        line = _error(run(*base, "--out", str(out), *extra, check=False))
+        assert message in line, (extra, line)
+        (out / "train.lock").unlink(missing_ok=True)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before, extra
+    line = _error(run("eval", str(out), "--max-tokens", "-1", check=False))
+    assert "--max-tokens -1 is out of range" in line
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    """SIGTERM (what torchrun and schedulers send before SIGKILL) ends `moelab train` after the
+    step in progress with a checkpoint at it, one line saying so, and exit status 143."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moelab", "train", "--config", MICRO, "--out", str(out),
+         "--quiet", "--max-steps", "100000", "--set", "train.eval_every=0",
+         "--set", "train.log_every=1"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    while time.monotonic() < deadline and not (out / "metrics.jsonl").read_text():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "stopped by SIGTERM after step" in lines[0], err
+    step = json.loads((out / "latest.json").read_text())["step"]
+    assert f"after step {step};" in lines[0] and not list(out.glob("*.tmp"))

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import re
+import signal
 
 import pytest
 import torch
@@ -121,6 +124,13 @@ def test_dense_twin_has_the_same_active_parameters(micro_cfg):
         ("model.moe.balance.aux_scpe='global'", "did you mean 'model.moe.balance.aux_scope'"),
         ("data.batch_mode='random'", "data.batch_mode"),
         ("train.train_eval_gap=5", "train.train_eval_gap=5 is not allowed"),
+        ("train.lr=inf", "train.lr=inf is out of range; allowed: a finite number"),
+        ("model.moe.balance.bias_rate=inf", "balance.bias_rate=inf is out of range"),
+        ("model.moe.balance.aux_coef=inf", "balance.aux_coef=inf is out of range"),
+        ("train.grad_clip=inf", "train.grad_clip=inf is out of range"),
+        ("train.beta1=1.5", "train.beta1=1.5 is out of range"),
+        ("train.beta2=-0.1", "train.beta2=-0.1 is out of range"),
+        ("parallel.timeout_s=inf", "parallel.timeout_s=inf is out of range"),
     ],
 )
 def test_bad_config_values_name_the_field(micro_cfg, override, message):
@@ -159,3 +169,118 @@ def test_maxvio_step_is_the_global_batch_and_maxvio_batch_the_micro_batches(micr
         want = [float(metrics.max_violation(torch.tensor(c))) for c in row["counts_layers"]]
         assert row["maxvio_step"] == pytest.approx(sum(want) / len(want), rel=1e-12)
         assert row["maxvio_step"] <= row["maxvio_batch"] + 1e-12
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+FAST = ("train.eval_every=0", "train.log_every=1")
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_new_run_into_a_used_folder_is_refused_and_changes_nothing(micro_cfg, tmp_path):
+    """Without resume or overwrite, a run folder holding a run is refused before any work:
+    metrics, config and every checkpoint stay byte for byte; with overwrite it is replaced."""
+    cfg = micro_cfg(*FAST, "train.steps=4", "train.ckpt_every=2", "train.keep_checkpoints=5")
+    train(cfg, tmp_path, progress=False)
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        train(micro_cfg(*FAST, "train.steps=2"), tmp_path, progress=False)
+    assert _snapshot(tmp_path) == before
+    train(micro_cfg(*FAST, "train.steps=2"), tmp_path, progress=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-000002.pt"]
+    assert [r["step"] for r in read_rows(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2]
+
+
+@pytest.mark.parametrize("steps", [0, -1])
+def test_max_steps_below_one_is_refused(micro_cfg, tmp_path, steps):
+    """max_steps < 1 trains nothing, so it is an error, not an empty run."""
+    with pytest.raises(ValueError, match=f"--max-steps {steps} is out of range"):
+        train(micro_cfg(*FAST), tmp_path / "run", max_steps=steps, progress=False)
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())
+
+
+def test_resume_to_a_step_below_the_checkpoint_is_refused(micro_cfg, tmp_path, capsys):
+    """Resuming with a stop below the checkpoint's step is refused; at the step it is a no-op
+    returning the finished run's summary; either way summary.json and the log stay as they are."""
+    cfg = micro_cfg(*FAST, "train.steps=4")
+    train(cfg, tmp_path, progress=False)
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match="stop at step 2 .* checkpoint .* at step 4"):
+        train(cfg, tmp_path, resume=True, max_steps=2, progress=False)
+    summary = train(cfg, tmp_path, resume=True, progress=False)
+    assert "nothing to train" in capsys.readouterr().err
+    assert summary == json.loads(before["summary.json"]) and _snapshot(tmp_path) == before
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(micro_cfg, tmp_path, capsys):
+    """A torn last line of metrics.jsonl (a crash mid-append) is dropped with a note naming the
+    file, and the resumed log reads as one run."""
+    cfg = micro_cfg(*FAST, "train.steps=4")
+    train(cfg, tmp_path, max_steps=2, progress=False)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    train(cfg, tmp_path, resume=True, progress=False)
+    assert f"torn last line of {str(tmp_path / 'metrics.jsonl')!r}" in capsys.readouterr().err
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.lr=0.02", "train.lr 0.01 -> 0.02"),
+        ("train.batch_size=4", "train.batch_size 8 -> 4"),
+        ("data.vocab_size=1024", "data.vocab_size 512 -> 1024"),
+        ("data.domains=['literary_kjv']", "data.domains"),
+    ],
+)
+def test_resume_with_another_setting_is_refused_naming_it(micro_cfg, tmp_path, override, named):
+    """A resume compares the whole resolved config: data, tokenizer, lr and batch changes are
+    refused naming the setting; ``allow_change`` accepts one the user names."""
+    train(micro_cfg(*FAST, "train.steps=4"), tmp_path, max_steps=2, progress=False)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        train(micro_cfg(*FAST, "train.steps=4", override), tmp_path, resume=True, progress=False)
+    if override.startswith("train.lr"):
+        cfg = micro_cfg(*FAST, "train.steps=4", override)
+        train(cfg, tmp_path, resume=True, progress=False, allow_change=("train.lr",))
+
+
+def test_resume_on_other_text_under_the_same_path_is_refused(micro_cfg, tmp_path):
+    """The data digest is part of the checkpoint: the same --data path with other content (the
+    same string would map to other token ids) is refused."""
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    cfg = micro_cfg(*FAST, "train.steps=4", f"data.sources=['{text}']", "data.domains=[]")
+    train(cfg, tmp_path / "run", max_steps=2, progress=False)
+    text.write_text("pack my box with five dozen liquor jugs! " * 400)
+    with pytest.raises(ValueError, match="other data or another tokenizer"):
+        train(cfg, tmp_path / "run", resume=True, progress=False)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_saves_the_step_and_resumes_exactly(micro_cfg, tmp_path, signum):
+    """SIGINT or SIGTERM during step 3 finishes that step, saves a checkpoint at it (with the
+    default ckpt_every=0) and raises Interrupted (exit 130 / 143); resuming ends exactly like
+    an uninterrupted run."""
+    from moelab import checkpoint
+    from moelab.signals import Interrupted
+
+    cfg = micro_cfg(*FAST, "train.steps=6")
+    train(cfg, tmp_path / "full", progress=False)
+
+    def send(step, model):
+        if step == 3:
+            os.kill(os.getpid(), signum)
+
+    with pytest.raises(Interrupted, match="after step 3; checkpoint saved") as exc:
+        train(cfg, tmp_path / "part", progress=False, on_step=send)
+    assert exc.value.exit_code == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
+    assert checkpoint.latest(tmp_path / "part")["step"] == 3
+    assert not (tmp_path / "part" / "summary.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    train(cfg, tmp_path / "part", resume=True, progress=False)
+    full, part = (read_rows(tmp_path / p / "metrics.jsonl") for p in ("full", "part"))
+    assert [r.get("loss") for r in full] == [r.get("loss") for r in part]

@@ -1,0 +1,62 @@
+"""Graceful stop: SIGINT (Ctrl-C) and SIGTERM (torchrun, cluster schedulers) end a run at the
+next step boundary with a checkpoint, instead of losing every step since the last one.
+
+The first signal only sets a flag; the trainer finishes the optimizer step in progress, saves
+a checkpoint at that step and raises :class:`Interrupted` (exit status 130 for SIGINT, 143 for
+SIGTERM). A second signal stops at once (KeyboardInterrupt, or SystemExit(143)).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from moelab.errors import RunError
+
+_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Interrupted(RunError):
+    """The run stopped on a signal after saving a checkpoint at ``step``."""
+
+    def __init__(self, signum: int, step: int, out: Path) -> None:
+        self.exit_code = _EXIT.get(signum, 130)
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name} after step {step}; checkpoint saved in {str(out)!r} "
+            "(continue with --resume)"
+        )
+
+
+class StopFlag:
+    """Which stop signal arrived first (``signum``), None while none has."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            return
+        if signum == signal.SIGTERM:  # the second signal: stop now, without a save
+            raise SystemExit(_EXIT[signal.SIGTERM])
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """Catch SIGINT and SIGTERM into a :class:`StopFlag` while the body runs (main thread only;
+    elsewhere the flag never rises and signals act as before)."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.signal(s, flag._handle) for s in _EXIT}
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
