@@ -75,7 +75,10 @@ def main() -> int:
                 for p in procs:
                     p.terminate()
     for key, ss in seqs.items():
-        res[key] = {"distinct_runs": len({json.dumps(s) for s in ss}), "final_losses": [s[-1] for s in ss]}
+        res[key] = {
+            "distinct_runs": len({json.dumps(s) for s in ss}),
+            "final_losses": [s[-1] for s in ss],
+        }
     every = {json.dumps(s) for k, ss in seqs.items() if "threads=1" in k for s in ss}
     every2 = {json.dumps(s) for k, ss in seqs.items() if "threads=2" in k for s in ss}
     res["all_1_thread_runs_identical"] = len(every) == 1
