@@ -446,3 +446,27 @@ def test_leakage_reports_synthetic_nats_per_char_against_the_bound(tmp_path):
     tc = res["token_choice"]
     assert len(tc["synthetic_nats_per_char_values"]) == 1
     assert tc["synthetic_nats_per_char"] > res["synthetic_bound"] > 3.4
+
+
+def test_run_key_ignores_defaults_and_a_hit_checks_the_config(tmp_path):
+    """The cache key hashes only non-default fields (so a field added with a default keeps
+    every key), and a cached folder counts only if its config.json is the requested config."""
+    from moelab.lab import runner
+    from moelab.train import build_config, load_config_dict
+
+    base = load_config_dict("tiny")
+    cfg = build_config(base, ["train.steps=5"])
+    assert runner.run_key(cfg, 0) == runner.run_key(
+        build_config(base, ["train.steps=5", "model.moe.router.dtype='fp32'"]), 0
+    )
+    assert runner.run_key(cfg, 0) != runner.run_key(build_config(base, ["train.steps=6"]), 0)
+    out = tmp_path / runner.run_key(cfg, 0)
+    out.mkdir()
+    from moelab.config import to_dict
+
+    (out / "config.json").write_text(json.dumps(to_dict(cfg)))
+    assert runner.same_config(out, cfg)
+    other = to_dict(cfg)
+    other["train"]["lr"] = 1.0  # e.g. a default that changed since the run was trained
+    (out / "config.json").write_text(json.dumps(other))
+    assert not runner.same_config(out, cfg)

@@ -13,6 +13,7 @@ Legend: B sequences, L sequence length, T tokens, K slots per token, E experts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -38,9 +39,64 @@ CACHE = Path("runs/lab/cache")
 
 
 def run_key(cfg: RunConfig, snapshots: int, nproc: int = 1) -> str:
-    parts = [to_dict(cfg), snapshots] + ([nproc] if nproc > 1 else [])
-    blob = json.dumps(parts, sort_keys=True)
+    """sha256 (16 hex digits) of the config's non-default fields, the snapshot count and the
+    process count: a config field added later with a default leaves every key as it was. A
+    changed default could make one key name two configs, so a hit also compares the run's
+    config.json with ``cfg`` (:func:`same_config`)."""
+    parts = [non_default(cfg), snapshots] + ([nproc] if nproc > 1 else [])
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def non_default(obj: Any) -> Any:
+    """A dataclass config as a nested dict of the fields that differ from their defaults."""
+    if not dataclasses.is_dataclass(obj):
+        return list(obj) if isinstance(obj, tuple) else obj
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING  # a required field: always part of the key
+        if default is dataclasses.MISSING or value != default:
+            out[f.name] = non_default(value)
+    return out
+
+
+def same_config(out: Path, cfg: RunConfig) -> bool:
+    """The run in ``out`` was trained with ``cfg`` (its config.json read by today's code; the
+    vocabulary size the trainer fills in from the tokenizer counts as equal)."""
+    try:
+        old = to_dict(build_config(json.loads((out / "config.json").read_text())))
+    except (OSError, ValueError):
+        return False
+    new = to_dict(cfg)
+    if not new["model"].get("vocab_size"):
+        new["model"]["vocab_size"] = old["model"].get("vocab_size")
+    return old == new
+
+
+def rekey_cache(cache: Path | None = None) -> list[tuple[str, str]]:
+    """Rename finished single-process, unsegmented run folders whose name is not today's key
+    of their config.json (runs keyed by an earlier scheme); returns (old, new) names."""
+    cache = cache or CACHE
+    moved = []
+    for out in sorted(p for p in cache.glob("*") if p.is_dir() and "." not in p.name):
+        if not (out / "summary.json").exists() or (out / "snapshots.pt").exists():
+            continue
+        rows = read_rows(out / "metrics.jsonl")
+        if any(r.get("world_size", 1) > 1 for r in rows):
+            continue
+        data = json.loads((out / "config.json").read_text())
+        data["model"]["vocab_size"] = 0  # filled in by the trainer; lab configs leave it unset
+        key = run_key(build_config(data), 0)
+        if key != out.name and not (cache / key).exists():
+            out.rename(cache / key)
+            moved.append((out.name, key))
+    return moved
 
 
 # Files that only analyse or present finished runs: editing them does not make a run stale.
@@ -71,7 +127,7 @@ def is_cached(
     """A finished run of ``cfg`` exists and was trained by code that computes today's numbers."""
     out = (cache or CACHE) / run_key(cfg, snapshots, nproc)
     done = (out / "summary.json").exists() and (not snapshots or (out / "snapshots.pt").exists())
-    return done and not is_stale(out)
+    return done and not is_stale(out) and same_config(out, cfg)
 
 
 def has_stale(
