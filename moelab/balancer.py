@@ -75,6 +75,13 @@ def _masked_mean(x_TE: Tensor, mask_T: Tensor | None) -> Tensor:
     return (x_TE * w_T.unsqueeze(1)).sum(0) / w_T.sum().clamp_min(1.0)
 
 
+def in_recompute() -> bool:
+    """Whether this forward runs inside an autograd backward pass, as the recompute of
+    activation checkpointing does (reentrant or not): a forward that was counted already.
+    Outside a backward the engine's current graph task id is -1."""
+    return torch._C._current_graph_task_id() != -1
+
+
 # ----------------------------------------------------------------------------- the term table
 
 TermFn = Callable[["Balancer", BalanceInputs, Shared], Tensor | None]
@@ -98,10 +105,17 @@ class Term:
 
 
 def _aux(b: Balancer, x: BalanceInputs, s: Shared) -> Tensor:
-    """Switch loss at ``aux_scope``: micro counts, or the step's counts so far (global)."""
+    """Switch loss at ``aux_scope``: micro counts, or the step's counts so far (global).
+
+    A recompute (activation checkpointing) finds this forward's counts in ``step_counts``
+    already, so it reads them alone: the same counts as the forward it repeats.
+    """
     counts_E = x.counts_E
     if b.cfg.aux_scope == "global":  # all micro-batches of the step, all data ranks
-        counts_E = b.step_counts + x.batch_E if x.training else x.batch_E
+        if not x.training:
+            counts_E = x.batch_E
+        else:
+            counts_E = b.step_counts if in_recompute() else b.step_counts + x.batch_E
     return bal.switch_loss_from_stats(counts=counts_E, probs=s.probs_E)
 
 
@@ -262,7 +276,10 @@ class Balancer(nn.Module):
     @torch.no_grad()
     def count(self, batch_E: Tensor, prices_E: Tensor | None = None) -> None:
         """Add a training forward's computation-batch counts (E,) to the step, and under
-        Quantile Balancing its price estimate (E,) (already averaged over data ranks)."""
+        Quantile Balancing its price estimate (E,) (already averaged over data ranks). The
+        recompute of activation checkpointing adds nothing: its forward was counted."""
+        if in_recompute():
+            return
         self.step_counts += batch_E
         if prices_E is not None:
             self.price_sum += prices_E
