@@ -93,15 +93,16 @@ class Term:
 
     needs: what the term reads besides scores and counts (``placement``: expert groups of
     ``balance.num_devices``; ``gates``: gate weights; ``noise``: learned router noise;
-    ``capacity``; ``sequence``: the sequence shape). adaptive: the coefficient is the live
-    ``aux_coef`` (adaptive λ), on when ``aux_coef`` or ``adaptive_target`` is.
+    ``capacity``; ``sequence``: the sequence shape). live: the buffer of the Balancer that
+    holds the term's live coefficient (``aux_coef``: adaptive λ, the aux term is on when
+    ``aux_coef`` or ``adaptive_target`` is; ``l1_coef``: ReMoE's λ), "" = the config value.
     """
 
     name: str
     coef: str
     fn: TermFn
     needs: tuple[str, ...] = ()
-    adaptive: bool = False
+    live: str = ""
 
 
 def _aux(b: Balancer, x: BalanceInputs, s: Shared) -> Tensor:
@@ -187,9 +188,14 @@ def _overflow(b: Balancer, x: BalanceInputs, s: Shared) -> Tensor | None:
     return bal.overflow_loss(counts=x.counts_E, probs=s.probs_E, capacity=x.capacity)
 
 
+def _l1(b: Balancer, x: BalanceInputs, s: Shared) -> Tensor:
+    r = x.routing  # relu routing: K' = E slots in expert order, weights = the ReLU gates
+    return bal.relu_l1_loss(r.weights, counts=x.counts_E, top_k=b.top_k, mask=x.mask_T)
+
+
 # Order is the order of ``losses`` (and of their sum).
 TERMS: tuple[Term, ...] = (
-    Term("aux", "aux_coef", _aux, adaptive=True),  # Switch eq. 4 / Qiu et al. 2025
+    Term("aux", "aux_coef", _aux, live="aux_coef"),  # Switch eq. 4 / Qiu et al. 2025
     Term("seq_aux", "seq_aux_coef", _seq_aux, ("sequence",)),  # DeepSeek-V3 eq. 17-20
     Term("device", "device_coef", _device, ("placement",)),  # DeepSeek-V2 eq. 15-17
     Term("comm", "comm_coef", _comm, ("placement",)),  # DeepSeek-V2 eq. 18-20
@@ -199,6 +205,7 @@ TERMS: tuple[Term, ...] = (
     Term("entropy", "entropy_coef", _entropy),
     Term("batch_entropy", "batch_entropy_coef", _batch_entropy),
     Term("overflow", "overflow_coef", _overflow, ("capacity",)),
+    Term("l1", "l1_coef", _l1, ("gates",), live="l1_coef"),  # ReMoE (Wang et al. 2025)
 )
 
 
@@ -231,6 +238,9 @@ class Balancer(nn.Module):
         if self.quantile:  # only then, so the other configs keep their checkpoint keys
             self.register_buffer("price_sum", torch.zeros(num_experts))
             self.register_buffer("price_count", torch.zeros((), dtype=torch.int64))
+        if self.relu_l1:  # ReMoE's live λ and the step's tokens (its sparsity)
+            self.register_buffer("l1_coef", torch.tensor(cfg.l1_coef, dtype=torch.float32))
+            self.register_buffer("step_tokens", torch.zeros((), dtype=torch.int64))
 
     # ------------------------------------------------------------------ forward
 
@@ -243,6 +253,11 @@ class Balancer(nn.Module):
     def quantile(self) -> bool:
         """Quantile Balancing (``bias_rule="quantile"``): the bias is −β, the expert prices."""
         return self.cfg.bias_rule == "quantile"
+
+    @property
+    def relu_l1(self) -> bool:
+        """ReMoE's adaptive L1 term is on (``l1_coef > 0``)."""
+        return self.cfg.l1_coef > 0
 
     def selection_bias(self) -> Tensor | None:
         """(E,) bias to add to the scores for selection only, or None when it is off."""
@@ -262,7 +277,7 @@ class Balancer(nn.Module):
         return out
 
     def _coef(self, term: Term) -> Tensor | float:
-        return self.aux_coef if term.adaptive else getattr(self.cfg, term.coef)
+        return getattr(self, term.live) if term.live else getattr(self.cfg, term.coef)
 
     @torch.no_grad()
     def price_estimate(self, scores_TE: Tensor, mask_T: Tensor | None = None) -> Tensor | None:
@@ -274,16 +289,19 @@ class Balancer(nn.Module):
         return bal.quantile_prices(scores_TE, -self.bias, self.top_k, mask=mask_T)
 
     @torch.no_grad()
-    def count(self, batch_E: Tensor, prices_E: Tensor | None = None) -> None:
-        """Add a training forward's computation-batch counts (E,) to the step, and under
-        Quantile Balancing its price estimate (E,) (already averaged over data ranks). The
-        recompute of activation checkpointing adds nothing: its forward was counted."""
+    def count(self, batch_E: Tensor, prices_E: Tensor | None = None, tokens: int = 0) -> None:
+        """Add a training forward's computation-batch counts (E,) to the step, under Quantile
+        Balancing its price estimate (E,) (already averaged over data ranks), and with ReMoE's
+        L1 its number of real tokens. The recompute of activation checkpointing adds nothing:
+        its forward was counted."""
         if in_recompute():
             return
         self.step_counts += batch_E
         if prices_E is not None:
             self.price_sum += prices_E
             self.price_count += 1
+        if self.relu_l1:
+            self.step_tokens += tokens
 
     # ------------------------------------------------------------------ step boundary
 
@@ -315,6 +333,12 @@ class Balancer(nn.Module):
                 self.bias.copy_(new_E)
             if b.adaptive_target > 0:
                 self.aux_coef.fill_(self._adapted(float(max_violation(counts_E))))
+        if self.relu_l1 and int(self.step_tokens) > 0:  # also when no token got an expert
+            per_token = float(counts_E.sum()) / int(self.step_tokens)
+            new = bal.adapt_l1_coef(
+                float(self.l1_coef), per_token, top_k=self.top_k, rate=b.l1_rate
+            )
+            self.l1_coef.fill_(new)
         self.reset_step()
         self.progress += 1
 
@@ -346,12 +370,18 @@ class Balancer(nn.Module):
         if self.quantile:
             self.price_sum.zero_()
             self.price_count.zero_()
+        if self.relu_l1:
+            self.step_tokens.zero_()
 
     def stats(self) -> dict[str, float]:
-        """What the logger reports: mean |bias|, bias range, the live aux coefficient."""
+        """What the logger reports: mean |bias|, bias range, the live aux coefficient (and
+        ReMoE's live λ when its L1 term is on)."""
         bias_E = self.bias
-        return {
+        out = {
             "bias_absmean": float(bias_E.abs().mean()),
             "bias_range": float(bias_E.max() - bias_E.min()),
             "aux_coef": float(self.aux_coef),
         }
+        if self.relu_l1:
+            out["l1_coef"] = float(self.l1_coef)
+        return out

@@ -105,4 +105,19 @@ def step_row(step: int, r, model, trackers, lr: float, tokens: int, tok_s: float
         "expert_grad_norm_layers": [[round(float(g), 6) for g in e] for e in r.expert_grad_norms],
     }
     row["dead"] = sum(row["dead_layers"])
+    row |= _routing_stats(r.moe_stats, len(layers))
+    if "l1_coef" in balance[0]:
+        row["l1_coef_layers"] = [b["l1_coef"] for b in balance]
     return row
+
+
+def _routing_stats(moe_stats: list, n_layers: int) -> dict[str, Any]:
+    """Per-layer means over the step's micro-batches of the routing stats a layer reports
+    only where a token's number of experts varies: ``experts_per_token``, ``no_expert``."""
+    out: dict[str, Any] = {}
+    for key in ("experts_per_token", "no_expert"):
+        if moe_stats and moe_stats[0] and key in moe_stats[0][0]:
+            out[f"{key}_layers"] = [
+                sum(float(m[i][key]) for m in moe_stats) / len(moe_stats) for i in range(n_layers)
+            ]
+    return out

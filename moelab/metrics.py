@@ -190,6 +190,16 @@ def drop_rate(dropped: int | Tensor, total_slots: int | Tensor) -> float:
     return dropped / total_slots if total_slots else 0.0
 
 
+def experts_per_token(slot_mask_TK: Tensor | None, mask_T: Tensor | None = None) -> Tensor:
+    """(T',) int64 number of experts each real token uses (its valid slots), T' the tokens
+    ``mask_T`` keeps: varies with expert choice, dynamic top-p (Huang et al. 2024) and ReMoE;
+    0 = the token gets no expert (only the residual and shared experts)."""
+    if slot_mask_TK is None:
+        raise ValueError("slot_mask_TK is None; allowed: a (T, K) bool mask of the used slots")
+    n_T = slot_mask_TK.to(torch.bool).sum(-1)
+    return n_T if mask_T is None else n_T[mask_T.to(torch.bool)]
+
+
 # ----------------------------------------------------------------------------- dead-expert tracker
 
 

@@ -24,10 +24,12 @@ from moelab.routing import (
     gate_weights,
     hash_experts,
     random_experts,
+    relu_route,
     route,
     score_fn,
     sinkhorn_route,
     soften,
+    top_p_route,
     uniform_experts,
 )
 
@@ -140,6 +142,10 @@ class Router(nn.Module):
             return expert_choice_route(logits_TE, self.top_k, score=self.cfg.score)
         if method == "sinkhorn":
             return self._sinkhorn(logits_TE)
+        if method == "top_p":
+            return top_p_route(logits_TE, self.cfg.top_p, normalize=self.cfg.normalize)
+        if method == "relu":
+            return relu_route(logits_TE, score=self.cfg.score)
         return self._fixed(logits_TE, token_ids)
 
     def _topk(self, x_TD: Tensor, bias: Tensor | None, step: int) -> Routing:
