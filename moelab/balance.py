@@ -335,6 +335,17 @@ def relu_l1_loss(
     return ((gates_TE.float() * w_T[:, None]).sum(0) * f_E).sum() / n
 
 
+def simbal_loss(router_ED: Tensor) -> Tensor:
+    """‖R·Rᵀ − I‖₁ over the router's expert rows R (E, D) -> 0-dim fp32, the entry-wise L1
+    distance of their Gram matrix (E, E) from the identity: 0 when the rows are orthonormal
+    (SimBal, "similarity-preserving routers", arXiv 2506.14038: orthogonal router rows map
+    similar tokens to similar expert mixtures, and balance without a load term)."""
+    _check("router", router_ED.dim() == 2, "a 2-D (num_experts, d_model) tensor", router_ED.dim())
+    R_ED = router_ED.float()
+    gram_EE = R_ED @ R_ED.T
+    return (gram_EE - torch.eye(R_ED.shape[0], device=R_ED.device)).abs().sum()
+
+
 def adapt_l1_coef(coef: float, experts_per_token: float, *, top_k: int, rate: float) -> float:
     """ReMoE's adaptive λ: coef·(1+rate)^sign(experts_per_token − k), i.e. up while tokens use
     more than k experts (sparsity below 1 − k/E), down while fewer (Wang, Zhu & Chen 2025,

@@ -45,7 +45,8 @@ class BalanceInputs:
         one process). training: a training-mode forward (global scope adds ``step_counts``).
     mask_T: (T,) bool, False = padding, or None. seq_len: L when the T tokens are whole
         sequences of length L, else None (sequence terms are left out).
-    capacity: expert capacity C in force (0 = dropless).
+    capacity: expert capacity C in force (0 = dropless). router_ED: (E, D) the router's
+    weight (expert rows), for terms on the router itself, or None.
     """
 
     routing: Routing
@@ -55,6 +56,7 @@ class BalanceInputs:
     mask_T: Tensor | None = None
     seq_len: int | None = None
     capacity: int = 0
+    router_ED: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -93,9 +95,10 @@ class Term:
 
     needs: what the term reads besides scores and counts (``placement``: expert groups of
     ``balance.num_devices``; ``gates``: gate weights; ``noise``: learned router noise;
-    ``capacity``; ``sequence``: the sequence shape). live: the buffer of the Balancer that
-    holds the term's live coefficient (``aux_coef``: adaptive λ, the aux term is on when
-    ``aux_coef`` or ``adaptive_target`` is; ``l1_coef``: ReMoE's λ), "" = the config value.
+    ``capacity``; ``sequence``: the sequence shape; ``router``: the router weight).
+    live: the buffer of the Balancer that holds the term's live coefficient (``aux_coef``:
+    adaptive λ, the aux term is on when ``aux_coef`` or ``adaptive_target`` is; ``l1_coef``:
+    ReMoE's λ), "" = the config value.
     """
 
     name: str
@@ -193,6 +196,10 @@ def _l1(b: Balancer, x: BalanceInputs, s: Shared) -> Tensor:
     return bal.relu_l1_loss(r.weights, counts=x.counts_E, top_k=b.top_k, mask=x.mask_T)
 
 
+def _simbal(b: Balancer, x: BalanceInputs, s: Shared) -> Tensor | None:
+    return None if x.router_ED is None else bal.simbal_loss(x.router_ED)
+
+
 # Order is the order of ``losses`` (and of their sum).
 TERMS: tuple[Term, ...] = (
     Term("aux", "aux_coef", _aux, live="aux_coef"),  # Switch eq. 4 / Qiu et al. 2025
@@ -206,6 +213,7 @@ TERMS: tuple[Term, ...] = (
     Term("batch_entropy", "batch_entropy_coef", _batch_entropy),
     Term("overflow", "overflow_coef", _overflow, ("capacity",)),
     Term("l1", "l1_coef", _l1, ("gates",), live="l1_coef"),  # ReMoE (Wang et al. 2025)
+    Term("simbal", "simbal_coef", _simbal, ("router",)),  # SimBal, arXiv 2506.14038
 )
 
 

@@ -222,6 +222,8 @@ class BalanceConfig:
         Wang, Zhu & Chen, ICLR 2025), its starting λ (paper 1e-8); 0 = off. λ is live: after
         each step it is multiplied by (1 + l1_rate) while tokens use more than ``moe.top_k``
         experts on average, divided by it while they use fewer (paper α = 1.2).
+    simbal_coef: SimBal (arXiv 2506.14038): ‖R·Rᵀ − I‖₁ on the router's expert rows R,
+        pushing them toward orthonormal (``balance.simbal_loss``).
     """
 
     _prefix = "balance"
@@ -249,6 +251,7 @@ class BalanceConfig:
     adaptive_max: float = 1.0
     l1_coef: float = 0.0
     l1_rate: float = 0.2
+    simbal_coef: float = 0.0
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -269,6 +272,7 @@ class BalanceConfig:
             "adaptive_min",
             "l1_coef",
             "l1_rate",
+            "simbal_coef",
         ):
             check_range(f"balance.{name}", getattr(self, name), lo=0)
         check_range("balance.num_devices", self.num_devices, lo=1)

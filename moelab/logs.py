@@ -106,6 +106,13 @@ def step_row(step: int, r, model, trackers, lr: float, tokens: int, tok_s: float
     }
     row["dead"] = sum(row["dead_layers"])
     row |= _routing_stats(r.moe_stats, len(layers))
+    sims = [metrics.router_similarity(layer.router.weight) for layer in layers]
+    row["router_cos_mean_layers"] = [s.mean for s in sims]
+    row["router_cos_max_layers"] = [s.max for s in sims]
+    quarter = [max(1, layer.cfg.num_experts // 4) for layer in layers]
+    row["top_quarter_share_layers"] = [
+        float(metrics.top_n_share(c, n)) for c, n in zip(counts, quarter, strict=True)
+    ]
     if "l1_coef" in balance[0]:
         row["l1_coef_layers"] = [b["l1_coef"] for b in balance]
     return row

@@ -129,7 +129,16 @@ class MoELayer(nn.Module):
         cap = self._capacity(x_TD.shape[0] if mask_T is None else int(mask_T.sum()))
         seq_len = x.shape[-2] if x.dim() >= 3 else x_TD.shape[0]  # a 2-D x is one sequence
         losses = self.balancer.losses(
-            BalanceInputs(routing, counts_E, load.batch_E, self.training, mask_T, seq_len, cap)
+            BalanceInputs(
+                routing,
+                counts_E,
+                load.batch_E,
+                self.training,
+                mask_T,
+                seq_len,
+                cap,
+                self.router.weight,
+            )
         )
         plan = self._plan(routing, slot_mask_TK, cap, counts_E)
         done = self.dispatcher.combine(x_TD, plan, self.experts, load)

@@ -468,3 +468,19 @@ def test_adapt_l1_coef_moves_toward_k_experts_a_token():
     assert bl.adapt_l1_coef(1.0, 3.5, top_k=2, rate=0.2) == approx(1.2)
     assert bl.adapt_l1_coef(1.0, 1.5, top_k=2, rate=0.2) == approx(1 / 1.2)
     assert bl.adapt_l1_coef(1.0, 2.0, top_k=2, rate=0.2) == 1.0
+
+
+# ----------------------------------------------------------------------------- SimBal
+
+
+def test_simbal_loss_matches_a_loop_and_is_zero_for_orthonormal_rows():
+    """Σ_ij |⟨R_i, R_j⟩ − δ_ij| over the router rows R (E, D) (arXiv 2506.14038); 0 for
+    orthonormal rows, with gradient into R."""
+    R_ED = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    want = sum(abs(float(R_ED[i] @ R_ED[j]) - (i == j)) for i in range(4) for j in range(4))
+    loss = bl.simbal_loss(R_ED)
+    assert float(loss) == approx(want)
+    loss.backward()
+    assert R_ED.grad is not None and float(R_ED.grad.abs().sum()) > 0
+    Q, _ = torch.linalg.qr(torch.randn(6, 4, generator=torch.Generator().manual_seed(1)))
+    assert float(bl.simbal_loss(Q.T)) == pytest.approx(0.0, abs=1e-5)

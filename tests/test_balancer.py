@@ -25,7 +25,10 @@ def _inputs(seed: int = 0, *, training: bool = True, score: str = "softmax") -> 
     logits_TE = torch.randn(T, E, generator=g).requires_grad_()
     r = route(logits_TE, K, score=score)
     counts_E = dispatch.routed_counts(r.experts, None, E)
-    return BalanceInputs(r, counts_E, counts_E, training, seq_len=6, capacity=4)
+    router_ED = torch.randn(E, D, generator=g).requires_grad_()
+    return BalanceInputs(
+        r, counts_E, counts_E, training, seq_len=6, capacity=4, router_ED=router_ED
+    )
 
 
 def _coef_fields() -> set[str]:
@@ -41,6 +44,7 @@ def test_every_coefficient_has_exactly_one_table_row():
 
 # Each term against a direct call of its pure function (coefficient 0.5).
 REFERENCES = {
+    "simbal": lambda x, p: bal.simbal_loss(x.router_ED),
     "aux": lambda x, p: bal.switch_loss_from_stats(counts=x.counts_E, probs=p.mean(0)),
     "seq_aux": lambda x, p: bal.sequence_switch_loss(
         p.view(-1, 6, E), x.routing.experts.view(-1, 6, K), E
@@ -403,3 +407,17 @@ def test_top_p_needs_softmax_scores():
         RouterConfig(method="top_p", score="sigmoid")
     with pytest.raises(ValueError, match="router.top_p"):
         RouterConfig(method="top_p", top_p=1.5)
+
+
+def test_the_layer_hands_its_router_weight_to_simbal():
+    """MoELayer's simbal loss is coef · ‖W·Wᵀ − I‖₁ of its own router weight (E, D), and its
+    gradient reaches that weight."""
+    cfg = MoEConfig(
+        d_model=D, num_experts=E, top_k=K, d_expert=8, balance=BalanceConfig(simbal_coef=0.5)
+    )
+    layer = moelab.MoELayer(cfg)
+    out = layer(torch.randn(T, D, generator=torch.Generator().manual_seed(0)))
+    want = 0.5 * bal.simbal_loss(layer.router.weight)
+    torch.testing.assert_close(out.losses["simbal"], want, rtol=0, atol=0)
+    out.losses["simbal"].backward()
+    assert layer.router.weight.grad is not None
