@@ -97,6 +97,11 @@ class RouterConfig:
         term ``balance.l1_coef``). With ``top_p`` and ``relu`` a token uses a varying number
         of experts; ``moe.top_k`` is then the nominal number (capacity, ReMoE's target).
     top_p: the probability mass p in (0, 1] of ``method="top_p"`` (softmax scores only).
+    logit_softcap: c > 0 soft-caps the gate logits to c·tanh(logits/c) before scores and
+        selection (transformers' Laguna ``moe_router_logit_softcapping``); 0 = off.
+    gate_bias: a learned bias b (E,) on the gate, logits = x·Wᵀ + b (GPT-OSS; with
+        ``topk_before_softmax`` it is GPT-OSS's router: top-k of the logits, softmax over k).
+        It takes part in selection *and* gradients, unlike the loss-free selection bias.
     score: score function applied to the logits, ``softmax``, ``sigmoid`` (DeepSeek-V3) or
         ``sqrtsoftplus`` = sqrt(softplus(logit)) (DeepSeek-V4; Megatron-Core
         ``moe_router_score_function``); non-softmax scores are renormalised over the chosen k.
@@ -146,10 +151,13 @@ class RouterConfig:
     init_std: float = 0.02
     sinkhorn_iters: int = 3
     top_p: float = 0.5
+    logit_softcap: float = 0.0
+    gate_bias: bool = False
 
     def __post_init__(self) -> None:
         _check_literals(self)
         check_range("router.top_p", self.top_p, lo=0, hi=1, lo_open=True)
+        check_range("router.logit_softcap", self.logit_softcap, lo=0)
         if self.method == "top_p" and self.score != "softmax":
             raise ValueError(
                 f"router.method='top_p' needs router.score='softmax' (got {self.score!r}); "
