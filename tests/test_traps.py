@@ -136,8 +136,9 @@ def test_sequence_loss_does_not_scale_with_the_micro_batch_size(micro_cfg):
 
 # ----------------------------------------------------------------------------- sigmoid epsilon
 
-# Terms that read the per-token distribution of the scores (balance.score_distribution).
-DIST_TERMS = [t for t in TERMS if t.name not in ("z", "load", "importance")]
+# Terms that read the per-token distribution of the scores (balance.score_distribution):
+# not z (logits), nor those on gates, learned noise or the router weight.
+DIST_TERMS = [t for t in TERMS if t.name != "z" and not {"gates", "noise", "router"} & set(t.needs)]
 
 
 @pytest.mark.parametrize("score", ["sigmoid", "sqrtsoftplus"])
