@@ -315,6 +315,46 @@ def batch_entropy_loss(scores: Tensor, *, mask: Tensor | None = None) -> Tensor:
     return math.log(scores.shape[-1]) - _entropy(mean_E)
 
 
+def relu_l1_loss(
+    gates_TE: Tensor, *, counts: Tensor, top_k: int, mask: Tensor | None = None
+) -> Tensor:
+    """ReMoE's load-balanced L1 of ReLU gates (1/T)·Σ_t Σ_i f_i·R_ti -> 0-dim fp32, with
+    f_i = E·c_i/(k·T) and c_i the tokens whose gate i is positive (Wang, Zhu & Chen, ICLR
+    2025: the L1 sparsity term, weighted by each expert's load so busy experts are pushed
+    off first; f_i = 1 for every expert at balance with k experts a token).
+
+    gates_TE (T, E) the ReLU gates R (has grad); counts (E,) c (no grad); top_k the target
+    number k of experts a token; mask (T,) padding. Scope-free in c like the Switch loss.
+    """
+    T, E = gates_TE.shape
+    _check("counts", tuple(counts.shape) == (E,), f"shape ({E},)", tuple(counts.shape))
+    _check("top_k", isinstance(top_k, int) and 1 <= top_k <= E, f"an integer in [1, {E}]", top_k)
+    w_T = _token_weights(mask, (T,), gates_TE.device)
+    n = w_T.sum().clamp_min(1.0)
+    f_E = E * counts.detach().float() / (top_k * n)
+    return ((gates_TE.float() * w_T[:, None]).sum(0) * f_E).sum() / n
+
+
+def simbal_loss(router_ED: Tensor) -> Tensor:
+    """‖R·Rᵀ − I‖₁ over the router's expert rows R (E, D) -> 0-dim fp32, the entry-wise L1
+    distance of their Gram matrix (E, E) from the identity: 0 when the rows are orthonormal
+    (SimBal, "similarity-preserving routers", arXiv 2506.14038: orthogonal router rows map
+    similar tokens to similar expert mixtures, and balance without a load term)."""
+    _check("router", router_ED.dim() == 2, "a 2-D (num_experts, d_model) tensor", router_ED.dim())
+    R_ED = router_ED.float()
+    gram_EE = R_ED @ R_ED.T
+    return (gram_EE - torch.eye(R_ED.shape[0], device=R_ED.device)).abs().sum()
+
+
+def adapt_l1_coef(coef: float, experts_per_token: float, *, top_k: int, rate: float) -> float:
+    """ReMoE's adaptive λ: coef·(1+rate)^sign(experts_per_token − k), i.e. up while tokens use
+    more than k experts (sparsity below 1 − k/E), down while fewer (Wang, Zhu & Chen 2025,
+    α = 1 + rate)."""
+    _check("rate", rate >= 0, "a number >= 0", rate)
+    step = (experts_per_token > top_k) - (experts_per_token < top_k)
+    return float(coef * (1.0 + rate) ** step)
+
+
 # ----------------------------------------------------------------------------- loss-free bias
 
 

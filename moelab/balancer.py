@@ -45,7 +45,8 @@ class BalanceInputs:
         one process). training: a training-mode forward (global scope adds ``step_counts``).
     mask_T: (T,) bool, False = padding, or None. seq_len: L when the T tokens are whole
         sequences of length L, else None (sequence terms are left out).
-    capacity: expert capacity C in force (0 = dropless).
+    capacity: expert capacity C in force (0 = dropless). router_ED: (E, D) the router's
+    weight (expert rows), for terms on the router itself, or None.
     """
 
     routing: Routing
@@ -55,6 +56,7 @@ class BalanceInputs:
     mask_T: Tensor | None = None
     seq_len: int | None = None
     capacity: int = 0
+    router_ED: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,13 @@ def _masked_mean(x_TE: Tensor, mask_T: Tensor | None) -> Tensor:
     return (x_TE * w_T.unsqueeze(1)).sum(0) / w_T.sum().clamp_min(1.0)
 
 
+def in_recompute() -> bool:
+    """Whether this forward runs inside an autograd backward pass, as the recompute of
+    activation checkpointing does (reentrant or not): a forward that was counted already.
+    Outside a backward the engine's current graph task id is -1."""
+    return torch._C._current_graph_task_id() != -1
+
+
 # ----------------------------------------------------------------------------- the term table
 
 TermFn = Callable[["Balancer", BalanceInputs, Shared], Tensor | None]
@@ -86,22 +95,31 @@ class Term:
 
     needs: what the term reads besides scores and counts (``placement``: expert groups of
     ``balance.num_devices``; ``gates``: gate weights; ``noise``: learned router noise;
-    ``capacity``; ``sequence``: the sequence shape). adaptive: the coefficient is the live
-    ``aux_coef`` (adaptive λ), on when ``aux_coef`` or ``adaptive_target`` is.
+    ``capacity``; ``sequence``: the sequence shape; ``router``: the router weight).
+    live: the buffer of the Balancer that holds the term's live coefficient (``aux_coef``:
+    adaptive λ, the aux term is on when ``aux_coef`` or ``adaptive_target`` is; ``l1_coef``:
+    ReMoE's λ), "" = the config value.
     """
 
     name: str
     coef: str
     fn: TermFn
     needs: tuple[str, ...] = ()
-    adaptive: bool = False
+    live: str = ""
 
 
 def _aux(b: Balancer, x: BalanceInputs, s: Shared) -> Tensor:
-    """Switch loss at ``aux_scope``: micro counts, or the step's counts so far (global)."""
+    """Switch loss at ``aux_scope``: micro counts, or the step's counts so far (global).
+
+    A recompute (activation checkpointing) finds this forward's counts in ``step_counts``
+    already, so it reads them alone: the same counts as the forward it repeats.
+    """
     counts_E = x.counts_E
     if b.cfg.aux_scope == "global":  # all micro-batches of the step, all data ranks
-        counts_E = b.step_counts + x.batch_E if x.training else x.batch_E
+        if not x.training:
+            counts_E = x.batch_E
+        else:
+            counts_E = b.step_counts if in_recompute() else b.step_counts + x.batch_E
     return bal.switch_loss_from_stats(counts=counts_E, probs=s.probs_E)
 
 
@@ -173,9 +191,18 @@ def _overflow(b: Balancer, x: BalanceInputs, s: Shared) -> Tensor | None:
     return bal.overflow_loss(counts=x.counts_E, probs=s.probs_E, capacity=x.capacity)
 
 
+def _l1(b: Balancer, x: BalanceInputs, s: Shared) -> Tensor:
+    r = x.routing  # relu routing: K' = E slots in expert order, weights = the ReLU gates
+    return bal.relu_l1_loss(r.weights, counts=x.counts_E, top_k=b.top_k, mask=x.mask_T)
+
+
+def _simbal(b: Balancer, x: BalanceInputs, s: Shared) -> Tensor | None:
+    return None if x.router_ED is None else bal.simbal_loss(x.router_ED)
+
+
 # Order is the order of ``losses`` (and of their sum).
 TERMS: tuple[Term, ...] = (
-    Term("aux", "aux_coef", _aux, adaptive=True),  # Switch eq. 4 / Qiu et al. 2025
+    Term("aux", "aux_coef", _aux, live="aux_coef"),  # Switch eq. 4 / Qiu et al. 2025
     Term("seq_aux", "seq_aux_coef", _seq_aux, ("sequence",)),  # DeepSeek-V3 eq. 17-20
     Term("device", "device_coef", _device, ("placement",)),  # DeepSeek-V2 eq. 15-17
     Term("comm", "comm_coef", _comm, ("placement",)),  # DeepSeek-V2 eq. 18-20
@@ -185,6 +212,8 @@ TERMS: tuple[Term, ...] = (
     Term("entropy", "entropy_coef", _entropy),
     Term("batch_entropy", "batch_entropy_coef", _batch_entropy),
     Term("overflow", "overflow_coef", _overflow, ("capacity",)),
+    Term("l1", "l1_coef", _l1, ("gates",), live="l1_coef"),  # ReMoE (Wang et al. 2025)
+    Term("simbal", "simbal_coef", _simbal, ("router",)),  # SimBal, arXiv 2506.14038
 )
 
 
@@ -217,6 +246,9 @@ class Balancer(nn.Module):
         if self.quantile:  # only then, so the other configs keep their checkpoint keys
             self.register_buffer("price_sum", torch.zeros(num_experts))
             self.register_buffer("price_count", torch.zeros((), dtype=torch.int64))
+        if self.relu_l1:  # ReMoE's live λ and the step's tokens (its sparsity)
+            self.register_buffer("l1_coef", torch.tensor(cfg.l1_coef, dtype=torch.float32))
+            self.register_buffer("step_tokens", torch.zeros((), dtype=torch.int64))
 
     # ------------------------------------------------------------------ forward
 
@@ -229,6 +261,11 @@ class Balancer(nn.Module):
     def quantile(self) -> bool:
         """Quantile Balancing (``bias_rule="quantile"``): the bias is −β, the expert prices."""
         return self.cfg.bias_rule == "quantile"
+
+    @property
+    def relu_l1(self) -> bool:
+        """ReMoE's adaptive L1 term is on (``l1_coef > 0``)."""
+        return self.cfg.l1_coef > 0
 
     def selection_bias(self) -> Tensor | None:
         """(E,) bias to add to the scores for selection only, or None when it is off."""
@@ -248,7 +285,7 @@ class Balancer(nn.Module):
         return out
 
     def _coef(self, term: Term) -> Tensor | float:
-        return self.aux_coef if term.adaptive else getattr(self.cfg, term.coef)
+        return getattr(self, term.live) if term.live else getattr(self.cfg, term.coef)
 
     @torch.no_grad()
     def price_estimate(self, scores_TE: Tensor, mask_T: Tensor | None = None) -> Tensor | None:
@@ -260,13 +297,19 @@ class Balancer(nn.Module):
         return bal.quantile_prices(scores_TE, -self.bias, self.top_k, mask=mask_T)
 
     @torch.no_grad()
-    def count(self, batch_E: Tensor, prices_E: Tensor | None = None) -> None:
-        """Add a training forward's computation-batch counts (E,) to the step, and under
-        Quantile Balancing its price estimate (E,) (already averaged over data ranks)."""
+    def count(self, batch_E: Tensor, prices_E: Tensor | None = None, tokens: int = 0) -> None:
+        """Add a training forward's computation-batch counts (E,) to the step, under Quantile
+        Balancing its price estimate (E,) (already averaged over data ranks), and with ReMoE's
+        L1 its number of real tokens. The recompute of activation checkpointing adds nothing:
+        its forward was counted."""
+        if in_recompute():
+            return
         self.step_counts += batch_E
         if prices_E is not None:
             self.price_sum += prices_E
             self.price_count += 1
+        if self.relu_l1:
+            self.step_tokens += tokens
 
     # ------------------------------------------------------------------ step boundary
 
@@ -298,6 +341,12 @@ class Balancer(nn.Module):
                 self.bias.copy_(new_E)
             if b.adaptive_target > 0:
                 self.aux_coef.fill_(self._adapted(float(max_violation(counts_E))))
+        if self.relu_l1 and int(self.step_tokens) > 0:  # also when no token got an expert
+            per_token = float(counts_E.sum()) / int(self.step_tokens)
+            new = bal.adapt_l1_coef(
+                float(self.l1_coef), per_token, top_k=self.top_k, rate=b.l1_rate
+            )
+            self.l1_coef.fill_(new)
         self.reset_step()
         self.progress += 1
 
@@ -329,12 +378,18 @@ class Balancer(nn.Module):
         if self.quantile:
             self.price_sum.zero_()
             self.price_count.zero_()
+        if self.relu_l1:
+            self.step_tokens.zero_()
 
     def stats(self) -> dict[str, float]:
-        """What the logger reports: mean |bias|, bias range, the live aux coefficient."""
+        """What the logger reports: mean |bias|, bias range, the live aux coefficient (and
+        ReMoE's live λ when its L1 term is on)."""
         bias_E = self.bias
-        return {
+        out = {
             "bias_absmean": float(bias_E.abs().mean()),
             "bias_range": float(bias_E.max() - bias_E.min()),
             "aux_coef": float(self.aux_coef),
         }
+        if self.relu_l1:
+            out["l1_coef"] = float(self.l1_coef)
+        return out

@@ -79,7 +79,9 @@ def _qualname(obj: Any, name: str) -> str:
 
 # The one list of score functions (their formulas: ``moelab.routing.SCORE_FNS``).
 ScoreFn = Literal["softmax", "sigmoid", "sqrtsoftplus"]
-RouterMethod = Literal["topk", "expert_choice", "sinkhorn", "hash", "random", "uniform"]
+RouterMethod = Literal[
+    "topk", "expert_choice", "sinkhorn", "hash", "random", "uniform", "top_p", "relu"
+]
 # Methods whose selection comes from per-token scores, so a selection bias changes it.
 BIAS_METHODS = ("topk",)
 
@@ -91,7 +93,17 @@ class RouterConfig:
     method: ``topk`` (token choice, the default), ``expert_choice`` (Zhou et al. 2022; experts pick
         tokens, *non-causal* in a decoder), ``sinkhorn`` (balanced assignment, BASE layers),
         ``hash`` (token id modulo hashing, Roller et al. 2021), ``random`` and ``uniform``
-        (round-robin, perfectly balanced; for benchmarks).
+        (round-robin, perfectly balanced; for benchmarks), ``top_p`` (dynamic top-p, Huang
+        et al. 2024: experts in order of probability until their mass reaches ``top_p``) and
+        ``relu`` (ReMoE, Wang et al. 2025: gates ReLU(logits), sparsity from the adaptive L1
+        term ``balance.l1_coef``). With ``top_p`` and ``relu`` a token uses a varying number
+        of experts; ``moe.top_k`` is then the nominal number (capacity, ReMoE's target).
+    top_p: the probability mass p in (0, 1] of ``method="top_p"`` (softmax scores only).
+    logit_softcap: c > 0 soft-caps the gate logits to c·tanh(logits/c) before scores and
+        selection (transformers' Laguna ``moe_router_logit_softcapping``); 0 = off.
+    gate_bias: a learned bias b (E,) on the gate, logits = x·Wᵀ + b (GPT-OSS; with
+        ``topk_before_softmax`` it is GPT-OSS's router: top-k of the logits, softmax over k).
+        It takes part in selection *and* gradients, unlike the loss-free selection bias.
     score: score function applied to the logits, ``softmax``, ``sigmoid`` (DeepSeek-V3) or
         ``sqrtsoftplus`` = sqrt(softplus(logit)) (DeepSeek-V4; Megatron-Core
         ``moe_router_score_function``); non-softmax scores are renormalised over the chosen k.
@@ -140,9 +152,19 @@ class RouterConfig:
     expert_mask_prob: float = 0.0
     init_std: float = 0.02
     sinkhorn_iters: int = 3
+    top_p: float = 0.5
+    logit_softcap: float = 0.0
+    gate_bias: bool = False
 
     def __post_init__(self) -> None:
         _check_literals(self)
+        check_range("router.top_p", self.top_p, lo=0, hi=1, lo_open=True)
+        check_range("router.logit_softcap", self.logit_softcap, lo=0)
+        if self.method == "top_p" and self.score != "softmax":
+            raise ValueError(
+                f"router.method='top_p' needs router.score='softmax' (got {self.score!r}); "
+                "allowed: score='softmax' with it, or another method"
+            )
         check_range("router.num_groups", self.num_groups, lo=1)
         check_range("router.topk_groups", self.topk_groups, lo=1, hi=self.num_groups)
         check_range("router.noise_std", self.noise_std, lo=0)
@@ -208,6 +230,12 @@ class BalanceConfig:
     adaptive_target: adaptive-λ: raise ``aux_coef`` while MaxVio_batch exceeds this
         (0 = off), by the factor (1 + adaptive_rate), lower it otherwise, within
         [adaptive_min, adaptive_max].
+    l1_coef: ReMoE's load-balanced L1 term on the ReLU gates (``router.method="relu"``;
+        Wang, Zhu & Chen, ICLR 2025), its starting λ (paper 1e-8); 0 = off. λ is live: after
+        each step it is multiplied by (1 + l1_rate) while tokens use more than ``moe.top_k``
+        experts on average, divided by it while they use fewer (paper α = 1.2).
+    simbal_coef: SimBal (arXiv 2506.14038): ‖R·Rᵀ − I‖₁ on the router's expert rows R,
+        pushing them toward orthonormal (``balance.simbal_loss``).
     """
 
     _prefix = "balance"
@@ -233,6 +261,9 @@ class BalanceConfig:
     adaptive_rate: float = 0.05
     adaptive_min: float = 1.0e-4
     adaptive_max: float = 1.0
+    l1_coef: float = 0.0
+    l1_rate: float = 0.2
+    simbal_coef: float = 0.0
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -251,6 +282,9 @@ class BalanceConfig:
             "adaptive_target",
             "adaptive_rate",
             "adaptive_min",
+            "l1_coef",
+            "l1_rate",
+            "simbal_coef",
         ):
             check_range(f"balance.{name}", getattr(self, name), lo=0)
         check_range("balance.num_devices", self.num_devices, lo=1)
@@ -382,6 +416,11 @@ class MoEConfig:
             raise ValueError(
                 "balance.load_coef > 0 (Shazeer's smooth load loss) needs "
                 f"router.noise='learned' (got {r.noise!r})"
+            )
+        if self.balance.l1_coef > 0 and r.method != "relu":
+            raise ValueError(
+                "balance.l1_coef > 0 (ReMoE's L1 on ReLU gates) needs router.method='relu' "
+                f"(got {r.method!r}); allowed: method='relu' or l1_coef=0"
             )
         if self.num_experts % self.balance.num_devices:
             raise ValueError(

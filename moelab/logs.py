@@ -133,4 +133,26 @@ def step_row(step: int, r, model, trackers, lr: float, tokens: int, tok_s: float
         "expert_grad_norm_layers": [[round(float(g), 6) for g in e] for e in r.expert_grad_norms],
     }
     row["dead"] = sum(row["dead_layers"])
+    row |= _routing_stats(r.moe_stats, len(layers))
+    sims = [metrics.router_similarity(layer.router.weight) for layer in layers]
+    row["router_cos_mean_layers"] = [s.mean for s in sims]
+    row["router_cos_max_layers"] = [s.max for s in sims]
+    quarter = [max(1, layer.cfg.num_experts // 4) for layer in layers]
+    row["top_quarter_share_layers"] = [
+        float(metrics.top_n_share(c, n)) for c, n in zip(counts, quarter, strict=True)
+    ]
+    if "l1_coef" in balance[0]:
+        row["l1_coef_layers"] = [b["l1_coef"] for b in balance]
     return row
+
+
+def _routing_stats(moe_stats: list, n_layers: int) -> dict[str, Any]:
+    """Per-layer means over the step's micro-batches of the routing stats a layer reports
+    only where a token's number of experts varies: ``experts_per_token``, ``no_expert``."""
+    out: dict[str, Any] = {}
+    for key in ("experts_per_token", "no_expert"):
+        if moe_stats and moe_stats[0] and key in moe_stats[0][0]:
+            out[f"{key}_layers"] = [
+                sum(float(m[i][key]) for m in moe_stats) / len(moe_stats) for i in range(n_layers)
+            ]
+    return out

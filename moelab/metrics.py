@@ -190,6 +190,47 @@ def drop_rate(dropped: int | Tensor, total_slots: int | Tensor) -> float:
     return dropped / total_slots if total_slots else 0.0
 
 
+def top_n_share(counts: Tensor, n: int) -> Tensor:
+    """Top-N expert coverage: the share of slots (0-dim float64) that the n busiest experts
+    take from counts (E,); n/E under uniform load, 1 when n experts take everything. 0 for
+    all-zero counts."""
+    E = counts.shape[-1]
+    if not 1 <= n <= E:
+        raise ValueError(f"n={n} is out of range; allowed: an integer in [1, {E}]")
+    c_E = counts.double()
+    return _safe_div(c_E.topk(n, dim=-1).values.sum(-1), c_E.sum(-1))
+
+
+class RouterSimilarity(NamedTuple):
+    """Cosine similarity between the router's expert rows: mean and max over pairs i != j."""
+
+    mean: float
+    max: float
+
+
+def router_similarity(router_ED: Tensor) -> RouterSimilarity:
+    """Cosine similarities of the router's expert rows (E, D) over the E·(E−1) ordered pairs
+    of distinct experts (SimBal, arXiv 2506.14038, tracks them: near 1 = two experts receive
+    the same tokens). One expert: (0, 0)."""
+    E = router_ED.shape[0]
+    if E < 2:
+        return RouterSimilarity(0.0, 0.0)
+    unit_ED = torch.nn.functional.normalize(router_ED.detach().double(), dim=-1)
+    cos_EE = unit_ED @ unit_ED.T
+    off = cos_EE[~torch.eye(E, dtype=torch.bool, device=router_ED.device)]
+    return RouterSimilarity(float(off.mean()), float(off.max()))
+
+
+def experts_per_token(slot_mask_TK: Tensor | None, mask_T: Tensor | None = None) -> Tensor:
+    """(T',) int64 number of experts each real token uses (its valid slots), T' the tokens
+    ``mask_T`` keeps: varies with expert choice, dynamic top-p (Huang et al. 2024) and ReMoE;
+    0 = the token gets no expert (only the residual and shared experts)."""
+    if slot_mask_TK is None:
+        raise ValueError("slot_mask_TK is None; allowed: a (T, K) bool mask of the used slots")
+    n_T = slot_mask_TK.to(torch.bool).sum(-1)
+    return n_T if mask_T is None else n_T[mask_T.to(torch.bool)]
+
+
 # ----------------------------------------------------------------------------- dead-expert tracker
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moelab.config import MoEConfig, check_range
 from moelab.experts import swiglu
@@ -184,13 +185,18 @@ class LMOutput:
 
 
 class MoELM(nn.Module):
-    """Token embedding -> blocks -> RMSNorm -> LM head (tied to the embedding by default)."""
+    """Token embedding -> blocks -> RMSNorm -> LM head (tied to the embedding by default).
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    activation_checkpointing: in training forwards with grad, each block's activations are
+    recomputed in the backward pass (``train.activation_checkpointing``).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, activation_checkpointing: bool = False) -> None:
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size must be set (>= 1) before building the model")
         self.cfg = cfg
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
         for i, layer in enumerate(self.moe_layers):
@@ -221,7 +227,7 @@ class MoELM(nn.Module):
         x_BLD = self.embed(tokens_BL)
         outs: list[MoEOutput] = []
         for block in self.blocks:
-            x_BLD, out = block(x_BLD, self.rope_cos, self.rope_sin, tokens_BL)
+            x_BLD, out = self._block(block, x_BLD, tokens_BL)
             if out is not None:
                 outs.append(out)
         logits_BLV = self.head(self.norm(x_BLD))
@@ -230,6 +236,16 @@ class MoELM(nn.Module):
             loss = F.cross_entropy(logits_BLV.float().flatten(0, 1), targets_BL.flatten())
         aux = torch.stack([o.aux_total for o in outs]).mean() if outs else logits_BLV.new_zeros(())
         return LMOutput(logits=logits_BLV, loss=loss, aux=aux, moe=outs)
+
+    def _block(
+        self, block: Block, x_BLD: Tensor, tokens_BL: Tensor
+    ) -> tuple[Tensor, MoEOutput | None]:
+        """One block, under activation checkpointing when it is on and there is a backward to
+        come (non-reentrant: any output structure, the RNG state replayed for router noise)."""
+        args = (x_BLD, self.rope_cos, self.rope_sin, tokens_BL)
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def end_step(self, total_steps: int | None = None) -> None:
         """Balance-state update of every MoE layer after an optimizer step."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab import balance as bal
-from moelab import dispatch
+from moelab import dispatch, metrics
 from moelab.balancer import BalanceInputs, Balancer
 from moelab.config import MoEConfig
 from moelab.experts import Experts, SharedExperts
@@ -129,7 +129,16 @@ class MoELayer(nn.Module):
         cap = self._capacity(x_TD.shape[0] if mask_T is None else int(mask_T.sum()))
         seq_len = x.shape[-2] if x.dim() >= 3 else x_TD.shape[0]  # a 2-D x is one sequence
         losses = self.balancer.losses(
-            BalanceInputs(routing, counts_E, load.batch_E, self.training, mask_T, seq_len, cap)
+            BalanceInputs(
+                routing,
+                counts_E,
+                load.batch_E,
+                self.training,
+                mask_T,
+                seq_len,
+                cap,
+                self.router.weight,
+            )
         )
         plan = self._plan(routing, slot_mask_TK, cap, counts_E)
         done = self.dispatcher.combine(x_TD, plan, self.experts, load)
@@ -137,8 +146,10 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y_TD = y_TD + self._shared(x_TD, mask_T)
         if self.training:
-            self.balancer.count(load.batch_E, load.prices_E)
-        stats = self._stats(routing, mask_T)
+            tokens = x_TD.shape[0] if mask_T is None else int(mask_T.sum())
+            ranks = 1 if load.routed_WE is None else load.routed_WE.shape[0]
+            self.balancer.count(load.batch_E, load.prices_E, tokens * ranks)
+        stats = self._stats(routing, slot_mask_TK, mask_T)
         if self.training:  # counts of the whole computation batch (all ranks under EP)
             counts_E, kept_E, dropped = done.routed_E, done.kept_E, done.dropped
             stats |= done.stats
@@ -211,8 +222,18 @@ class MoELayer(nn.Module):
         )
 
     @torch.no_grad()
-    def _stats(self, routing: Routing, mask_T: Tensor | None) -> dict[str, Tensor]:
-        return {"z": bal.z_loss(routing.logits, mask=mask_T)}
+    def _stats(
+        self, routing: Routing, slot_mask_TK: Tensor | None, mask_T: Tensor | None
+    ) -> dict[str, Tensor]:
+        """z of the logits; where a token's number of experts varies (a routing mask: expert
+        choice, top-p, ReMoE) the mean experts a token and the share of tokens with none."""
+        stats = {"z": bal.z_loss(routing.logits, mask=mask_T)}
+        if routing.mask is not None:
+            n_T = metrics.experts_per_token(slot_mask_TK, mask_T).float()
+            real = max(n_T.numel(), 1)
+            stats["experts_per_token"] = n_T.sum() / real
+            stats["no_expert"] = (n_T == 0).float().sum() / real
+        return stats
 
     # ------------------------------------------------------------------ step boundary
 

@@ -24,10 +24,12 @@ from moelab.routing import (
     gate_weights,
     hash_experts,
     random_experts,
+    relu_route,
     route,
     score_fn,
     sinkhorn_route,
     soften,
+    top_p_route,
     uniform_experts,
 )
 
@@ -87,16 +89,20 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=torch.float32))
         if cfg.noise == "learned":  # Shazeer et al. 2017 eq. 4: W_noise, zero init
             self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model))
+        if cfg.gate_bias:  # GPT-OSS: a learned bias on the gate, zero init
+            self.gate_bias = nn.Parameter(torch.zeros(num_experts))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """weight ~ N(0, init_std²) (zeros if init_std = 0); noise_weight zeros."""
+        """weight ~ N(0, init_std²) (zeros if init_std = 0); noise_weight, gate_bias zeros."""
         if self.cfg.init_std > 0:
             nn.init.normal_(self.weight, std=self.cfg.init_std)
         else:
             nn.init.zeros_(self.weight)
         if hasattr(self, "noise_weight"):
             nn.init.zeros_(self.noise_weight)
+        if hasattr(self, "gate_bias"):
+            nn.init.zeros_(self.gate_bias)
 
     def _apply(self, fn, recurse: bool = True) -> Router:
         """Keep the gate parameters fp32 under ``module.to(bf16)`` (Switch selective precision)."""
@@ -135,12 +141,24 @@ class Router(nn.Module):
         method = self.cfg.method
         if method == "topk":
             return self._topk(x_TD, bias, step)
-        logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype))
+        logits_TE = self._logits(x_TD)
         if method == "expert_choice":
             return expert_choice_route(logits_TE, self.top_k, score=self.cfg.score)
         if method == "sinkhorn":
             return self._sinkhorn(logits_TE)
+        if method == "top_p":
+            return top_p_route(logits_TE, self.cfg.top_p, normalize=self.cfg.normalize)
+        if method == "relu":
+            return relu_route(logits_TE, score=self.cfg.score)
         return self._fixed(logits_TE, token_ids)
+
+    def _logits(self, x_TD: Tensor) -> Tensor:
+        """Gate logits (T, E) = x·Wᵀ (+ b, GPT-OSS's learned gate bias), soft-capped to
+        (−c, c) by c·tanh(logits/c) when ``logit_softcap`` c > 0 (Laguna)."""
+        b_E = self.gate_bias.to(x_TD.dtype) if self.cfg.gate_bias else None
+        logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype), b_E)
+        c = self.cfg.logit_softcap
+        return logits_TE if c <= 0 else torch.tanh(logits_TE / c) * c
 
     def _topk(self, x_TD: Tensor, bias: Tensor | None, step: int) -> Routing:
         """Token-choice top-k with the training-only noise, masking and soft warm-up."""
@@ -149,7 +167,7 @@ class Router(nn.Module):
         if cfg.noise == "jitter" and scale > 0:  # Switch: multiplicative input jitter
             eps = cfg.noise_std * scale
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-        logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype))
+        logits_TE = self._logits(x_TD)
         if train and cfg.expert_mask_prob > 0:
             mask_E = expert_mask_bias(
                 self.num_experts, self.top_k, cfg.expert_mask_prob, x_TD.device

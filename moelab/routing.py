@@ -225,6 +225,49 @@ def expert_choice_route(logits: Tensor, k: int, *, score: str = "softmax") -> Ro
     return _dense_routing(logits_TE, scores_TE, chosen_TE)
 
 
+def top_p_route(logits: Tensor, p: float, *, normalize: bool = True) -> Routing:
+    """Dynamic top-p routing: each token takes its experts in order of softmax probability
+    until their cumulative probability reaches p (at least one; 1..E experts a token).
+
+    Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models".
+
+    logits (T, E) -> Routing with K' = E slots in preference order; ``mask`` (T, E) marks the
+    slots taken; weights are the probabilities of the taken experts (0 elsewhere), divided by
+    their sum if ``normalize`` (the paper's form: ``normalize=False``).
+    """
+    check_inputs(logits, 1, "softmax", None)
+    if not 0 < p <= 1:
+        raise ValueError(f"p={p!r} is out of range; allowed: a number in (0, 1]")
+    logits_TE = logits.float()
+    probs_TE = logits_TE.softmax(-1)
+    sorted_TE, experts_TE = probs_TE.detach().sort(-1, descending=True)
+    taken_TE = sorted_TE.cumsum(-1) - sorted_TE < p  # the mass of the better ones is short of p
+    weights_TE = probs_TE.gather(1, experts_TE) * taken_TE
+    if normalize:
+        weights_TE = weights_TE / weights_TE.sum(-1, keepdim=True)
+    return Routing(logits_TE, probs_TE, weights_TE, experts_TE, mask=taken_TE)
+
+
+def relu_route(logits: Tensor, *, score: str = "softmax") -> Routing:
+    """ReMoE routing: gates R = ReLU(logits) over all E experts; a token uses expert i iff
+    R_ti > 0 (0..E experts a token; fully differentiable).
+
+    Wang, Zhu & Chen, ICLR 2025, "ReMoE: Fully Differentiable Mixture-of-Experts with ReLU
+    Routing".
+
+    logits (T, E) -> Routing with K' = E slots (experts = arange(E)); weights (T, E) = R;
+    ``mask`` = R > 0. ``scores`` are ``score`` of the logits, the distribution the balance
+    terms and metrics read; the sparsity comes from ReMoE's adaptive L1 term
+    (``balance.relu_l1_loss``).
+    """
+    check_inputs(logits, 1, score, None)
+    logits_TE = logits.float()
+    T, E = logits_TE.shape
+    gates_TE = logits_TE.relu()
+    experts_TE = torch.arange(E, device=logits_TE.device).expand(T, E)
+    return Routing(logits_TE, score_fn(logits_TE, score), gates_TE, experts_TE, mask=gates_TE > 0)
+
+
 @torch.no_grad()
 def sinkhorn(logits_TE: Tensor, iters: int) -> Tensor:
     """Log of the balanced assignment (T, E): Sinkhorn on exp(logits) (Lewis et al. 2021 §3.1).

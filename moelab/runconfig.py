@@ -36,6 +36,10 @@ class TrainConfig:
         evaluation capacity) minus its loss in training mode, both before the update: the
         train/inference mismatch that soft warm-up, routing noise and capacity leave (seed
         001). Costs one extra no-grad forward per logged step; does not change training.
+    activation_checkpointing: recompute each transformer block's activations in the backward
+        pass instead of keeping them (``torch.utils.checkpoint``, non-reentrant): less memory,
+        one more forward per block. The recompute counts nothing for the balancer (no doubled
+        loss-free or global-aux counts, torchtitan#4772) and gives the same numbers.
     """
 
     _prefix = "train"
@@ -61,6 +65,7 @@ class TrainConfig:
     threads: int = 0
     tensorboard: bool = True
     train_eval_gap: bool = False
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _check_literals(self)

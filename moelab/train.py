@@ -100,7 +100,7 @@ def build_model(cfg: RunConfig, corpus: Corpus) -> tuple[RunConfig, MoELM]:
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
         )
     torch.manual_seed(cfg.train.seed)
-    return cfg, MoELM(cfg.model)
+    return cfg, MoELM(cfg.model, activation_checkpointing=cfg.train.activation_checkpointing)
 
 
 # ----------------------------------------------------------------------------- the loop

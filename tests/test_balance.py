@@ -428,3 +428,59 @@ def test_quantile_prices_give_each_expert_its_share_at_the_old_cutoffs():
 def test_quantile_prices_refuse_k_equal_to_the_number_of_experts():
     with pytest.raises(ValueError, match="k"):
         bl.quantile_prices(torch.rand(4, 3), torch.zeros(3), 3)
+
+
+# ----------------------------------------------------------------------------- ReMoE L1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_relu_l1_loss_matches_a_loop_of_the_formula(seed):
+    """ReMoE's load-balanced L1: (1/T)·Σ_t Σ_i f_i·R_ti, f_i = E·c_i/(k·T), c_i the tokens
+    with R_ti > 0; padding left out of T, of c and of the sum."""
+    T, E, k = 12, 6, 2
+    g = torch.Generator().manual_seed(seed)
+    gates_TE = torch.randn(T, E, generator=g).relu()
+    mask_T = torch.rand(T, generator=g) > 0.25
+    counts_E = ((gates_TE > 0) & mask_T[:, None]).sum(0)
+    n = int(mask_T.sum())
+    want = 0.0
+    for t in range(T):
+        for i in range(E):
+            if mask_T[t]:
+                want += E * int(counts_E[i]) / (k * n) * float(gates_TE[t, i])
+    got = bl.relu_l1_loss(gates_TE, counts=counts_E, top_k=k, mask=mask_T)
+    assert float(got) == approx(want / n)
+
+
+def test_relu_l1_loss_is_the_plain_l1_at_balance_and_pushes_busy_experts_harder():
+    """With every expert on k/E of the tokens f_i = 1 and the term is mean_t ||R_t||_1; the
+    gradient on a gate is f_i/T, larger for the busier expert."""
+    gates_TE = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    loss = bl.relu_l1_loss(gates_TE, counts=torch.tensor([1, 1]), top_k=1)
+    assert float(loss) == approx(1.5)
+    skewed = bl.relu_l1_loss(gates_TE, counts=torch.tensor([2, 0]), top_k=1)
+    (g,) = torch.autograd.grad(skewed, gates_TE)
+    assert g[:, 0].tolist() == approx([1.0, 1.0]) and g[:, 1].tolist() == approx([0.0, 0.0])
+
+
+def test_adapt_l1_coef_moves_toward_k_experts_a_token():
+    """λ·α while tokens use more than k experts, λ/α while fewer, unchanged at k (α = 1.2)."""
+    assert bl.adapt_l1_coef(1.0, 3.5, top_k=2, rate=0.2) == approx(1.2)
+    assert bl.adapt_l1_coef(1.0, 1.5, top_k=2, rate=0.2) == approx(1 / 1.2)
+    assert bl.adapt_l1_coef(1.0, 2.0, top_k=2, rate=0.2) == 1.0
+
+
+# ----------------------------------------------------------------------------- SimBal
+
+
+def test_simbal_loss_matches_a_loop_and_is_zero_for_orthonormal_rows():
+    """Σ_ij |⟨R_i, R_j⟩ − δ_ij| over the router rows R (E, D) (arXiv 2506.14038); 0 for
+    orthonormal rows, with gradient into R."""
+    R_ED = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    want = sum(abs(float(R_ED[i] @ R_ED[j]) - (i == j)) for i in range(4) for j in range(4))
+    loss = bl.simbal_loss(R_ED)
+    assert float(loss) == approx(want)
+    loss.backward()
+    assert R_ED.grad is not None and float(R_ED.grad.abs().sum()) > 0
+    Q, _ = torch.linalg.qr(torch.randn(6, 4, generator=torch.Generator().manual_seed(1)))
+    assert float(bl.simbal_loss(Q.T)) == pytest.approx(0.0, abs=1e-5)

@@ -15,7 +15,7 @@ from moelab import balance as bal
 from moelab import dispatch
 from moelab.balancer import TERMS, BalanceInputs, Balancer, active_terms
 from moelab.config import BalanceConfig, CapacityConfig, MoEConfig, RouterConfig
-from moelab.routing import route
+from moelab.routing import relu_route, route
 
 D, E, K, T = 16, 8, 2, 24
 
@@ -25,7 +25,10 @@ def _inputs(seed: int = 0, *, training: bool = True, score: str = "softmax") -> 
     logits_TE = torch.randn(T, E, generator=g).requires_grad_()
     r = route(logits_TE, K, score=score)
     counts_E = dispatch.routed_counts(r.experts, None, E)
-    return BalanceInputs(r, counts_E, counts_E, training, seq_len=6, capacity=4)
+    router_ED = torch.randn(E, D, generator=g).requires_grad_()
+    return BalanceInputs(
+        r, counts_E, counts_E, training, seq_len=6, capacity=4, router_ED=router_ED
+    )
 
 
 def _coef_fields() -> set[str]:
@@ -41,6 +44,7 @@ def test_every_coefficient_has_exactly_one_table_row():
 
 # Each term against a direct call of its pure function (coefficient 0.5).
 REFERENCES = {
+    "simbal": lambda x, p: bal.simbal_loss(x.router_ED),
     "aux": lambda x, p: bal.switch_loss_from_stats(counts=x.counts_E, probs=p.mean(0)),
     "seq_aux": lambda x, p: bal.sequence_switch_loss(
         p.view(-1, 6, E), x.routing.experts.view(-1, 6, K), E
@@ -355,3 +359,65 @@ def test_sqrtsoftplus_scores_are_the_root_of_softplus_with_the_bias_allowed():
     assert torch.isfinite(layer.router.weight.grad).all()
     dist_TE = bal.score_distribution(s_TE, "sqrtsoftplus")
     torch.testing.assert_close(dist_TE.sum(-1), torch.ones(T))
+
+
+# ----------------------------------------------------------------------------- ReMoE
+
+
+def _relu_inputs(seed: int = 0) -> BalanceInputs:
+    g = torch.Generator().manual_seed(seed)
+    r = relu_route(torch.randn(T, E, generator=g).requires_grad_())
+    counts_E = dispatch.routed_counts(r.experts, r.mask, E)
+    return BalanceInputs(r, counts_E, counts_E, True)
+
+
+def test_relu_l1_term_uses_its_live_lambda_and_adapts_it_toward_k():
+    """losses['l1'] = λ·relu_l1_loss with λ the live ``l1_coef``; after a step where tokens
+    used more than k experts λ grows by (1 + l1_rate), after one with fewer it shrinks."""
+    cfg = BalanceConfig(l1_coef=0.5, l1_rate=0.2)
+    b = Balancer(cfg, num_experts=E, top_k=K)
+    x = _relu_inputs()
+    want = 0.5 * bal.relu_l1_loss(x.routing.weights, counts=x.counts_E, top_k=K)
+    torch.testing.assert_close(b.losses(x)["l1"], want, rtol=0, atol=0)
+    assert float(x.counts_E.sum()) / T > K  # about E/2 experts a token at random logits
+    b.count(x.batch_E, tokens=T)
+    b.end_step()
+    assert float(b.l1_coef) == pytest.approx(0.6) and b.stats()["l1_coef"] == pytest.approx(0.6)
+    b.count(torch.zeros(E, dtype=torch.int64), tokens=T)  # no token got an expert
+    b.end_step()
+    assert float(b.l1_coef) == pytest.approx(0.5) and int(b.step_tokens) == 0
+
+
+def test_relu_l1_state_exists_only_when_on_and_needs_the_relu_router():
+    """Other configs keep their checkpoint keys; l1_coef on another router is refused, and the
+    HF attach refuses it (it needs moelab's gates)."""
+    assert "l1_coef" not in Balancer(BalanceConfig(), num_experts=E, top_k=K).state_dict()
+    on = Balancer(BalanceConfig(l1_coef=1e-3), num_experts=E, top_k=K).state_dict()
+    assert {"l1_coef", "step_tokens"} <= set(on)
+    with pytest.raises(ValueError, match="balance.l1_coef > 0 .*router.method='relu'"):
+        MoEConfig(d_model=D, num_experts=E, top_k=K, d_expert=8, balance=BalanceConfig(l1_coef=1))
+    from moelab.hf.attach import UNSUPPORTED
+
+    assert "l1_coef" in UNSUPPORTED
+
+
+def test_top_p_needs_softmax_scores():
+    """router.method='top_p' with sigmoid scores is a one-line error naming both fields."""
+    with pytest.raises(ValueError, match="router.method='top_p' needs router.score='softmax'"):
+        RouterConfig(method="top_p", score="sigmoid")
+    with pytest.raises(ValueError, match="router.top_p"):
+        RouterConfig(method="top_p", top_p=1.5)
+
+
+def test_the_layer_hands_its_router_weight_to_simbal():
+    """MoELayer's simbal loss is coef · ‖W·Wᵀ − I‖₁ of its own router weight (E, D), and its
+    gradient reaches that weight."""
+    cfg = MoEConfig(
+        d_model=D, num_experts=E, top_k=K, d_expert=8, balance=BalanceConfig(simbal_coef=0.5)
+    )
+    layer = moelab.MoELayer(cfg)
+    out = layer(torch.randn(T, D, generator=torch.Generator().manual_seed(0)))
+    want = 0.5 * bal.simbal_loss(layer.router.weight)
+    torch.testing.assert_close(out.losses["simbal"], want, rtol=0, atol=0)
+    out.losses["simbal"].backward()
+    assert layer.router.weight.grad is not None

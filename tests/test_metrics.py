@@ -374,3 +374,37 @@ def test_max_violation_nonnegative_scale_and_permutation_invariant(counts, scale
     torch.testing.assert_close(M.max_violation(c * scale), mv)
     torch.testing.assert_close(M.max_violation(c.flip(0)), mv)
     torch.testing.assert_close(M.cv(c * scale), M.cv(c))
+
+
+# ----------------------------------------------------------------------------- issue 19 metrics
+
+
+def test_top_n_share_is_the_busiest_experts_share():
+    """Top-N coverage: share of slots of the n busiest experts; n/E at uniform load."""
+    assert float(M.top_n_share(torch.tensor([5, 1, 3, 1]), 2)) == pytest.approx(0.8)
+    assert float(M.top_n_share(torch.full((8,), 3), 2)) == pytest.approx(0.25)
+    assert float(M.top_n_share(torch.zeros(4), 1)) == 0.0
+    with pytest.raises(ValueError, match="n=5"):
+        M.top_n_share(torch.ones(4), 5)
+
+
+def test_router_similarity_is_the_cosine_of_distinct_rows():
+    """Mean and max cosine over pairs of distinct router rows, against a loop."""
+    R_ED = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    cos = [
+        float(torch.nn.functional.cosine_similarity(R_ED[i], R_ED[j], dim=0))
+        for i in range(5)
+        for j in range(5)
+        if i != j
+    ]
+    got = M.router_similarity(R_ED)
+    assert got.mean == pytest.approx(sum(cos) / len(cos), rel=1e-5)
+    assert got.max == pytest.approx(max(cos), rel=1e-5)
+    assert M.router_similarity(torch.eye(3)) == (0.0, 0.0)
+
+
+def test_experts_per_token_counts_used_slots_of_real_tokens():
+    """Used slots per real token (padding left out); 0 = no expert."""
+    slots_TK = torch.tensor([[True, False], [True, True], [False, False]])
+    assert M.experts_per_token(slots_TK).tolist() == [1, 2, 0]
+    assert M.experts_per_token(slots_TK, torch.tensor([True, False, True])).tolist() == [1, 0]

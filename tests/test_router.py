@@ -191,3 +191,66 @@ def test_bf16_router_computes_in_bfloat16_and_returns_fp32():
     assert torch.equal(r16.weights, r16.weights.bfloat16().float())
     assert torch.equal(r32.logits, F.linear(x, fp32.weight))
     assert not torch.equal(r16.scores, r32.scores)
+
+
+# ------------------------------------------------------------------------- transformers' routers
+
+
+def test_gate_bias_with_topk_before_softmax_is_the_gpt_oss_router():
+    """router.gate_bias + topk_before_softmax on the same weights and inputs gives
+    transformers' GptOssTopKRouter: logits x·Wᵀ + b, top-k of them, softmax over the k."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+    hf_cfg = transformers.GptOssConfig(hidden_size=D, num_local_experts=E, num_experts_per_tok=K)
+    theirs = GptOssTopKRouter(hf_cfg)
+    ours = _router(train=False, gate_bias=True, topk_before_softmax=True)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(E, D, generator=g))
+        theirs.bias.copy_(torch.randn(E, generator=g))
+        ours.weight.copy_(theirs.weight)
+        ours.gate_bias.copy_(theirs.bias)
+    x = _x()
+    logits, scores, indices = theirs(x)
+    r = ours(x)
+    torch.testing.assert_close(r.logits, logits, rtol=1e-6, atol=1e-6)
+    assert torch.equal(r.experts, indices)
+    torch.testing.assert_close(r.weights, scores, rtol=1e-6, atol=1e-6)
+    r.weights.sum().backward()  # the gate bias learns
+    assert ours.gate_bias.grad is not None
+
+
+def test_logit_softcap_with_sigmoid_is_the_laguna_router():
+    """router.logit_softcap = c with sigmoid scores and a selection-only bias gives
+    transformers' LagunaTopKRouter on the same weights and inputs: logits c·tanh(x·Wᵀ/c),
+    top-k of sigmoid + e_score_correction_bias, weights the renormalised sigmoid scores."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.laguna.modeling_laguna import LagunaTopKRouter
+
+    hf_cfg = transformers.LagunaConfig(
+        hidden_size=D, num_experts=E, num_experts_per_tok=K, moe_router_logit_softcapping=1.5
+    )
+    theirs = LagunaTopKRouter(hf_cfg)
+    ours = _router(train=False, score="sigmoid", logit_softcap=1.5)
+    g = torch.Generator().manual_seed(4)
+    bias_E = torch.randn(E, generator=g) * 0.1
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(E, D, generator=g) * 0.5)
+        theirs.e_score_correction_bias.copy_(bias_E)
+        ours.weight.copy_(theirs.weight)
+    x = _x()
+    logits, weights, experts = theirs(x)
+    r = ours(x, bias=bias_E)
+    assert float((x @ theirs.weight.T).abs().max()) > 3  # the cap bites
+    torch.testing.assert_close(r.logits, logits, rtol=1e-6, atol=1e-6)
+    assert torch.equal(r.experts, experts)
+    torch.testing.assert_close(r.weights, weights, rtol=1e-6, atol=1e-6)
+
+
+def test_router_options_are_off_by_default_and_validated():
+    """No gate bias parameter and no cap by default; a negative cap is a one-line error."""
+    assert not hasattr(_router(), "gate_bias")
+    assert RouterConfig().logit_softcap == 0.0
+    with pytest.raises(ValueError, match="router.logit_softcap"):
+        RouterConfig(logit_softcap=-1.0)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moelab.routing import Routing, anneal, route, sinkhorn_route
+from moelab.routing import Routing, anneal, relu_route, route, sinkhorn_route, top_p_route
 
 T, D, E, K = 64, 16, 8, 2
 
@@ -181,3 +181,51 @@ def test_routing_is_frozen():
     assert isinstance(r, Routing)
     with pytest.raises(AttributeError):
         r.weights = r.weights  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------- top-p, ReLU
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_top_p_matches_a_loop_of_the_formula(p, normalize):
+    """Huang et al. 2024: per token, experts sorted by softmax probability are taken while the
+    mass of the ones before is below p; weights the probabilities (renormalised or not)."""
+    logits_TE = _logits(scale=2.0)
+    r = top_p_route(logits_TE, p, normalize=normalize)
+    for t, row in enumerate(logits_TE.softmax(-1).tolist()):
+        order = sorted(range(E), key=lambda i: -row[i])
+        taken, mass = [], 0.0
+        for i in order:
+            if mass >= p:
+                break
+            taken.append(i)
+            mass += row[i]
+        n = int(r.mask[t].sum())
+        assert r.experts[t, :n].tolist() == taken and not r.mask[t, n:].any()
+        w = [row[i] / (mass if normalize else 1.0) for i in taken]
+        torch.testing.assert_close(r.weights[t, :n], torch.tensor(w), rtol=1e-5, atol=1e-7)
+        assert float(r.weights[t, n:].abs().sum()) == 0.0
+
+
+def test_top_p_takes_more_experts_for_flatter_tokens_and_at_least_one():
+    """A confident token takes one expert, a uniform token ceil(p·E); p = 1 takes all."""
+    logits_TE = torch.tensor([[9.0] + [0.0] * (E - 1), [0.0] * E])
+    r = top_p_route(logits_TE, 0.5)
+    assert r.mask.sum(-1).tolist() == [1, math.ceil(0.5 * E)]
+    assert top_p_route(logits_TE, 1.0).mask.sum(-1).tolist() == [E, E]
+    with pytest.raises(ValueError, match="p=0"):
+        top_p_route(logits_TE, 0.0)
+
+
+def test_relu_route_gates_are_the_positive_logits():
+    """ReMoE: weights = ReLU(logits) in expert order, used slots = positive gates (a token may
+    get none), with gradient into the positive logits only."""
+    logits_TE = _logits().requires_grad_()
+    r = relu_route(logits_TE)
+    assert torch.equal(r.experts, torch.arange(E).expand(T, E))
+    assert torch.equal(r.weights, logits_TE.detach().clamp_min(0))
+    assert torch.equal(r.mask, logits_TE.detach() > 0)
+    r.weights.sum().backward()
+    assert torch.equal(logits_TE.grad, (logits_TE.detach() > 0).float())
+    assert int(relu_route(-logits_TE.detach().abs()).mask.sum()) == 0

@@ -36,8 +36,8 @@ from moelab.routing import Routing, score_fn
 STATE_FILE = "moelab_balance.pt"
 FORMAT = "moelab.hf.attach/1"
 # What a transformers router gives the balance terms: no expert placement, capacity, learned
-# noise or moelab gate weights.
-UNAVAILABLE = {"placement", "capacity", "noise", "gates"}
+# noise, moelab gate weights or a moelab router weight.
+UNAVAILABLE = {"placement", "capacity", "noise", "gates", "router"}
 UNSUPPORTED = tuple(t.coef for t in TERMS if UNAVAILABLE & set(t.needs))
 
 
@@ -72,7 +72,8 @@ def _check_config(cfg: BalanceConfig, sites: list[RouterSite]) -> None:
         allowed = ", ".join(t.coef for t in TERMS if t.coef not in UNSUPPORTED)
         raise ValueError(
             f"moelab.hf.attach does not support balance.{used[0]} (needs expert placement, "
-            f"capacity, learned noise or gate weights); allowed: {allowed}, bias_rate"
+            f"capacity, learned noise, gate weights or the router weight); allowed: {allowed}, "
+            "bias_rate"
         )
     unknown = [s for s in sites if s.rule is None]
     if unknown:
