@@ -70,11 +70,11 @@ def test_mde_is_the_effect_the_rule_detects_with_80_percent_power():
 def test_flip_rate():
     """Arms far apart never flip under resampling; arms that overlap often do; one seed has
     no flip rate."""
-    far = stats.flip_rate([1.0, 1.1, 0.9], [5.0, 5.1, 4.9], op="<")
+    far = stats.compare([1.0, 1.1, 0.9], [5.0, 5.1, 4.9], op="<").flip_rate
     assert far == 0.0
-    near = stats.flip_rate(A, [6.0, 5.9, 6.05, 5.97], op="<")
+    near = stats.compare(A, [6.0, 5.9, 6.05, 5.97], op="<").flip_rate
     assert 0.05 < near < 0.95
-    assert stats.flip_rate([1.0], [2.0, 3.0], op="<") is None
+    assert stats.compare([1.0], [2.0, 3.0], op="<").flip_rate is None
 
 
 def test_summarize_keeps_values_and_sample_sd():

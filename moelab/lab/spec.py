@@ -86,10 +86,7 @@ class Check:
             return self._compare_summaries(numbers, b)
         kw = dict(op=self.op, factor=self.factor, offset=self.offset, paired=paired, b_const=b)
         cmp = stats.compare(a_S, b_S, **kw)
-        return cmp.to_dict() | {
-            "n": [len(a_S), len(b_S) if b_S is not None else None],
-            "flip_rate": stats.flip_rate(a_S, b_S, **kw),
-        }
+        return cmp.to_dict() | {"n": [len(a_S), len(b_S) if b_S is not None else None]}
 
     def _compare_summaries(self, numbers: dict[str, Any], b: float) -> dict[str, Any]:
         """Welch from (mean, sample SD, n) where per-seed values were not kept (results from
@@ -103,7 +100,6 @@ class Check:
         cmp = stats.compare_summaries(a, b_sum, **kw)
         return cmp.to_dict() | {
             "n": [a[2], b_sum[2] if b_sum else None],
-            "flip_rate": None,
             "from_summaries": True,
         }
 
@@ -131,7 +127,9 @@ class Check:
 
 
 def _undecided(note: str) -> dict[str, Any]:
-    return {"outcome": "inconclusive", "passed": False, "undecided": True, "note": note}
+    """A row without its numbers: inconclusive, every statistic None (the same keys)."""
+    stats_ = dict.fromkeys(("delta", "se", "df", "ci95", "mde", "flip_rate"))
+    return stats_ | {"outcome": "inconclusive", "passed": False, "undecided": True, "note": note}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ Legend: S seeds.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -43,7 +44,8 @@ def summarize(values: list[float]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Comparison:
     """A check's margin d = lhs − bound with its noise: ``delta`` (mean margin), ``se``,
-    ``df``, ``ci95`` ([lo, hi]), ``mde`` (2.84·se) and the ``outcome``."""
+    ``df``, ``ci95`` ([lo, hi]), ``mde`` (2.84·se), the ``outcome`` and its bootstrap
+    ``flip_rate`` (None without per-seed values on both sides)."""
 
     delta: float
     se: float | None
@@ -52,6 +54,7 @@ class Comparison:
     mde: float | None
     outcome: str
     paired: bool
+    flip_rate: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,10 +134,10 @@ def compare(
     a = np.asarray(a_S, dtype=np.float64)
     b = None if b_S is None else np.asarray(b_S, dtype=np.float64)
     is_paired = bool(paired and b is not None and len(a) == len(b))
-    delta, se, df = margin_stats(
-        a, b, factor=factor, offset=offset, paired=is_paired, b_const=b_const
-    )
-    return _comparison(delta, se, df, op, is_paired)
+    kw = dict(factor=factor, offset=offset, b_const=b_const)
+    delta, se, df = margin_stats(a, b, paired=is_paired, **kw)
+    cmp = _comparison(delta, se, df, op, is_paired)
+    return dataclasses.replace(cmp, flip_rate=_flip_rate(a, b, op, is_paired, kw))
 
 
 def _comparison(delta: float, se: float | None, df: float | None, op: str, paired: bool):
@@ -170,36 +173,20 @@ def compare_summaries(
     return _comparison(delta, se, df, op, False)
 
 
-def flip_rate(
-    a_S: list[float],
-    b_S: list[float] | None,
-    *,
-    op: str,
-    factor: float = 1.0,
-    offset: float = 0.0,
-    paired: bool = False,
-    b_const: float | None = None,
-    resamples: int = 2000,
-    seed: int = 0,
+def _flip_rate(
+    a: np.ndarray, b: np.ndarray | None, op: str, paired: bool, kw: dict, resamples: int = 2000
 ) -> float | None:
     """Share of bootstrap resamples over seeds (paired: the pairs jointly; else each arm on its
-    own) whose outcome differs from the observed one. None with fewer than two seeds."""
-    a = np.asarray(a_S, dtype=np.float64)
-    b = None if b_S is None else np.asarray(b_S, dtype=np.float64)
+    own) whose outcome differs from the observed one; None with fewer than two seeds."""
     if len(a) < 2 or (b is not None and len(b) < 2):
         return None
-    kw = dict(factor=factor, offset=offset, b_const=b_const)
-    is_paired = bool(paired and b is not None and len(a) == len(b))
-    observed = outcome(*margin_stats(a, b, paired=is_paired, **kw)[:2], op)
-    rng = np.random.default_rng(seed)
+    observed = outcome(*margin_stats(a, b, paired=paired, **kw)[:2], op)
+    rng = np.random.default_rng(0)
     flips = 0
     for _ in range(resamples):
         ia = rng.integers(0, len(a), len(a))
-        if b is None:
-            a2, b2 = a[ia], None
-        else:
-            a2, b2 = a[ia], b[ia if is_paired else rng.integers(0, len(b), len(b))]
-        delta, se, _ = margin_stats(a2, b2, paired=is_paired, **kw)
+        b2 = None if b is None else b[ia if paired else rng.integers(0, len(b), len(b))]
+        delta, se, _ = margin_stats(a[ia], b2, paired=paired, **kw)
         flips += outcome(delta, se, op) != observed
     return flips / resamples
 
