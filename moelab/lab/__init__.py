@@ -396,9 +396,17 @@ def add_lab_parser(subparsers) -> None:
         "size whose checks decide a verdict; -> results/NAME)",
     )
     r.add_argument(
-        "--seeds", type=int, default=None, help="seeds per variant (default: the file's)"
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds per variant (default: the file's; its [decisive] seeds with --decisive)",
     )
-    r.add_argument("--out", default=None, help="output folder (default results/NAME)")
+    r.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default results/NAME with --decisive, results/NAME-quick with "
+        "--quick, else results/NAME-short)",
+    )
     r.add_argument(
         "--variants", default=None, help="'all', 'reduced' (the file's reduced set) or a,b,c"
     )
