@@ -226,12 +226,21 @@ def findings_markdown(found) -> str:
         if res.get("quick") or res.get("too_short"):
             lines.append(head + f"not yet run at its decisive size ({res.get('too_short')}).")
             continue
-        lines.append(head + f"{verdict_text(res)}, {res['seeds']} seeds.")
+        lines.append(head + f"{verdict_text(res)}, {seeds_text(res)}.")
         for c in res["checks"]:
             if c.get("kind") == "sanity":
                 continue
             lines.append(f"  - `{c['check']}`: {_outcome_text(c)}")
     return "\n".join(lines)
+
+
+def seeds_text(res: dict[str, Any]) -> str:
+    """Seeds behind the result: the runs per variant actually measured (their val_loss count;
+    a range when some variants have fewer finished seeds than asked for)."""
+    ns = {v["val_loss"]["n"] for v in res["measured"].values() if "val_loss" in v}
+    ns = ns or {res["seeds"]}
+    lo, hi = min(ns), max(ns)
+    return f"{hi} seeds" if lo == hi else f"{lo}–{hi} seeds per variant"
 
 
 def _outcome_text(c: dict[str, Any]) -> str:
