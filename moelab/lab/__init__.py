@@ -44,13 +44,7 @@ def run_experiment(
         )
     extra, figs = _analyse(exp, runs, table)
     too_short = size_shortfall(exp, setup, quick)
-    verdict, checks = decide(
-        exp.checks,
-        {**table, "analysis": extra},
-        paired=bool(exp.options.get("paired", False)),
-        too_short=too_short,
-        noise_mde=noise_mde_for(setup),
-    )
+    verdict, checks = judge(exp, table, extra, setup, too_short)
     result = {
         "name": exp.name,
         "number": exp.number,
@@ -81,6 +75,18 @@ def run_experiment(
         result["plots"].append(f"{stem}.png")
     (out / "result.json").write_text(json.dumps(result, indent=1, default=float))
     return result
+
+
+def judge(exp: Experiment, measured, analysis, setup, too_short: str):
+    """The experiment's checks applied to measured numbers and analysis: (verdict, rows), with
+    its pairing, the run-size shortfall and the noise experiment's MDEs (run and rescore)."""
+    return decide(
+        exp.checks,
+        {**measured, "analysis": analysis},
+        paired=bool(exp.options.get("paired", False)),
+        too_short=too_short,
+        noise_mde=noise_mde_for(setup),
+    )
 
 
 def size_shortfall(exp: Experiment, setup: dict[str, Any], quick: bool) -> str:
@@ -309,13 +315,7 @@ def rescore(exp: Experiment, path: Path) -> dict[str, Any]:
         res["analysis"]["contrasts"] = contrasts(exp, res["measured"])
     setup = res.get("setup", {})
     too_short = size_shortfall(exp, setup, res.get("quick", False)) if setup else "no setup"
-    verdict, checks = decide(
-        exp.checks,
-        {**res["measured"], "analysis": res["analysis"]},
-        paired=bool(exp.options.get("paired", False)),
-        too_short=too_short,
-        noise_mde=noise_mde_for(setup),
-    )
+    verdict, checks = judge(exp, res["measured"], res["analysis"], setup, too_short)
     res |= {"verdict": verdict, "checks": checks, "too_short": too_short}
     path.write_text(json.dumps(res, indent=1, default=float))
     return res

@@ -133,10 +133,9 @@ def scope(exp, runs: Runs) -> tuple[dict, dict]:
         for p in per_seed[1:]:
             p.pop("_heat")
         res[name] = {"seeds": len(dirs), "by_domain": per_seed[0]["by_domain"]}
-        for key in ("in_domain_maxvio", "holdout_maxvio", "seen_maxvio_global"):
-            vals = [p[key] for p in per_seed if p.get(key) is not None]
-            if vals:
-                res[name] |= {key: float(np.mean(vals)), f"{key}_values": vals}
+        res[name] |= _seed_means(
+            per_seed, ("in_domain_maxvio", "holdout_maxvio", "seen_maxvio_global")
+        )
         res[name]["_per_seed"] = per_seed
     ref = exp.options.get("holdout_reference") if hasattr(exp, "options") else None
     if ref in res:
@@ -193,10 +192,8 @@ def batch_size(exp, runs: Runs) -> tuple[dict, dict]:
     for name, dirs in runs.items():
         per_seed = [_batch_numbers(d) for d in dirs]
         res[name] = {**per_seed[0], **fluctuation_numbers(dirs[0]), "seeds": len(dirs)}
-        for key in ("f_spread", "drop_cf125", "drop_cf125_1k", "grad_cos", "grad_rel_var"):
-            vals = [p[key] for p in per_seed if key in p]
-            if vals:
-                res[name] |= {key: float(np.mean(vals)), f"{key}_values": vals}
+        keys = ("f_spread", "drop_cf125", "drop_cf125_1k", "grad_cos", "grad_rel_var")
+        res[name] |= _seed_means(per_seed, keys)
     return res, {"batch_size": plots.batch_plot(res)}
 
 
@@ -214,6 +211,17 @@ def _batch_numbers(run_dir: Path) -> dict[str, Any]:
         **_grad_noise(run.model, tokens_BL, min(B, len(tokens_BL) // 2)),
         "reference_maxvio": sampling_maxvio(n, E, K),
     }
+
+
+def _seed_means(per_seed: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``{key: mean over seeds, key_values: per-seed values}`` for every key some seed has (the
+    per-seed values are the checks' noise model)."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        vals = [p[key] for p in per_seed if p.get(key) is not None]
+        if vals:
+            out |= {key: float(np.mean(vals)), f"{key}_values": vals}
+    return out
 
 
 def _chunk_counts(experts_TK: Tensor, mask_TK: Tensor | None, E: int, n: int) -> Tensor:
@@ -302,10 +310,8 @@ def fluctuation(exp, runs: Runs) -> tuple[dict, dict]:
     for name, dirs in runs.items():
         per_seed = [fluctuation_numbers(d) for d in dirs]
         res[name] = {**per_seed[0], "seeds": len(dirs)}
-        for key in ("changed_after_20", "changed_after_50", "changed_after_80"):
-            vals = [p[key] for p in per_seed if key in p]
-            if vals:
-                res[name] |= {key: float(np.mean(vals)), f"{key}_values": vals}
+        keys = ("changed_after_20", "changed_after_50", "changed_after_80")
+        res[name] |= _seed_means(per_seed, keys)
     return res, {"fluctuation": plots.fluctuation_plot(res)}
 
 
@@ -322,10 +328,7 @@ def leakage(exp, runs: Runs) -> tuple[dict, dict]:
     res: dict[str, Any] = {"chunk": chunk, "synthetic_bound": SYNTHETIC_NATS_PER_CHAR}
     for name, dirs in runs.items():
         per_seed = [_leakage_numbers(d, chunk, int(exp.options.get("eval_seqs", 64))) for d in dirs]
-        res[name] = {"seeds": len(dirs)}
-        for key in per_seed[0]:
-            vals = [p[key] for p in per_seed]
-            res[name] |= {key: float(np.mean(vals)), f"{key}_values": vals}
+        res[name] = {"seeds": len(dirs), **_seed_means(per_seed, tuple(per_seed[0]))}
     return res, {"leakage": plots.leakage_plot(res)}
 
 
