@@ -164,6 +164,7 @@ def simulate_ep(
     rebalanced placement is fitted on the same counts). Rebalanced: ``greedy_placement`` with
     ``redundant`` extra replicas per device, fitted on the first ``fit_fraction`` of tokens.
     """
+    check_trace(trace)
     E, D = int(trace["num_experts"]), int(trace["d_model"])
     fit, test = _split(trace, fit_fraction)
     rows = []
@@ -268,15 +269,87 @@ def save_traces(source: str | Path, out_file: str | Path, *, tokens: int = 8192)
 
 
 def load_traces(path: str | Path) -> dict:
-    """A trace saved by ``save_traces`` (checked for its format tag)."""
+    """A trace saved by ``save_traces``, checked by :func:`check_trace` (a file that is not
+    one, or a malformed one, is a one-line ``ValueError`` naming the file)."""
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"trace file {str(path)!r} does not exist; make one with --from-run"
         )
-    trace = torch.load(path, weights_only=True)
+    try:
+        trace = torch.load(path, weights_only=True)
+    except Exception as exc:  # torch raises many types for a truncated or foreign file
+        raise ValueError(
+            f"{str(path)!r} is not a moelab routing trace ({TRACE_FORMAT}): cannot read it as "
+            f"a torch file of tensors ({type(exc).__name__}; truncated or another program's?)"
+        ) from exc
     if not isinstance(trace, dict) or trace.get("format") != TRACE_FORMAT:
         raise ValueError(f"{str(path)!r} is not a moelab routing trace ({TRACE_FORMAT})")
+    check_trace(trace, str(path))
     return trace
+
+
+def _positive_int(trace: dict, key: str, where: str) -> int:
+    value = trace.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"trace {where!r}: {key}={value!r} is not allowed; expected an integer >= 1")
+    return value
+
+
+def _int_tensor(value: object, what: str, where: str, ndim: int) -> Tensor:
+    """``value`` as an integer tensor of ``ndim`` dimensions, else a ValueError naming it."""
+    bad = not isinstance(value, Tensor) or value.dtype.is_floating_point or value.is_complex()
+    if bad or value.dtype == torch.bool or value.dim() != ndim:
+        kind = f"{type(value).__name__}" + (
+            f" {value.dtype} of shape {tuple(value.shape)}" if isinstance(value, Tensor) else ""
+        )
+        raise ValueError(
+            f"trace {where!r}: {what} is a {kind}; expected a {ndim}-D integer tensor"
+        )
+    return value
+
+
+def check_trace(trace: dict, where: str = "trace") -> None:
+    """Refuse a malformed trace with one ``ValueError`` naming ``where`` and what is wrong:
+    ``num_experts`` / ``d_model`` integers >= 1, and either ``experts`` (a non-empty list of
+    (T, K) integer tensors, one T >= 2 for every layer, ids in [0, E)) or ``counts`` ((N, E)
+    non-negative integers, every row summing to more than 0)."""
+    E = _positive_int(trace, "num_experts", where)
+    _positive_int(trace, "d_model", where)
+    if ("experts" in trace) == ("counts" in trace):
+        raise ValueError(f"trace {where!r}: expected exactly one of 'experts' and 'counts'")
+    if "counts" in trace:
+        counts_NE = _int_tensor(trace["counts"], "counts", where, 2)
+        if counts_NE.shape[0] < 1 or counts_NE.shape[1] != E:
+            raise ValueError(
+                f"trace {where!r}: counts has shape {tuple(counts_NE.shape)}; expected "
+                f"(layers >= 1, num_experts={E})"
+            )
+        if (counts_NE < 0).any() or (counts_NE.sum(1) == 0).any():
+            raise ValueError(
+                f"trace {where!r}: counts must be >= 0 with every layer's row summing to > 0"
+            )
+        return
+    layers = trace["experts"]
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ValueError(f"trace {where!r}: experts must be a non-empty list of (T, K) tensors")
+    tokens = set()
+    for i, value in enumerate(layers):
+        t = _int_tensor(value, f"experts[{i}]", where, 2)
+        tokens.add(t.shape[0])
+        if t.shape[0] < 2 or t.shape[1] < 1:
+            raise ValueError(
+                f"trace {where!r}: experts[{i}] has shape {tuple(t.shape)}; expected (T >= 2, K >= 1)"
+            )
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= E):
+            raise ValueError(
+                f"trace {where!r}: experts[{i}] holds expert ids in [{int(t.min())}, "
+                f"{int(t.max())}]; allowed: [0, num_experts={E})"
+            )
+    if len(tokens) > 1:
+        raise ValueError(
+            f"trace {where!r}: the layers route different numbers of tokens {sorted(tokens)}; "
+            "expected the same T in every layer"
+        )
 
 
 # ----------------------------------------------------------------------------- report + CLI
@@ -355,13 +428,29 @@ def add_simulate_ep_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_simulate_ep)
 
 
-def cmd_simulate_ep(args: argparse.Namespace) -> int:
+SIMULATE_EP_FILES = ("simulate_ep.json", "simulate_ep.md", "simulate_ep.png")
+
+
+def _check_args(args: argparse.Namespace) -> tuple[int, ...]:
+    """The EP sizes of ``--ep-sizes``; every numeric flag and ``--out`` checked before work."""
+    from moelab.runfolder import check_output_folder
+
     try:
         sizes = tuple(int(s) for s in args.ep_sizes.split(","))
     except ValueError:
         raise ValueError(f"--ep-sizes={args.ep_sizes!r}: give integers like 1,2,4") from None
     if not sizes or min(sizes) < 1 or args.redundant < 0 or args.tokens < 1:
         raise ValueError("--ep-sizes must be >= 1, --redundant >= 0 and --tokens >= 1")
+    if args.bytes_per_elt < 1:
+        raise ValueError(f"--bytes-per-elt {args.bytes_per_elt} is out of range; allowed: >= 1")
+    if args.from_run and Path(args.trace).exists():  # re-tracing replaces only a trace
+        load_traces(args.trace)
+    check_output_folder(args.out, "simulate-ep", SIMULATE_EP_FILES, keep=(args.trace,))
+    return sizes
+
+
+def cmd_simulate_ep(args: argparse.Namespace) -> int:
+    sizes = _check_args(args)
     trace = (
         save_traces(args.from_run, args.trace, tokens=args.tokens)
         if args.from_run

@@ -16,6 +16,7 @@ Guarantees (docs/reliability.md):
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import socket
@@ -70,6 +71,50 @@ def check_writable(out: Path) -> None:
             f"cannot write to the run folder {str(out)!r} ({exc.strerror or exc}); "
             "give a writable --out"
         ) from exc
+
+
+def check_output_folder(
+    out: str | Path,
+    command: str,
+    own: tuple[str, ...],
+    *,
+    keep: tuple[str | Path, ...] = (),
+) -> Path:
+    """Before any work: make sure ``moelab COMMAND --out OUT`` may write ``out``.
+
+    ``out`` must be creatable and writable, and may not hold anything but what ``command``
+    itself writes (``own``: glob patterns of its file names; dot-files and the paths in
+    ``keep`` are ignored): a run folder, a model folder or any other foreign folder is
+    refused with one ``ValueError`` naming the first foreign file, so its files are never
+    overwritten. A folder holding an earlier output of the same command is reused."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder; choose another --out")
+    kept = {Path(k).resolve() for k in keep}
+    foreign = sorted(
+        p.name
+        for p in (out.iterdir() if out.is_dir() else ())
+        if not p.name.startswith(".")
+        and p.resolve() not in kept
+        and not (p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in own))
+    )
+    if foreign:
+        run = [n for n in foreign if n in (*RUN_FILES, LOCK) or fnmatch.fnmatch(n, "ckpt-*.pt")]
+        what = "a training run" if run else "other files"
+        raise ValueError(
+            f"--out {str(out)!r} holds {what} ({', '.join(foreign[:3])}) that `moelab "
+            f"{command}` would overwrite or mix with; choose an empty or new --out"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(
+            f"cannot write to {str(out)!r} ({exc.strerror or exc}); give a writable --out"
+        ) from exc
+    return out
 
 
 def run_files(out: Path) -> list[str]:
