@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import sys
+import traceback
 
 from moelab.checkpoint import CheckpointError
 from moelab.errors import RunError
@@ -120,6 +121,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     from moelab.inspect import load_trained, route_text
 
+    try:
+        args.text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # undecodable bytes in argv arrive as surrogates
+        raise ValueError(
+            f"--text holds bytes that are not UTF-8 (at character {exc.start}); give UTF-8 text"
+        ) from None
     run = load_trained(args.checkpoint, None)
     table = route_text(run, args.text)
     if args.json:
@@ -204,24 +211,63 @@ def build_parser() -> argparse.ArgumentParser:
             getattr(importlib.import_module(module), fn)(sub)
         except (ImportError, AttributeError):
             continue  # optional part not installed (e.g. transformers for the HF commands)
+    _add_debug(parser)  # before or after the command name
     return parser
 
 
+# Errors the user can act on: one line ``moelab CMD: error: ...``, exit status 2.
+USER_ERRORS = (ValueError, CheckpointError, RunError, OSError, FloatingPointError)
+INTERNAL_ERROR = 1  # exit status of an unexpected exception (a bug: please report it)
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on ``parser`` and every (nested) subcommand, so it goes anywhere."""
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="on an error, print the Python traceback too",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_debug(child)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``moelab`` command; every failure ends in one line on stderr (``--debug``: the
+    traceback as well): exit 2 for bad input or a failed run, 1 for an internal error,
+    130 / 143 for SIGINT / SIGTERM."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
         return int(args.func(args) or 0)
     except Interrupted as exc:
         print(f"moelab {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except (ValueError, CheckpointError, RunError, OSError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"moelab {args.command}: error: {msg}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"moelab {args.command}: error: {_first_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moelab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: one line, the traceback only when asked for
+        if debug:
+            traceback.print_exc()
+        print(
+            f"moelab {args.command}: internal error: {type(exc).__name__}: {_first_line(exc)} "
+            "(rerun with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

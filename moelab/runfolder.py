@@ -99,7 +99,8 @@ def check_output_folder(
         and not (p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in own))
     )
     if foreign:
-        run = [n for n in foreign if n in (*RUN_FILES, LOCK) or fnmatch.fnmatch(n, "ckpt-*.pt")]
+        markers = (*RUN_FILES[1:], LOCK)  # config.json alone may be any program's
+        run = [n for n in foreign if n in markers or fnmatch.fnmatch(n, "ckpt-*.pt")]
         what = "a training run" if run else "other files"
         raise ValueError(
             f"--out {str(out)!r} holds {what} ({', '.join(foreign[:3])}) that `moelab "
@@ -114,6 +115,42 @@ def check_output_folder(
         raise ValueError(
             f"cannot write to {str(out)!r} ({exc.strerror or exc}); give a writable --out"
         ) from exc
+    return out
+
+
+# What ``save_pretrained`` writes for a model and its tokenizer (export, finetune).
+HF_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "tokenizer*.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.*",
+)
+
+
+def check_model_folder(out: str | Path, command: str, own: tuple[str, ...] = ()) -> Path:
+    """:func:`check_output_folder` for a ``save_pretrained`` output: only model, tokenizer and
+    ``own`` files, and a ``config.json`` there must be a transformers config (a moelab run's
+    config.json is never overwritten)."""
+    out = check_output_folder(out, command, HF_MODEL_FILES + own)
+    config = out / "config.json"
+    if config.is_file():
+        try:
+            hf = "model_type" in json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            hf = False
+        if not hf:
+            raise ValueError(
+                f"--out {str(out)!r} holds a config.json that is not a transformers model's "
+                f"(a moelab run's?); `moelab {command}` would overwrite it; choose another --out"
+            )
     return out
 
 

@@ -309,8 +309,10 @@ def run_export(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from moelab.inspect import load_trained
+    from moelab.runfolder import check_model_folder
 
     hf_logging.disable_progress_bar()  # keep the CLI's output to the one summary line
+    check_model_folder(args.out, "export")
     run = load_trained(args.run)
     out = export_to_hf(run, args.out, verify=not args.no_verify)
     arch = "MixtralForCausalLM" if run.model.cfg.moe is not None else "LlamaForCausalLM"

@@ -188,8 +188,17 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     return p
 
 
+FINETUNE_FILES = (STATE_FILE, "finetune_config.json", "metrics.jsonl")
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     """Run ``moelab finetune`` from parsed arguments; prints the first and last step, returns 0."""
+    from moelab.hf.profile import check_device
+    from moelab.runfolder import check_model_folder
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens {args.max_tokens} is out of range; allowed: >= 1")
+    check_device(args.device)
     cfg = FinetuneConfig(
         steps=args.steps,
         lr=args.lr,
@@ -202,12 +211,14 @@ def run_finetune(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         seed=args.seed,
     )
+    balance = balance_from_overrides(args.overrides)
+    check_model_folder(args.out, "finetune", FINETUNE_FILES)
     rows = finetune(
         args.model,
         args.data,
         args.out,
         cfg=cfg,
-        balance=balance_from_overrides(args.overrides),
+        balance=balance,
         device=args.device,
     )
     for row in (rows[0], rows[-1]):

@@ -32,10 +32,35 @@ from moelab.routing import score_fn
 COACT_CHUNK = 4096  # tokens per coactivation call: bounds the (T, E) one-hot memory
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PROFILE_FILES = ("profile.json", "coactivation.npy", "load_heatmap.png", "dead_experts.png")
+
+
+def check_device(name: str | None) -> None:
+    """Refuse a ``--device`` torch does not know or this machine does not have, in one line."""
+    if name is None:
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; allowed: cpu, cuda, cuda:N, mps") from None
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available}
+    available["mps"] = torch.backends.mps.is_available
+    if not available.get(dev.type, lambda: False)():
+        raise ValueError(f"--device {name!r}: no {dev.type} device is available here; allowed: cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+
+
 def load_model(name_or_path: str, *, device: str = "cpu", dtype: str = "auto") -> nn.Module:
     """AutoModelForCausalLM from a save_pretrained folder (or a hub name when online)."""
     from transformers import AutoModelForCausalLM
 
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not allowed; choose one of {list(DTYPES)}")
+    check_device(device)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
@@ -310,8 +335,25 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     return p
 
 
+def check_profile_args(args: argparse.Namespace) -> None:
+    """Every ``moelab profile`` flag and ``--out`` checked before the model is loaded."""
+    from moelab.config import check_range
+    from moelab.runfolder import check_output_folder
+
+    for flag in ("seq_len", "batch_size") + (("max_tokens",) if args.max_tokens is not None else ()):
+        if getattr(args, flag) < 1:
+            name = "--" + flag.replace("_", "-")
+            raise ValueError(f"{name} {getattr(args, flag)} is out of range; allowed: >= 1")
+    check_range("--rare-frac", args.rare_frac, lo=0, hi=1)
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r} is not allowed; choose one of {list(DTYPES)}")
+    check_device(args.device)
+    check_output_folder(args.out, "profile", PROFILE_FILES)
+
+
 def run_profile(args: argparse.Namespace) -> int:
     """Run ``moelab profile`` from parsed arguments; prints a per-layer summary, returns 0."""
+    check_profile_args(args)
     result = profile(
         args.model,
         args.data,
