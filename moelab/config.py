@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import numbers
 import types
 import typing
 import warnings
@@ -57,17 +58,37 @@ def check_range(
 
 
 def _check_literals(obj: Any) -> None:
-    """Check every ``Literal``-typed field of a dataclass instance against its choices, and
-    every ``bool`` field for a real bool (``5`` or ``"yes"`` is refused, not taken as true)."""
+    """Check the type of every scalar field of a config dataclass instance: a ``Literal``
+    field against its choices, a ``bool`` field for a real bool (``5`` or ``"no"`` is refused,
+    not taken as true), an ``int`` field for an integer (``2.0`` and ``true`` are refused),
+    a ``float`` field for a number and a ``str`` field for a string. ``X | None`` also
+    accepts None. The error is one line naming the key and what is allowed."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         hint, value = hints[f.name], getattr(obj, f.name)
-        if get_origin(hint) is Literal:
-            check_choice(_qualname(obj, f.name), value, get_args(hint))
-        elif hint is bool and not isinstance(value, bool):
-            raise ValueError(
-                f"{_qualname(obj, f.name)}={value!r} is not allowed; choose one of [true, false]"
-            )
+        optional = _resolve_hint(hint) is not hint
+        if optional and value is None:
+            continue
+        _check_type(_qualname(obj, f.name), _resolve_hint(hint), value)
+
+
+def _check_type(name: str, hint: Any, value: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` fits the scalar type ``hint``."""
+    if get_origin(hint) is Literal:
+        check_choice(name, value, get_args(hint))
+        return
+    is_bool = isinstance(value, bool)
+    expected = None
+    if hint is bool and not is_bool:
+        expected = "choose one of [true, false]"
+    elif hint is int and (is_bool or not isinstance(value, numbers.Integral)):
+        expected = "expected an integer, e.g. 4 (not 4.0 or a string)"
+    elif hint is float and (is_bool or not isinstance(value, numbers.Real)):
+        expected = "expected a number, e.g. 0.01"
+    elif hint is str and not isinstance(value, str):
+        expected = "expected a string in quotes, e.g. 'text'"
+    if expected:
+        raise ValueError(f"{name}={value!r} is not allowed; {expected}")
 
 
 def _qualname(obj: Any, name: str) -> str:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moelab.config import MoEConfig, check_range
+from moelab.config import MoEConfig, _check_literals, check_range
 from moelab.experts import swiglu
 from moelab.moe import MoELayer, MoEOutput
 
@@ -54,6 +54,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_literals(self)
         for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "moe_every"):
             check_range(f"model.{name}", getattr(self, name), lo=1)
         for name in ("vocab_size", "d_ff", "first_dense"):

@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moelab.config import BalanceConfig, apply_overrides, check_range, from_dict, to_dict
+from moelab.config import (
+    BalanceConfig,
+    _check_literals,
+    apply_overrides,
+    check_range,
+    from_dict,
+    to_dict,
+)
 from moelab.hf.attach import STATE_FILE, attach
 from moelab.hf.profile import default_device, load_model, write_json
 from moelab.hf.text import domain_stream, load_domains, load_hf_tokenizer, model_tokenizer
@@ -35,6 +42,8 @@ DEFAULT_BALANCE: dict[str, Any] = {"bias_rate": 1.0e-3, "aux_coef": 1.0e-3, "aux
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Fine-tuning loop settings (AdamW, random windows of the concatenated --data text)."""
+
+    _prefix = "finetune"
 
     steps: int = 100
     lr: float = 1.0e-5
@@ -48,6 +57,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_literals(self)
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
             check_range(f"finetune.{name}", getattr(self, name), lo=1)
         check_range("finetune.lr", self.lr, lo=0)
