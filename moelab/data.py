@@ -19,6 +19,7 @@ import json
 import lzma
 import math
 import os
+import sys
 import sysconfig
 import tempfile
 from collections.abc import Callable, Iterator
@@ -117,6 +118,15 @@ def _as_names(field: str, value: object) -> tuple[str, ...]:
     if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"{field}={value!r} is not allowed; give a list of non-empty strings")
     return tuple(value)
+
+
+def absolute_path(spec: str) -> str:
+    """A data path (file, folder or glob; ``~`` expanded) made absolute against the working
+    directory, so a run's config.json names the same text from any directory; ``builtin`` and
+    an empty string stay as they are."""
+    if spec in ("builtin", ""):
+        return spec
+    return os.path.abspath(os.path.expanduser(spec))
 
 
 def _check_names(field: str, names: tuple[str, ...], allowed: list[str] | tuple[str, ...]) -> None:
@@ -364,6 +374,40 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         raise
 
 
+def _rebuild_note(path: Path, why: str) -> None:
+    print(f"moelab: data cache entry {str(path)!r} is damaged ({why}); rebuilding it", file=sys.stderr)
+
+
+def _cached_tokenizer(path: Path) -> Tokenizer | None:
+    """The cached tokenizer, or None when it is missing or damaged (a note names the file)."""
+    if not path.exists():
+        return None
+    try:
+        return Tokenizer.from_str(path.read_text(encoding="utf-8"))
+    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+        _rebuild_note(path, f"{type(exc).__name__}: {str(exc)[:80]}")
+        return None
+
+
+def _cached_ids(path: Path, vocab_size: int) -> np.ndarray | None:
+    """Cached token ids (N,), or None when missing or damaged: unreadable, not 1-D unsigned
+    ids, or ids outside the vocabulary (a note names the file)."""
+    if not path.exists():
+        return None
+    try:
+        ids = np.load(path)
+    except (OSError, ValueError, EOFError) as exc:
+        _rebuild_note(path, f"{type(exc).__name__}: {str(exc)[:80]}")
+        return None
+    if ids.ndim != 1 or ids.dtype not in (np.uint16, np.uint32):
+        _rebuild_note(path, f"{ids.dtype} array of shape {ids.shape}, expected 1-D token ids")
+        return None
+    if ids.size and int(ids.max()) >= vocab_size:
+        _rebuild_note(path, f"token id {int(ids.max())} >= the vocabulary's {vocab_size}")
+        return None
+    return ids
+
+
 # ----------------------------------------------------------------------------- corpus
 
 
@@ -418,9 +462,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         return _split(by_name[name].text(), cfg, name in holdout)
 
     tok_path = folder / "tokenizer.json"
-    if tok_path.exists():
-        tokenizer = Tokenizer.from_str(tok_path.read_text(encoding="utf-8"))
-    else:
+    tokenizer = _cached_tokenizer(tok_path)
+    if tokenizer is None:
         tokenizer = train_tokenizer([texts(n)[0] for n in train_names], cfg.vocab_size)
         _atomic_write(tok_path, lambda f: f.write(tokenizer.to_str().encode("utf-8")))
 
@@ -431,10 +474,11 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             if split == "train" and name in holdout:
                 continue
             path = folder / f"ids-{ids_key}.{split}.npy"
-            if not path.exists():
+            ids = _cached_ids(path, tokenizer.get_vocab_size())
+            if ids is None:
                 ids = _encode(tokenizer, texts(name)[i])
                 _atomic_write(path, lambda f, ids=ids: np.save(f, ids))
-            splits[split][name] = np.load(path)
+            splits[split][name] = ids
     digest = _sha([[[n, digests[n]] for n in names], sorted(holdout), settings])[:24]
     holdout_ = tuple(cfg.holdout_domains)
     return Corpus(names, tokenizer, splits["train"], splits["val"], holdout_, digest)

@@ -8,13 +8,14 @@ A run is ``RunConfig(model, data, train, parallel)``: TOML tables ``[model]`` (w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from moelab.config import _check_literals, apply_overrides, check_range, from_dict, load_toml
-from moelab.data import DataConfig
+from moelab.data import DataConfig, absolute_path
 from moelab.model import ModelConfig
 
 PRESETS = Path(__file__).parent / "presets"
@@ -177,7 +178,20 @@ def build_config(data: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
         for key in ("num_experts", "top_k", "d_expert"):
             moe.setdefault(key, getattr(_default_moe(), key))
         model["moe"] = moe
-    return from_dict(RunConfig, data)
+    return absolute_data(from_dict(RunConfig, data))
+
+
+def absolute_data(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its data sources and cache folder absolute (``moelab.data.absolute_path``):
+    the config.json of a run then reads the same text wherever eval or route run from."""
+    d = cfg.data
+    sources = tuple(absolute_path(s) for s in d.sources)
+    cache_dir = absolute_path(d.cache_dir)
+    if (sources, cache_dir) == (d.sources, d.cache_dir):
+        return cfg
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(d, sources=sources, cache_dir=cache_dir)
+    )
 
 
 def _default_moe():

@@ -154,6 +154,17 @@ def check_model_folder(out: str | Path, command: str, own: tuple[str, ...] = ())
     return out
 
 
+def check_world(ep: int, world_size: int) -> None:
+    """Refuse ``parallel.ep > 1`` in a single process: it would be recorded in the run's
+    config but ignored (expert parallelism needs ``torchrun`` with ep ranks or more)."""
+    if ep > 1 and world_size == 1:
+        raise ValueError(
+            f"parallel.ep={ep} needs {ep} or more processes under torchrun (this is a single "
+            f"process); run `torchrun --nproc-per-node {ep} -m moelab train ...` or set "
+            "parallel.ep=1"
+        )
+
+
 def run_files(out: Path) -> list[str]:
     """Names of the files in ``out`` that belong to a training run (empty: a free folder)."""
     if not out.is_dir():
@@ -276,6 +287,22 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if k in a and a.get(k) != b.get(k))
 
 
+def _absolute_paths(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with its data paths absolute, as new configs store them (a run saved
+    with relative paths read them relative to the working directory, as a resume does)."""
+    from moelab.data import absolute_path
+
+    data = saved.get("data")
+    if not isinstance(data, dict):
+        return saved
+    data = dict(data)
+    if isinstance(data.get("sources"), list):
+        data["sources"] = [absolute_path(s) if isinstance(s, str) else s for s in data["sources"]]
+    if isinstance(data.get("cache_dir"), str):
+        data["cache_dir"] = absolute_path(data["cache_dir"])
+    return {**saved, "data": data}
+
+
 def check_resume(
     out: Path,
     saved: dict[str, Any],
@@ -288,6 +315,7 @@ def check_resume(
     unknown = [k for k in allow if k not in _flat(current)]
     if unknown:
         raise ValueError(f"--allow-change {unknown[0]!r}: no such setting; e.g. train.lr")
+    saved = _absolute_paths(saved)
     a, b = _flat(saved), _flat(current)
     changed = [k for k in config_changes(saved, current) if k not in RESUMABLE and k not in allow]
     if not changed:

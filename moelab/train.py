@@ -150,6 +150,7 @@ def train(
     if max_steps is not None and (isinstance(max_steps, bool) or max_steps < 1):
         raise ValueError(f"--max-steps {max_steps!r} is out of range; allowed: an integer >= 1")
     world = make_world(cfg.parallel) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else LocalWorld()
+    runfolder.check_world(cfg.parallel.ep, world.world_size)
     if world.is_main:
         runfolder.check_writable(out)
     with runfolder.lock(out, enabled=world.is_main):
