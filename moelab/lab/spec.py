@@ -8,8 +8,11 @@ the verdict: all pass -> ``reproduced``; some pass -> ``partial``; none -> ``not
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,8 +210,11 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
     if not path.is_file():
         raise ValueError(f"no experiment {str(name_or_path)!r}; available: {experiment_names()}")
     d = load_toml(path)
-    checks = [Check(**c) for c in d.pop("checks", [])]
-    decisive = Decisive(**d.pop("decisive")) if "decisive" in d else None
+    raw_checks = d.pop("checks", [])
+    if not isinstance(raw_checks, list):
+        raise ValueError(f"{path.name}: checks must be [[checks]] tables, got {raw_checks!r}")
+    checks = [_table(Check, c, f"{path.name}: checks[{i}]") for i, c in enumerate(raw_checks)]
+    decisive = _table(Decisive, d.pop("decisive"), f"{path.name}: decisive") if "decisive" in d else None
     for c in checks:
         if c.op not in _OPS:
             raise ValueError(f"{path.name}: check op {c.op!r} not in {sorted(_OPS)}")
@@ -222,6 +228,12 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
     missing = [k for k in required if k not in d]
     if missing:
         raise ValueError(f"{path.name}: missing {missing} (an experiment needs {required})")
+    hints = typing.get_type_hints(Experiment)
+    for key, value in d.items():
+        if not _fits(hints[key], value):
+            raise ValueError(
+                f"{path.name}: {key}={value!r} is not allowed; expected {_name(hints[key])}"
+            )
     exp = Experiment(**d, checks=checks, decisive=decisive, options=opts, path=path)
     unknown = [v for v in exp.quick_variants if v not in exp.variants]
     if unknown:
@@ -233,6 +245,54 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
     if bad:
         raise ValueError(f"{path.name}: [nproc] needs variant = integer >= 1, got {bad}")
     return exp
+
+
+def _table(cls: type, data: Any, where: str) -> Any:
+    """``cls(**data)`` for a TOML table, every key checked: an unknown or missing key, or a
+    value of the wrong type, is one ``ValueError`` naming ``where`` and the key."""
+    fields = dataclasses.fields(cls)
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a table of settings, got {data!r}")
+    unknown = sorted(set(data) - {f.name for f in fields})
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; valid keys: {[f.name for f in fields]}")
+    required = [f.name for f in fields if f.default is f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{where}: missing {missing}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if not _fits(hints[key], value):
+            raise ValueError(f"{where}: {key}={value!r} is not allowed; expected {_name(hints[key])}")
+    return cls(**data)
+
+
+def _name(hint: Any) -> str:
+    """A type as a reader writes it: ``float``, ``str | float``, ``list[str]``."""
+    return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else str(hint)
+
+
+def _fits(hint: Any, value: Any) -> bool:
+    """Whether ``value`` (from TOML) has type ``hint``: scalars, unions, lists, dicts."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(a, value) for a in args)
+    if origin is Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(_fits(args[0], v) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(args[1], v) for v in value.values())
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
 
 
 def experiment_names() -> list[str]:
