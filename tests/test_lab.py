@@ -215,7 +215,7 @@ def test_pretrain_is_seed_major_and_threads_reach_every_run(monkeypatch):
 class _InlinePool:
     """ProcessPoolExecutor stand-in that runs each job at submit time, in order."""
 
-    def __init__(self, workers):
+    def __init__(self, workers, **kw):
         pass
 
     def __enter__(self):

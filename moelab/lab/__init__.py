@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from moelab.errors import RunError
 from moelab.lab.spec import VERDICTS, Experiment, decide, experiment_names, load_experiment
+from moelab.signals import Interrupted
 
 __all__ = ["add_lab_parser", "run_experiment", "decide", "VERDICTS"]
 
@@ -73,8 +81,16 @@ def run_experiment(
     for stem, fig in figs.items():
         plots.save(fig, out / f"{stem}.png")
         result["plots"].append(f"{stem}.png")
-    (out / "result.json").write_text(json.dumps(result, indent=1, default=float))
+    _write_json(out / "result.json", result)
     return result
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a temporary file, then ``os.replace``): a stop mid-write leaves
+    the previous file whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, path)
 
 
 def judge(exp: Experiment, measured, analysis, setup, too_short: str):
@@ -292,16 +308,88 @@ def pretrain(
                 cfg = exp.run_config(v, quick=quick, seed=seed, decisive=decisive)
                 nproc = exp.nproc(v)
                 todo.setdefault(runner.run_key(cfg, snaps, nproc), (cfg, snaps, nproc))
-    with ProcessPoolExecutor(workers) as pool:
-        futs = [
-            pool.submit(runner.train_cached, cfg, snapshots=s, nproc=n)
-            for cfg, s, n in todo.values()
-        ]
-        for f in futs:
+    stop = multiprocessing.get_context().Event()
+    with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(stop,)) as pool:
+        with _stop_pool_on_signals(pool, stop) as flag:
+            futs = [pool.submit(_pool_job, cfg, s, n) for cfg, s, n in todo.values()]
+            for f in futs:
+                try:
+                    f.result()
+                except Exception as exc:  # reported again when the experiment itself runs
+                    if flag.signum is None:
+                        print(f"[lab] pretrain failed: {exc}", flush=True)
+    if flag.signum is not None:
+        raise LabStopped(flag.signum)
+
+
+# ----------------------------------------------------------------------------- stopping
+
+_STOP = None  # in a pool worker: the Event the parent sets when the lab is told to stop
+
+
+class LabStopped(Interrupted):
+    """``lab run`` stopped on SIGINT / SIGTERM (exit status 130 / 143). Finished runs stay in
+    the cache; an unfinished one is moved aside and retrained by the next ``lab run``."""
+
+    def __init__(self, signum: int) -> None:
+        RunError.__init__(
+            self,
+            f"stopped by {signal.Signals(signum).name}; finished runs stay cached (an "
+            "unfinished one is retrained by the next `lab run`)",
+        )
+        self.signum = signum
+        self.exit_code = 130 if signum == signal.SIGINT else 143
+
+
+def _worker_init(stop) -> None:
+    """Pool worker start-up: remember the stop Event; ignore Ctrl-C while idle (a training
+    run installs its own handlers; the parent forwards the stop as SIGTERM)."""
+    global _STOP
+    _STOP = stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _pool_job(cfg, snapshots: int, nproc: int):
+    """One pretrain job in a worker; skipped once the lab is stopping."""
+    from moelab.lab import runner
+
+    if _STOP is not None and _STOP.is_set():
+        return None
+    return runner.train_cached(cfg, snapshots=snapshots, nproc=nproc)
+
+
+class _PoolStop:
+    signum: int | None = None
+
+
+@contextmanager
+def _stop_pool_on_signals(pool, stop) -> Iterator[_PoolStop]:
+    """While the body runs, SIGINT / SIGTERM set ``stop`` (no worker starts another run) and
+    send SIGTERM to every worker (a training run ends after its step); a second signal
+    kills the workers at once. The caller raises :class:`LabStopped` when the pool is done."""
+    flag = _PoolStop()
+
+    def handle(signum, frame) -> None:
+        first = flag.signum is None
+        flag.signum = flag.signum or signum
+        stop.set()
+        for pid in list((getattr(pool, "_processes", None) or {}).keys()):
             try:
-                f.result()
-            except Exception as exc:  # reported again when the experiment itself runs
-                print(f"[lab] pretrain failed: {exc}", flush=True)
+                os.kill(pid, signal.SIGTERM if first else signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not first:
+            raise LabStopped(flag.signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def rescore(exp: Experiment, path: Path) -> dict[str, Any]:
@@ -317,11 +405,33 @@ def rescore(exp: Experiment, path: Path) -> dict[str, Any]:
     too_short = size_shortfall(exp, setup, res.get("quick", False)) if setup else "no setup"
     verdict, checks = judge(exp, res["measured"], res["analysis"], setup, too_short)
     res |= {"verdict": verdict, "checks": checks, "too_short": too_short}
-    path.write_text(json.dumps(res, indent=1, default=float))
+    _write_json(path, res)
     return res
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """``lab run``; SIGINT / SIGTERM end it with one line (:class:`LabStopped`), the runs
+    finished so far cached and result.json as it was or complete (written atomically)."""
+
+    def on_term(signum, frame) -> None:  # outside a training run (which has its own)
+        raise LabStopped(signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if main else None
+    try:
+        return _cmd_run(args)
+    except LabStopped:
+        raise
+    except Interrupted as exc:  # a training run in this process stopped after its step
+        raise LabStopped(signal.SIGINT if exc.exit_code == 130 else signal.SIGTERM) from exc
+    except KeyboardInterrupt:
+        raise LabStopped(signal.SIGINT) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds={args.seeds}: allowed: an integer >= 1")
     if args.jobs < 1:
