@@ -309,7 +309,12 @@ class BalanceConfig:
         ):
             check_range(f"balance.{name}", getattr(self, name), lo=0)
         check_range("balance.num_devices", self.num_devices, lo=1)
-        check_range("balance.adaptive_max", self.adaptive_max, lo=self.adaptive_min)
+        check_range("balance.adaptive_max", self.adaptive_max, lo=0)
+        if self.adaptive_min > self.adaptive_max:
+            raise ValueError(
+                f"balance.adaptive_min={self.adaptive_min!r} exceeds balance.adaptive_max="
+                f"{self.adaptive_max!r}; allowed: adaptive_min <= adaptive_max"
+            )
         check_range("balance.quantile_ema", self.quantile_ema, lo=0, hi=1, hi_open=True)
         if self.bias_rule == "quantile" and self.bias_rate > 0:
             raise ValueError(
@@ -423,8 +428,8 @@ class MoEConfig:
         if r.num_groups > 1 and self.top_k > r.topk_groups * per_group:
             raise ValueError(
                 f"moe.top_k={self.top_k} exceeds the experts in router.topk_groups="
-                f"{r.topk_groups} groups of {per_group}; allowed: top_k <= "
-                f"{r.topk_groups * per_group}"
+                f"{r.topk_groups} of the router.num_groups={r.num_groups} groups of {per_group}; "
+                f"allowed: top_k <= {r.topk_groups * per_group}"
             )
         if self.top_k == 1 and r.normalize and r.method == "topk" and r.noise != "gumbel":
             warnings.warn(

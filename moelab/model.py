@@ -59,6 +59,8 @@ class ModelConfig:
             check_range(f"model.{name}", getattr(self, name), lo=1)
         for name in ("vocab_size", "d_ff", "first_dense"):
             check_range(f"model.{name}", getattr(self, name), lo=0)
+        check_range("model.init_std", self.init_std, lo=0)
+        check_range("model.rope_theta", self.rope_theta, lo=0, lo_open=True)
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}"

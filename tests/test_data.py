@@ -422,3 +422,26 @@ def test_synthetic_uniform_domain_is_iid_text_with_a_known_entropy(tmp_path) -> 
     assert set(corpus.decode(corpus.val["synthetic_uniform"])) <= set(
         data.SYNTHETIC_ALPHABET + "\n"
     )
+
+
+def test_a_damaged_cache_entry_is_rebuilt_with_a_note(tmp_path: Path, capsys) -> None:
+    """A torn tokenizer.json, a truncated ids file and an ids file of the wrong dtype are each
+    rebuilt with a note naming the file, giving the same token ids as the intact cache."""
+    (tmp_path / "notes.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    cfg = DataConfig(sources=(str(tmp_path / "notes.txt"),), vocab_size=300,
+                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    first = load_corpus(cfg)
+    folder = next((tmp_path / "cache" / "data").iterdir())
+    (folder / "tokenizer.json").write_text('{"torn')
+    train_ids, val_ids = sorted(folder.glob("ids-*.npy"))
+    train_ids.write_bytes(train_ids.read_bytes()[:100])
+    np.save(val_ids, np.arange(10, dtype=np.float32))
+    capsys.readouterr()
+    again = load_corpus(cfg)
+    err = capsys.readouterr().err
+    for path in (folder / "tokenizer.json", train_ids, val_ids):
+        assert f"data cache entry {str(path)!r} is damaged" in err and "rebuilding it" in err
+    assert all(np.array_equal(first.train[n], again.train[n]) for n in first.train)
+    assert all(np.array_equal(first.val[n], again.val[n]) for n in first.val)
+    load_corpus(cfg)
+    assert "damaged" not in capsys.readouterr().err

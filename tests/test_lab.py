@@ -470,3 +470,44 @@ def test_run_key_ignores_defaults_and_a_hit_checks_the_config(tmp_path):
     other["train"]["lr"] = 1.0  # e.g. a default that changed since the run was trained
     (out / "config.json").write_text(json.dumps(other))
     assert not runner.same_config(out, cfg)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_parallel_lab_run_and_its_workers(tmp_path):
+    """SIGTERM to `lab run --jobs 2`: no worker starts another run, the running ones stop
+    after their step; the lab exits 143 within seconds with one line, no worker left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    micro = Path(__file__).parent / "fixtures" / "micro.toml"
+    exp = tmp_path / "sig.toml"
+    exp.write_text(
+        f'number = "99"\ntitle = "t"\nclaim = "c"\nbase = "{micro}"\nanalysis = "balance"\n'
+        'common = ["train.steps=100000", "train.eval_every=0", "train.threads=1"]\n'
+        "[paper]\nx = 1\n[variants]\na = []\nb = ['model.moe.balance.aux_coef=0.01']\n"
+        "c = ['model.moe.balance.aux_coef=0.02']\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moelab", "lab", "run", str(exp), "--jobs", "2", "--pretrain-only"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    cache = tmp_path / "runs" / "lab" / "cache"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(cache.glob("*/metrics.jsonl"))) < 2:
+        time.sleep(0.5)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, err
+    assert time.monotonic() - t0 < 30
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "stopped by SIGTERM; finished runs stay cached" in lines[0], err
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", str(exp)], capture_output=True, text=True).stdout
+    assert not left.strip(), f"workers still running: {left}"  # zombies have no cmdline
+    assert len(list(cache.iterdir())) == 2  # the third run never started
