@@ -375,7 +375,9 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
 
 
 def _rebuild_note(path: Path, why: str) -> None:
-    print(f"moelab: data cache entry {str(path)!r} is damaged ({why}); rebuilding it", file=sys.stderr)
+    print(
+        f"moelab: data cache entry {str(path)!r} is damaged ({why}); rebuilding it", file=sys.stderr
+    )
 
 
 def _cached_tokenizer(path: Path) -> Tokenizer | None:

@@ -291,7 +291,9 @@ def load_traces(path: str | Path) -> dict:
 def _positive_int(trace: dict, key: str, where: str) -> int:
     value = trace.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"trace {where!r}: {key}={value!r} is not allowed; expected an integer >= 1")
+        raise ValueError(
+            f"trace {where!r}: {key}={value!r} is not allowed; expected an integer >= 1"
+        )
     return value
 
 
@@ -302,9 +304,7 @@ def _int_tensor(value: object, what: str, where: str, ndim: int) -> Tensor:
         kind = f"{type(value).__name__}" + (
             f" {value.dtype} of shape {tuple(value.shape)}" if isinstance(value, Tensor) else ""
         )
-        raise ValueError(
-            f"trace {where!r}: {what} is a {kind}; expected a {ndim}-D integer tensor"
-        )
+        raise ValueError(f"trace {where!r}: {what} is a {kind}; expected a {ndim}-D integer tensor")
     return value
 
 
@@ -338,7 +338,8 @@ def check_trace(trace: dict, where: str = "trace") -> None:
         tokens.add(t.shape[0])
         if t.shape[0] < 2 or t.shape[1] < 1:
             raise ValueError(
-                f"trace {where!r}: experts[{i}] has shape {tuple(t.shape)}; expected (T >= 2, K >= 1)"
+                f"trace {where!r}: experts[{i}] has shape {tuple(t.shape)}; expected "
+                "(T >= 2, K >= 1)"
             )
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= E):
             raise ValueError(

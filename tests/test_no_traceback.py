@@ -95,7 +95,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _cases(w: dict[str, Path]) -> list[tuple[list[str], int, str]]:

@@ -43,7 +43,9 @@ def check_device(name: str | None) -> None:
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"--device {name!r} is not a device; allowed: cpu, cuda, cuda:N, mps") from None
+        raise ValueError(
+            f"--device {name!r} is not a device; allowed: cpu, cuda, cuda:N, mps"
+        ) from None
     available = {"cpu": lambda: True, "cuda": torch.cuda.is_available}
     available["mps"] = torch.backends.mps.is_available
     if not available.get(dev.type, lambda: False)():
@@ -340,7 +342,9 @@ def check_profile_args(args: argparse.Namespace) -> None:
     from moelab.config import check_range
     from moelab.runfolder import check_output_folder
 
-    for flag in ("seq_len", "batch_size") + (("max_tokens",) if args.max_tokens is not None else ()):
+    for flag in ("seq_len", "batch_size") + (
+        ("max_tokens",) if args.max_tokens is not None else ()
+    ):
         if getattr(args, flag) < 1:
             name = "--" + flag.replace("_", "-")
             raise ValueError(f"{name} {getattr(args, flag)} is out of range; allowed: >= 1")

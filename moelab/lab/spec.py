@@ -214,7 +214,9 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
     if not isinstance(raw_checks, list):
         raise ValueError(f"{path.name}: checks must be [[checks]] tables, got {raw_checks!r}")
     checks = [_table(Check, c, f"{path.name}: checks[{i}]") for i, c in enumerate(raw_checks)]
-    decisive = _table(Decisive, d.pop("decisive"), f"{path.name}: decisive") if "decisive" in d else None
+    decisive = (
+        _table(Decisive, d.pop("decisive"), f"{path.name}: decisive") if "decisive" in d else None
+    )
     for c in checks:
         if c.op not in _OPS:
             raise ValueError(f"{path.name}: check op {c.op!r} not in {sorted(_OPS)}")
@@ -255,7 +257,9 @@ def _table(cls: type, data: Any, where: str) -> Any:
         raise ValueError(f"{where}: expected a table of settings, got {data!r}")
     unknown = sorted(set(data) - {f.name for f in fields})
     if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r}; valid keys: {[f.name for f in fields]}")
+        raise ValueError(
+            f"{where}: unknown key {unknown[0]!r}; valid keys: {[f.name for f in fields]}"
+        )
     required = [f.name for f in fields if f.default is f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in data]
     if missing:
@@ -263,7 +267,9 @@ def _table(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     for key, value in data.items():
         if not _fits(hints[key], value):
-            raise ValueError(f"{where}: {key}={value!r} is not allowed; expected {_name(hints[key])}")
+            raise ValueError(
+                f"{where}: {key}={value!r} is not allowed; expected {_name(hints[key])}"
+            )
     return cls(**data)
 
 
