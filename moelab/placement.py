@@ -298,7 +298,13 @@ def _positive_int(trace: dict, key: str, where: str) -> int:
 
 
 def _int_tensor(value: object, what: str, where: str, ndim: int) -> Tensor:
-    """``value`` as an integer tensor of ``ndim`` dimensions, else a ValueError naming it."""
+    """``value`` (a tensor or nested lists) as an integer tensor of ``ndim`` dimensions, else
+    a ValueError naming it."""
+    if isinstance(value, (list, tuple)):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass  # refused below as a list
     bad = not isinstance(value, Tensor) or value.dtype.is_floating_point or value.is_complex()
     if bad or value.dtype == torch.bool or value.dim() != ndim:
         kind = f"{type(value).__name__}" + (
@@ -446,6 +452,8 @@ def _check_args(args: argparse.Namespace) -> tuple[int, ...]:
         raise ValueError(f"--bytes-per-elt {args.bytes_per_elt} is out of range; allowed: >= 1")
     if args.from_run and Path(args.trace).exists():  # re-tracing replaces only a trace
         load_traces(args.trace)
+    if not args.from_run and not Path(args.trace).is_file():
+        load_traces(args.trace)  # the missing input is named before the output is checked
     check_output_folder(args.out, "simulate-ep", SIMULATE_EP_FILES, keep=(args.trace,))
     return sizes
 
