@@ -79,6 +79,7 @@ def check_output_folder(
     own: tuple[str, ...],
     *,
     keep: tuple[str | Path, ...] = (),
+    create: bool = True,
 ) -> Path:
     """Before any work: make sure ``moelab COMMAND --out OUT`` may write ``out``.
 
@@ -86,7 +87,8 @@ def check_output_folder(
     itself writes (``own``: glob patterns of its file names; dot-files and the paths in
     ``keep`` are ignored): a run folder, a model folder or any other foreign folder is
     refused with one ``ValueError`` naming the first foreign file, so its files are never
-    overwritten. A folder holding an earlier output of the same command is reused."""
+    overwritten. A folder holding an earlier output of the same command is reused.
+    ``create=False`` checks an existing folder's files only (nothing is created)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file, not a folder; choose another --out")
@@ -106,6 +108,8 @@ def check_output_folder(
             f"--out {str(out)!r} holds {what} ({', '.join(foreign[:3])}) that `moelab "
             f"{command}` would overwrite or mix with; choose an empty or new --out"
         )
+    if not create:
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"

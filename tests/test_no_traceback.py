@@ -124,6 +124,7 @@ def _cases(w: dict[str, Path]) -> list[tuple[list[str], int, str]]:
         (["lab", "run", str(root / "check_missing_rhs.toml"), "--cached-only", "--out",
           str(root / "lab")], 2, "checks[0]: missing ['rhs']"),
         (["lab", "run", str(root / "check_typo.toml"), "--cached-only"], 2, "unknown key 'factr'"),
+        (["lab", "run", "collapse", "--cached-only", "--out", run], 2, "holds a training run"),
         (["lab", "run", str(root / "check_factor_str.toml"), "--cached-only"], 2,
          "factor='x' is not allowed"),
     ]  # fmt: skip

@@ -23,6 +23,7 @@ from typing import Any
 
 from moelab.errors import RunError
 from moelab.lab.spec import VERDICTS, Experiment, decide, experiment_names, load_experiment
+from moelab.runfolder import check_output_folder
 from moelab.signals import Interrupted
 
 __all__ = ["add_lab_parser", "run_experiment", "decide", "VERDICTS"]
@@ -451,6 +452,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.out and len(exps) > 1:
         raise ValueError("--out needs a single experiment name")
     jobs = [(e, _variants(e, args.variants, args.quick)) for e in exps]
+    for exp in exps:  # a result folder holds result.json and plots only: refuse another one
+        out = Path(args.out or default_out(exp, args.quick, args.decisive))
+        check_output_folder(out, "lab run", ("result.json", "*.png"), create=False)
     if args.jobs > 1 or args.pretrain_only:
         pretrain(
             jobs, quick=args.quick, seeds=args.seeds, workers=args.jobs, decisive=args.decisive
