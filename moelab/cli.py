@@ -1,7 +1,9 @@
 """The ``moelab`` command line: train, eval, route, demo, and the lab / HF / EP tools.
 
 Every command has ``--help``. Bad input ends with one line ``moelab CMD: error: ...`` and
-exit status 2, never a traceback.
+exit status 2, never a traceback; an unexpected exception (a bug) with one line
+``moelab CMD: internal error: ...`` and exit status 1. ``--debug`` (anywhere on the command
+line) prints the traceback as well.
 """
 
 from __future__ import annotations
