@@ -262,8 +262,8 @@ class MoELM(nn.Module):
         parallelism a rank holds E/ep experts per layer; the counts are the whole model's."""
         total = active = sum(p.numel() for p in self.parameters())
         for layer in self.moe_layers:
-            local = layer.experts.w13_ED2F.shape[0]  # experts on this rank
-            per_expert = layer.experts.w13_ED2F[0].numel() + layer.experts.w2_EFD[0].numel()
+            local = layer.experts.num_experts  # experts on this rank
+            per_expert = layer.experts.params_per_expert
             total += per_expert * (layer.cfg.num_experts - local)
             active -= per_expert * (local - layer.cfg.top_k)
         return {"total": total, "active": active}

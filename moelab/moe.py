@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab import balance as bal
@@ -29,19 +28,7 @@ from moelab.balancer import BalanceInputs, Balancer
 from moelab.config import MoEConfig
 from moelab.experts import Experts, SharedExperts
 from moelab.router import Router
-from moelab.routing import Routing
-
-
-class NonFiniteRouterError(ValueError):
-    """The router logits of MoE layer ``layer`` contain NaN or inf (its input or its weights)."""
-
-    def __init__(self, layer: int | None) -> None:
-        self.layer = layer
-        where = "an MoE layer" if layer is None else f"MoE layer {layer}"
-        super().__init__(
-            f"non-finite router logits (NaN or inf) in {where}; allowed: finite values "
-            "(check the layer input, router.init_std and the learning rate)"
-        )
+from moelab.routing import NonFiniteRouterError, Routing
 
 
 @dataclass
@@ -174,7 +161,7 @@ class MoELayer(nn.Module):
         return shared_TD
 
     def _route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
-        """The router's decision; NonFiniteRouterError (naming this layer) on NaN/inf logits."""
+        """The router's decision; NonFiniteRouterError naming this layer on NaN/inf logits."""
         try:
             return self.router(
                 x_TD,
@@ -182,13 +169,7 @@ class MoELayer(nn.Module):
                 step=int(self.balancer.progress),
                 token_ids=token_ids_T,
             )
-        except ValueError as exc:
-            # route() refuses non-finite logits; find out whether that was the cause.
-            with torch.no_grad():
-                clean_TE = F.linear(x_TD.float(), self.router.weight)
-                tensors = (x_TD, clean_TE, *self.router.parameters())
-                if all(bool(torch.isfinite(t).all()) for t in tensors):
-                    raise
+        except NonFiniteRouterError as exc:
             raise NonFiniteRouterError(self.layer_index) from exc
 
     def _capacity(self, num_tokens: int) -> int:

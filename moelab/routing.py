@@ -32,7 +32,14 @@ assert set(SCORES) == set(SCORE_FNS), "every ScoreFn needs a formula in SCORE_FN
 
 @dataclass(frozen=True)
 class Routing:
-    """The result of routing T tokens over E experts (see docs/DESIGN.md)."""
+    """The result of routing T tokens over E experts (see docs/DESIGN.md).
+
+    One shape for every method: K slots per token, (T, K), plus ``mask``. Token-choice top-k
+    (plain, noisy, Gumbel, Sinkhorn, hash, random) fills K = top_k slots and leaves ``mask``
+    None (every slot used). Methods in which a token takes a variable number of experts
+    (expert choice, top-p, ReLU) fill K = E slots and mark the used ones in ``mask``; soft
+    warm-up uses all E (``mask`` None). ``slots`` is K either way, never the configured top_k.
+    """
 
     logits: Tensor  # (T, E) fp32 logits used for selection (after noise), for z-loss
     scores: Tensor  # (T, E) after the score fn (SCORE_FNS), before any bias; has grad
@@ -48,9 +55,23 @@ class Routing:
         return self.scores.shape[-1]
 
     @property
-    def top_k(self) -> int:
-        """K, the number of slots per token (E for expert choice and soft warm-up)."""
+    def slots(self) -> int:
+        """K, the slots per token: top_k for token choice, E for variable-count methods."""
         return self.experts.shape[-1]
+
+
+class NonFiniteRouterError(ValueError):
+    """Router logits with NaN or inf; ``layer`` names the MoE layer once the layer knows it."""
+
+    def __init__(self, layer: int | None = None) -> None:
+        self.layer = layer
+        self.what = "router logits contain NaN or inf" + (
+            "" if layer is None else f" in MoE layer {layer}"
+        )
+        super().__init__(
+            f"{self.what}; allowed: finite values (check the router input, router.init_std "
+            "and the learning rate)"
+        )
 
 
 def anneal(step: int, steps: int) -> float:
@@ -77,10 +98,7 @@ def check_inputs(logits_TE: Tensor, k: int, score: str, bias_E: Tensor | None) -
     if bias_E is not None and tuple(bias_E.shape) != (E,):
         raise ValueError(f"bias has shape {tuple(bias_E.shape)}; allowed: shape (num_experts={E},)")
     if not torch.isfinite(logits_TE).all():  # one reduction; a host sync, as any check is
-        raise ValueError(
-            "router logits contain NaN or inf; allowed: finite values (check the router input, "
-            "its init_std and the learning rate)"
-        )
+        raise NonFiniteRouterError()
 
 
 def check_groups(E: int, k: int, num_groups: int, topk_groups: int) -> None:
