@@ -104,6 +104,10 @@ class RouterConfig:
     gate_bias: a learned bias b (E,) on the gate, logits = x·Wᵀ + b (GPT-OSS; with
         ``topk_before_softmax`` it is GPT-OSS's router: top-k of the logits, softmax over k).
         It takes part in selection *and* gradients, unlike the loss-free selection bias.
+    input_norm: ``rms`` normalises the router input before the gate, x·rsqrt(mean(x²) + 1e-6)
+        · s · D^-½ with a learned scale s (D,), ones at init (Gemma-4's router); ``none``.
+    expert_scale: a learned per-expert scale (E,), ones at init, multiplies each chosen
+        expert's gate weight after any renormalisation (Gemma-4's ``per_expert_scale``).
     score: score function applied to the logits, ``softmax``, ``sigmoid`` (DeepSeek-V3) or
         ``sqrtsoftplus`` = sqrt(softplus(logit)) (DeepSeek-V4; Megatron-Core
         ``moe_router_score_function``); non-softmax scores are renormalised over the chosen k.
@@ -155,6 +159,8 @@ class RouterConfig:
     top_p: float = 0.5
     logit_softcap: float = 0.0
     gate_bias: bool = False
+    input_norm: Literal["none", "rms"] = "none"
+    expert_scale: bool = False
 
     def __post_init__(self) -> None:
         _check_literals(self)

@@ -254,3 +254,34 @@ def test_router_options_are_off_by_default_and_validated():
     assert RouterConfig().logit_softcap == 0.0
     with pytest.raises(ValueError, match="router.logit_softcap"):
         RouterConfig(logit_softcap=-1.0)
+
+
+def test_rms_input_norm_and_expert_scale_are_the_gemma4_router():
+    """router.input_norm="rms" + expert_scale on the same weights and inputs gives transformers'
+    Gemma4TextRouter: RMS-normalised input × learned scale × D^-½, softmax, top-k renormalised,
+    × the learned per-expert scale of each chosen expert."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRouter
+
+    hf_cfg = transformers.Gemma4TextConfig(
+        hidden_size=D, num_experts=E, top_k_experts=K, enable_moe_block=True,
+        moe_intermediate_size=8,
+    )  # fmt: skip
+    theirs = Gemma4TextRouter(hf_cfg)
+    ours = _router(train=False, input_norm="rms", expert_scale=True)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        theirs.proj.weight.copy_(torch.randn(E, D, generator=g))
+        theirs.scale.copy_(1 + 0.3 * torch.randn(D, generator=g))
+        theirs.per_expert_scale.copy_(1 + 0.3 * torch.randn(E, generator=g))
+        ours.weight.copy_(theirs.proj.weight)
+        ours.input_scale.copy_(theirs.scale)
+        ours.expert_scale.copy_(theirs.per_expert_scale)
+    x = _x() * 7.0  # the norm removes the input's scale
+    probs, weights, experts = theirs(x)
+    r = ours(x)
+    torch.testing.assert_close(r.scores, probs, rtol=1e-6, atol=1e-6)
+    assert torch.equal(r.experts, experts)
+    torch.testing.assert_close(r.weights, weights, rtol=1e-6, atol=1e-6)
+    r.weights.sum().backward()  # both scales learn
+    assert ours.input_scale.grad.abs().sum() > 0 and ours.expert_scale.grad.abs().sum() > 0
