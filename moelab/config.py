@@ -108,6 +108,9 @@ class RouterConfig:
         · s · D^-½ with a learned scale s (D,), ones at init (Gemma-4's router); ``none``.
     expert_scale: a learned per-expert scale (E,), ones at init, multiplies each chosen
         expert's gate weight after any renormalisation (Gemma-4's ``per_expert_scale``).
+    hash_gate: gate weights of ``method="hash"``: ``uniform`` 1/k (Roller et al. 2021) or
+        ``scores``, the learned scores of the hashed experts (renormalised over the k if
+        ``normalize``), so the gate still learns while the selection is fixed (DeepSeek-V4).
     score: score function applied to the logits, ``softmax``, ``sigmoid`` (DeepSeek-V3) or
         ``sqrtsoftplus`` = sqrt(softplus(logit)) (DeepSeek-V4; Megatron-Core
         ``moe_router_score_function``); non-softmax scores are renormalised over the chosen k.
@@ -161,6 +164,7 @@ class RouterConfig:
     gate_bias: bool = False
     input_norm: Literal["none", "rms"] = "none"
     expert_scale: bool = False
+    hash_gate: Literal["uniform", "scores"] = "uniform"
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -367,6 +371,9 @@ class MoEConfig:
     expert_init: ``normal`` (same std for every expert) or ``diverse`` (std varies per expert
         in [0.5, 1.5]× to break symmetry, seed 001).
     init_std: std of the expert input projections; output projections use init_std/sqrt(2).
+    hash_layers: the first N MoE layers route by a fixed hash of the token id, their gate
+        weights the learned scores of the hashed experts (DeepSeek-V4 §2.1's hash layers;
+        :meth:`hash_layer` is their config); the other layers route as ``router`` says.
     """
 
     _prefix = "moe"
@@ -383,10 +390,12 @@ class MoEConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    hash_layers: int = 0
 
     def __post_init__(self) -> None:
         _check_literals(self)
         check_range("moe.d_model", self.d_model, lo=1)
+        check_range("moe.hash_layers", self.hash_layers, lo=0)
         check_range("moe.num_experts", self.num_experts, lo=1)
         check_range("moe.d_expert", self.d_expert, lo=1)
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
@@ -450,6 +459,18 @@ class MoEConfig:
                 f"balance.bias_rule='quantile' needs moe.top_k < moe.num_experts (a (k+1)-th "
                 f"choice per token); got top_k={self.top_k}, num_experts={self.num_experts}"
             )
+
+    def hash_layer(self) -> MoEConfig:
+        """The config of one of the first ``hash_layers`` MoE layers: ``router.method="hash"``
+        with ``hash_gate="scores"``; the selection-only router options (noise, masking, soft
+        warm-up, groups) and the loss-free bias, which a fixed selection ignores, are off."""
+        r = dataclasses.replace(
+            self.router, method="hash", hash_gate="scores", noise="none",
+            straight_through=False, soft_warmup_steps=0, expert_mask_prob=0.0, num_groups=1,
+            topk_groups=1,
+        )  # fmt: skip
+        b = dataclasses.replace(self.balance, bias_rate=0.0, bias_rule="sign", load_coef=0.0)
+        return dataclasses.replace(self, router=r, balance=b, hash_layers=0)
 
     @property
     def shared_hidden(self) -> int:

@@ -272,7 +272,8 @@ class Router(nn.Module):
         )
 
     def _fixed(self, logits_TE: Tensor, token_ids: Tensor | None) -> Routing:
-        """hash / random / uniform: experts independent of the logits, weights 1/k."""
+        """hash / random / uniform: experts independent of the logits, weights 1/k (or, for
+        hash with ``hash_gate="scores"``, the scores of the hashed experts)."""
         T, E, k, method = logits_TE.shape[0], self.num_experts, self.top_k, self.cfg.method
         check_inputs(logits_TE, k, self.cfg.score, None)
         if method == "hash":
@@ -288,4 +289,12 @@ class Router(nn.Module):
             experts_TK = random_experts(T, k, E, logits_TE.device)
         else:
             experts_TK = uniform_experts(T, k, E, logits_TE.device)
+        if method == "hash" and self.cfg.hash_gate == "scores":  # DeepSeek-V4's hash layers
+            scores_TE = score_fn(logits_TE, self.cfg.score)
+            c = self.cfg
+            weights_TK = gate_weights(
+                logits_TE, scores_TE, experts_TK, normalize=c.normalize,
+                topk_before_softmax=c.topk_before_softmax,
+            )  # fmt: skip
+            return Routing(logits_TE, scores_TE, weights_TK, experts_TK)
         return fixed_routing(logits_TE, experts_TK, score=self.cfg.score)

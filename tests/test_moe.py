@@ -443,3 +443,27 @@ def test_route_is_the_layers_selection():
     x = tokens(9)
     r = rt.route(torch.nn.functional.linear(x, layer.router.weight), K)
     assert torch.equal(layer(x).experts, r.experts)
+
+
+def test_hash_layers_route_the_first_moe_layers_by_token_id():
+    """model.moe.hash_layers = 2: the first two MoE layers choose experts by the token id alone
+    (DeepSeek-V4), weights from their learned scores and no loss-free bias; the later layers
+    route by top-k with the bias. The same token in two contexts goes to the same experts."""
+    import dataclasses
+
+    from moelab.config import BalanceConfig
+    from moelab.model import ModelConfig, MoELM
+
+    moe = MoEConfig(d_model=32, num_experts=8, top_k=2, d_expert=16, hash_layers=2,
+                    balance=BalanceConfig(bias_rate=1e-3))  # fmt: skip
+    cfg = ModelConfig(d_model=32, n_layers=3, n_heads=2, max_seq_len=16, vocab_size=40, moe=moe)
+    model = MoELM(cfg).train()
+    kinds = [(layer.cfg.router.method, layer.balancer.bias_on) for layer in model.moe_layers]
+    assert kinds == [("hash", False), ("hash", False), ("topk", True)]
+    a = torch.tensor([[5, 7, 9, 11]])
+    b = torch.tensor([[3, 2, 1, 11]])  # token 11 after another context
+    out_a, out_b = model(a, a).moe, model(b, b).moe
+    for i in range(2):
+        assert torch.equal(out_a[i].experts[-1], out_b[i].experts[-1])
+    with pytest.raises(ValueError, match="moe.hash_layers"):
+        dataclasses.replace(moe, hash_layers=-1)

@@ -285,3 +285,35 @@ def test_rms_input_norm_and_expert_scale_are_the_gemma4_router():
     torch.testing.assert_close(r.weights, weights, rtol=1e-6, atol=1e-6)
     r.weights.sum().backward()  # both scales learn
     assert ours.input_scale.grad.abs().sum() > 0 and ours.expert_scale.grad.abs().sum() > 0
+
+
+def test_hash_gate_scores_is_the_deepseek_v4_hash_router():
+    """router.method="hash" with hash_gate="scores" gives transformers' DeepseekV4HashRouter
+    (routed_scaling_factor 1) whose frozen tid2eid table is moelab's hash of every token id:
+    the same experts, gate weights the renormalised sqrtsoftplus scores of those experts."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HashRouter
+
+    from moelab.routing import hash_experts
+
+    V = 50
+    hf_cfg = transformers.DeepseekV4Config(
+        hidden_size=D, n_routed_experts=E, num_experts_per_tok=K, vocab_size=V,
+        scoring_func="sqrtsoftplus", routed_scaling_factor=1.0,
+    )  # fmt: skip
+    theirs = DeepseekV4HashRouter(hf_cfg)
+    ours = _router(train=True, method="hash", hash_gate="scores", score="sqrtsoftplus")
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(E, D, generator=g))
+        theirs.tid2eid.copy_(hash_experts(torch.arange(V), K, E))
+        ours.weight.copy_(theirs.weight)
+    x, ids = _x(), torch.randint(0, V, (T,), generator=g)
+    _, weights, experts = theirs(x, ids)
+    r = ours(x, token_ids=ids)
+    assert torch.equal(r.experts, experts)
+    torch.testing.assert_close(r.weights, weights, rtol=1e-6, atol=1e-6)
+    r.weights.pow(2).sum().backward()  # the gate learns although the selection is fixed
+    assert ours.weight.grad.abs().sum() > 0
+    uniform = _router(train=True, method="hash", score="sqrtsoftplus")(x, token_ids=ids)
+    assert torch.equal(uniform.experts, experts) and (uniform.weights == 1 / K).all()
