@@ -371,6 +371,11 @@ class MoEConfig:
     expert_init: ``normal`` (same std for every expert) or ``diverse`` (std varies per expert
         in [0.5, 1.5]× to break symmetry, seed 001).
     init_std: std of the expert input projections; output projections use init_std/sqrt(2).
+    null_experts: Z zero-computation experts beside the E real ones (MoE++, Jin et al. ICLR
+        2025; LongCat-Flash 2025): the router scores E + Z experts and a slot that picks a null
+        expert returns its gate weight × the input (an identity expert), so a token may use
+        fewer than top_k real experts. Balance terms, counts, capacity and the loss-free bias
+        cover the E real experts only; ``experts_per_token`` logs the real experts a token.
     hash_layers: the first N MoE layers route by a fixed hash of the token id, their gate
         weights the learned scores of the hashed experts (DeepSeek-V4 §2.1's hash layers;
         :meth:`hash_layer` is their config); the other layers route as ``router`` says.
@@ -391,11 +396,15 @@ class MoEConfig:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     hash_layers: int = 0
+    null_experts: int = 0
 
     def __post_init__(self) -> None:
         _check_literals(self)
         check_range("moe.d_model", self.d_model, lo=1)
         check_range("moe.hash_layers", self.hash_layers, lo=0)
+        check_range("moe.null_experts", self.null_experts, lo=0)
+        if self.null_experts:
+            self._check_null_experts()
         check_range("moe.num_experts", self.num_experts, lo=1)
         check_range("moe.d_expert", self.d_expert, lo=1)
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
@@ -459,6 +468,22 @@ class MoEConfig:
                 f"balance.bias_rule='quantile' needs moe.top_k < moe.num_experts (a (k+1)-th "
                 f"choice per token); got top_k={self.top_k}, num_experts={self.num_experts}"
             )
+
+    def _check_null_experts(self) -> None:
+        """Null experts need token-choice top-k scoring E + Z experts per token."""
+        r, b = self.router, self.balance
+        bad = [
+            (r.method != "topk", f"router.method={r.method!r}", "router.method='topk'"),
+            (r.noise == "learned", "router.noise='learned'", "another router.noise"),
+            (b.bias_rule == "quantile", "balance.bias_rule='quantile'", "another bias_rule"),
+            (self.hash_layers > 0, f"moe.hash_layers={self.hash_layers}", "hash_layers=0"),
+        ]
+        for hit, got, allowed in bad:
+            if hit:
+                raise ValueError(
+                    f"moe.null_experts={self.null_experts} does not work with {got}; "
+                    f"allowed: {allowed} or null_experts=0"
+                )
 
     def hash_layer(self) -> MoEConfig:
         """The config of one of the first ``hash_layers`` MoE layers: ``router.method="hash"``

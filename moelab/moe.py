@@ -17,9 +17,11 @@ is the balancer's, saved in checkpoints under the layer's own keys (``bias``, ``
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab import balance as bal
@@ -71,7 +73,7 @@ class MoELayer(nn.Module):
         self.balancer = Balancer(
             cfg.balance, num_experts=E, top_k=cfg.top_k, score=cfg.router.score
         )
-        self.router = Router(cfg.router, cfg.d_model, E, cfg.top_k)
+        self.router = Router(cfg.router, cfg.d_model, E + cfg.null_experts, cfg.top_k)
         self.experts = Experts(
             E,
             cfg.d_model,
@@ -109,6 +111,7 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, D)
         mask_T = None if mask is None else mask.reshape(-1).to(torch.bool)
         routing = self._route(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        routing, null_w_T = _real_experts(routing, self.cfg.num_experts)
         slot_mask_TK = _slot_mask(routing, mask_T)
         counts_E = dispatch.routed_counts(routing.experts, slot_mask_TK, self.cfg.num_experts)
         prices_E = self.balancer.price_estimate(routing.scores, mask_T) if self.training else None
@@ -130,6 +133,9 @@ class MoELayer(nn.Module):
         plan = self._plan(routing, slot_mask_TK, cap, counts_E)
         done = self.dispatcher.combine(x_TD, plan, self.experts, load)
         y_TD = done.output_TD
+        if null_w_T is not None:  # identity experts: gate weight × the input
+            w_T = null_w_T if mask_T is None else null_w_T * mask_T
+            y_TD = y_TD + w_T.unsqueeze(1).to(y_TD.dtype) * x_TD
         if self.shared is not None:
             y_TD = y_TD + self._shared(x_TD, mask_T)
         if self.training:
@@ -162,10 +168,13 @@ class MoELayer(nn.Module):
 
     def _route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
         """The router's decision; NonFiniteRouterError naming this layer on NaN/inf logits."""
+        bias_E = self.balancer.selection_bias()
+        if bias_E is not None and self.cfg.null_experts:  # null experts carry no bias
+            bias_E = F.pad(bias_E, (0, self.cfg.null_experts))
         try:
             return self.router(
                 x_TD,
-                bias=self.balancer.selection_bias(),
+                bias=bias_E,
                 step=int(self.balancer.progress),
                 token_ids=token_ids_T,
             )
@@ -255,6 +264,26 @@ def _check_inputs(
             raise ValueError(
                 f"MoELayer {name} has shape {tuple(t.shape)}; allowed: x's leading shape {lead}"
             )
+
+
+def _real_experts(routing: Routing, E: int) -> tuple[Routing, Tensor | None]:
+    """Split off the null experts (ids >= E) of a routing over E + Z experts.
+
+    Returns the real-expert view, scores (T, E), null slots masked out (their id set to 0),
+    and the total gate weight (T,) of each token's null slots (None when the router scores
+    only E experts). Everything after routing (balance, dispatch, metrics) sees the view.
+    """
+    if routing.scores.shape[1] == E:
+        return routing, None
+    null_TK = routing.experts >= E
+    real_TK = ~null_TK if routing.mask is None else routing.mask & ~null_TK
+    view = dataclasses.replace(
+        routing,
+        scores=routing.scores[:, :E],
+        experts=routing.experts.masked_fill(null_TK, 0),
+        mask=real_TK,
+    )
+    return view, (routing.weights * null_TK).sum(-1)
 
 
 def _slot_mask(routing: Routing, mask_T: Tensor | None) -> Tensor | None:

@@ -136,6 +136,7 @@ REFUSALS = {
     "rms-router": (lambda: tiny_cfg(input_norm="rms"), "router.input_norm='rms'"),
     "expert-scale": (lambda: tiny_cfg(expert_scale=True), "router.expert_scale=True"),
     "hash-layers": (lambda: _with_moe(tiny_cfg(), hash_layers=1), "moe.hash_layers=1"),
+    "null-experts": (lambda: _with_moe(tiny_cfg(), null_experts=2), "moe.null_experts=2"),
 }
 
 

@@ -451,7 +451,6 @@ def test_hash_layers_route_the_first_moe_layers_by_token_id():
     route by top-k with the bias. The same token in two contexts goes to the same experts."""
     import dataclasses
 
-    from moelab.config import BalanceConfig
     from moelab.model import ModelConfig, MoELM
 
     moe = MoEConfig(d_model=32, num_experts=8, top_k=2, d_expert=16, hash_layers=2,
@@ -467,3 +466,45 @@ def test_hash_layers_route_the_first_moe_layers_by_token_id():
         assert torch.equal(out_a[i].experts[-1], out_b[i].experts[-1])
     with pytest.raises(ValueError, match="moe.hash_layers"):
         dataclasses.replace(moe, hash_layers=-1)
+
+
+def test_null_experts_are_longcat_flash_identity_experts():
+    """moe.null_experts = Z on the same weights and inputs gives transformers' LongcatFlashMoE
+    (zero_expert_num = Z, routed_scaling_factor 1): softmax over E + Z, top-k, a null slot
+    returns its gate weight × the input. Counts and balance see the E real experts only, and
+    experts_per_token is the real experts a token uses."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashMoE
+
+    D, E, Z, K, F = 16, 6, 3, 2, 8
+    hf_cfg = transformers.LongcatFlashConfig(
+        hidden_size=D, n_routed_experts=E, zero_expert_num=Z, num_experts_per_tok=K,
+        expert_ffn_hidden_size=F, routed_scaling_factor=1.0,
+    )  # fmt: skip
+    theirs = LongcatFlashMoE(hf_cfg).eval()
+    cfg = MoEConfig(d_model=D, num_experts=E, top_k=K, d_expert=F, null_experts=Z,
+                    router=RouterConfig(normalize=False),
+                    balance=BalanceConfig(aux_coef=0.01, bias_rate=1e-3))  # fmt: skip
+    ours = moelab.MoELayer(cfg).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        theirs.router.classifier.weight.copy_(torch.randn(E + Z, D, generator=g))
+        theirs.experts.gate_up_proj.normal_(0, 0.3, generator=g)
+        theirs.experts.down_proj.normal_(0, 0.3, generator=g)
+        ours.router.weight.copy_(theirs.router.classifier.weight)
+        ours.experts.w13_ED2F.copy_(theirs.experts.gate_up_proj[:E].transpose(1, 2))
+        ours.experts.w2_EFD.copy_(theirs.experts.down_proj.transpose(1, 2))
+    x = torch.randn(2, 12, D, generator=g)
+    out = ours(x)
+    torch.testing.assert_close(out.output, theirs(x), rtol=1e-5, atol=1e-6)
+    _, _, chosen = theirs.router(x)
+    real = (chosen < E).sum(-1)  # real experts per token in transformers' routing
+    assert real.min() < K, "the check needs tokens that chose a null expert"
+    assert int(out.counts.sum()) == int(real.sum()) and out.counts.shape == (E,)
+    assert abs(float(out.stats["experts_per_token"]) - real.float().mean().item()) < 1e-6
+    ours.train()
+    train_out = ours(x)  # the balance terms and the bias cover the real experts
+    assert set(train_out.losses) == {"aux"} and ours.bias.shape == (E,)
+    with pytest.raises(ValueError, match="moe.null_experts=2 does not work with router.method"):
+        MoEConfig(d_model=D, num_experts=E, top_k=K, d_expert=F, null_experts=2,
+                  router=RouterConfig(method="expert_choice"))  # fmt: skip

@@ -75,6 +75,8 @@ def export_problems(model: MoELM) -> list[str]:
     ):
         if value != off:
             problems.append(f"router.{name}={value!r}; Mixtral's router is a plain linear gate")
+    if m.null_experts:
+        problems.append(f"moe.null_experts={m.null_experts}; Mixtral has no null experts")
     if m.hash_layers:
         problems.append(f"moe.hash_layers={m.hash_layers}; Mixtral has no hash-routed layers")
     if r.num_groups > 1 and r.topk_groups < r.num_groups:
