@@ -234,18 +234,27 @@ class Balancer(nn.Module):
     """
 
     def __init__(
-        self, cfg: BalanceConfig, *, num_experts: int, top_k: int, score: ScoreFn = "softmax"
+        self,
+        cfg: BalanceConfig,
+        *,
+        num_experts: int,
+        top_k: int,
+        score: ScoreFn = "softmax",
+        threshold_ema: float | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.num_experts, self.top_k, self.score = cfg, num_experts, top_k, score
+        self.threshold_ema = threshold_ema  # not None: expert-threshold routing's τ = −bias
         self.terms = active_terms(cfg)
         self.register_buffer("bias", torch.zeros(num_experts))
         self.register_buffer("step_counts", torch.zeros(num_experts, dtype=torch.int64))
         self.register_buffer("progress", torch.zeros((), dtype=torch.int64))
         self.register_buffer("aux_coef", torch.tensor(cfg.aux_coef, dtype=torch.float32))
-        if self.quantile:  # only then, so the other configs keep their checkpoint keys
+        if self.quantile or self.thresholds:  # only then: the others keep their state keys
             self.register_buffer("price_sum", torch.zeros(num_experts))
             self.register_buffer("price_count", torch.zeros((), dtype=torch.int64))
+        if self.thresholds:  # 0 until the first estimate: route by top-k till then
+            self.register_buffer("threshold_ready", torch.zeros((), dtype=torch.int64))
         if self.relu_l1:  # ReMoE's live λ and the step's tokens (its sparsity)
             self.register_buffer("l1_coef", torch.tensor(cfg.l1_coef, dtype=torch.float32))
             self.register_buffer("step_tokens", torch.zeros((), dtype=torch.int64))
@@ -263,12 +272,21 @@ class Balancer(nn.Module):
         return self.cfg.bias_rule == "quantile"
 
     @property
+    def thresholds(self) -> bool:
+        """Expert-threshold routing (``router.method="threshold"``): the bias is −τ, each
+        expert's moving-average score threshold."""
+        return self.threshold_ema is not None
+
+    @property
     def relu_l1(self) -> bool:
         """ReMoE's adaptive L1 term is on (``l1_coef > 0``)."""
         return self.cfg.l1_coef > 0
 
     def selection_bias(self) -> Tensor | None:
-        """(E,) bias to add to the scores for selection only, or None when it is off."""
+        """(E,) bias to add to the scores for selection only, or None when it is off (under
+        expert-threshold routing −τ, None before the first estimate)."""
+        if self.thresholds:
+            return self.bias if int(self.threshold_ready) else None
         return self.bias if self.bias_on else None
 
     def losses(self, x: BalanceInputs) -> dict[str, Tensor]:
@@ -292,8 +310,12 @@ class Balancer(nn.Module):
         """Quantile Balancing: this forward's estimate (E,) of the next prices β from its scores
         (T, E) at the current β = −bias (``balance.quantile_prices``); None for other rules or
         a forward with no real token."""
-        if not self.quantile or (mask_T is not None and not bool(mask_T.any())):
+        if not (self.quantile or self.thresholds):
             return None
+        if mask_T is not None and not bool(mask_T.any()):
+            return None
+        if self.thresholds:
+            return bal.expert_thresholds(scores_TE, self.top_k, mask=mask_T)
         return bal.quantile_prices(scores_TE, -self.bias, self.top_k, mask=mask_T)
 
     @torch.no_grad()
@@ -328,7 +350,9 @@ class Balancer(nn.Module):
         with no training forward (counts all zero) changes nothing but ``progress``."""
         b, counts_E = self.cfg, self.step_counts
         if int(counts_E.sum()) > 0:
-            if self.quantile:
+            if self.thresholds:
+                self._threshold_update()
+            elif self.quantile:
                 self._quantile_update()
             elif b.bias_rate > 0:
                 new_E = bal.update_bias(
@@ -360,6 +384,17 @@ class Balancer(nn.Module):
         bias_E = -prices_E
         self.bias.copy_(bias_E - bias_E.mean() if self.cfg.bias_center else bias_E)
 
+    def _threshold_update(self) -> None:
+        """τ ← the step's mean threshold estimate, mixed with the old τ by ``threshold_ema``
+        (the first estimate as it is)."""
+        n = int(self.price_count)
+        if n == 0:
+            return
+        est_E, ema = self.price_sum / n, float(self.threshold_ema)
+        tau_E = est_E if not int(self.threshold_ready) else ema * -self.bias + (1 - ema) * est_E
+        self.bias.copy_(-tau_E)
+        self.threshold_ready.fill_(1)
+
     def _adapted(self, maxvio: float) -> float:
         b = self.cfg
         return bal.adapt_coef(
@@ -375,7 +410,7 @@ class Balancer(nn.Module):
     def reset_step(self) -> None:
         """Forget the counts of the current step (a skipped step updates nothing)."""
         self.step_counts.zero_()
-        if self.quantile:
+        if self.quantile or self.thresholds:
             self.price_sum.zero_()
             self.price_count.zero_()
         if self.relu_l1:

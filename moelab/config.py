@@ -80,7 +80,7 @@ def _qualname(obj: Any, name: str) -> str:
 # The one list of score functions (their formulas: ``moelab.routing.SCORE_FNS``).
 ScoreFn = Literal["softmax", "sigmoid", "sqrtsoftplus"]
 RouterMethod = Literal[
-    "topk", "expert_choice", "sinkhorn", "hash", "random", "uniform", "top_p", "relu"
+    "topk", "expert_choice", "sinkhorn", "hash", "random", "uniform", "top_p", "relu", "threshold"
 ]
 # Methods whose selection comes from per-token scores, so a selection bias changes it.
 BIAS_METHODS = ("topk",)
@@ -98,7 +98,12 @@ class RouterConfig:
         ``relu`` (ReMoE, Wang et al. 2025: gates ReLU(logits), sparsity from the adaptive L1
         term ``balance.l1_coef``). With ``top_p`` and ``relu`` a token uses a varying number
         of experts; ``moe.top_k`` is then the nominal number (capacity, ReMoE's target).
+        ``threshold`` (expert-threshold routing, arXiv 2603.11535): a token joins every
+        expert whose score beats that expert's moving-average threshold (the score at which
+        it takes T·k/E tokens of a batch); causal, no aux loss, 0..E experts a token.
     top_p: the probability mass p in (0, 1] of ``method="top_p"`` (softmax scores only).
+    threshold_ema: weight of the old threshold in each step's update of ``method="threshold"``
+        (τ ← ema·τ + (1 − ema)·this step's estimate; 0 = each step's estimate as it is).
     logit_softcap: c > 0 soft-caps the gate logits to c·tanh(logits/c) before scores and
         selection (transformers' Laguna ``moe_router_logit_softcapping``); 0 = off.
     gate_bias: a learned bias b (E,) on the gate, logits = x·Wᵀ + b (GPT-OSS; with
@@ -165,11 +170,13 @@ class RouterConfig:
     input_norm: Literal["none", "rms"] = "none"
     expert_scale: bool = False
     hash_gate: Literal["uniform", "scores"] = "uniform"
+    threshold_ema: float = 0.9
 
     def __post_init__(self) -> None:
         _check_literals(self)
         check_range("router.top_p", self.top_p, lo=0, hi=1, lo_open=True)
         check_range("router.logit_softcap", self.logit_softcap, lo=0)
+        check_range("router.threshold_ema", self.threshold_ema, lo=0, hi=1, hi_open=True)
         if self.method == "top_p" and self.score != "softmax":
             raise ValueError(
                 f"router.method='top_p' needs router.score='softmax' (got {self.score!r}); "

@@ -70,9 +70,11 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         E = cfg.num_experts
         # First child, so its buffers keep the place the layer's own buffers had.
+        r = cfg.router
         self.balancer = Balancer(
-            cfg.balance, num_experts=E, top_k=cfg.top_k, score=cfg.router.score
-        )
+            cfg.balance, num_experts=E, top_k=cfg.top_k, score=r.score,
+            threshold_ema=r.threshold_ema if r.method == "threshold" else None,
+        )  # fmt: skip
         self.router = Router(cfg.router, cfg.d_model, E + cfg.null_experts, cfg.top_k)
         self.experts = Experts(
             E,

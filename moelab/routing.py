@@ -243,6 +243,29 @@ def expert_choice_route(logits: Tensor, k: int, *, score: str = "softmax") -> Ro
     return _dense_routing(logits_TE, scores_TE, chosen_TE)
 
 
+def threshold_route(
+    logits: Tensor, k: int, *, threshold: Tensor | None, score: str = "softmax"
+) -> Routing:
+    """Expert-threshold routing (arXiv 2603.11535): token t joins every expert i whose score
+    reaches the expert's threshold, s_ti >= τ_i, so each token gets 0..E experts and each expert
+    about its share of tokens, without an aux loss. Causal: τ (E,) comes from past batches
+    (``Balancer``); before the first estimate (``threshold`` None) each token takes its top-k.
+
+    logits (T, E) -> Routing with K' = E slots in expert order; ``mask`` marks the chosen
+    pairs; weights are the unnormalised scores of the chosen experts (as in expert choice).
+    """
+    check_inputs(logits, k, score, threshold)
+    logits_TE = logits.float()
+    scores_TE = score_fn(logits_TE, score)
+    sel_TE = scores_TE.detach()
+    if threshold is None:
+        chosen_TE = torch.zeros_like(sel_TE, dtype=torch.bool)
+        chosen_TE.scatter_(1, sel_TE.topk(k, dim=-1).indices, True)
+    else:
+        chosen_TE = sel_TE >= threshold.float()
+    return _dense_routing(logits_TE, scores_TE, chosen_TE)
+
+
 def top_p_route(logits: Tensor, p: float, *, normalize: bool = True) -> Routing:
     """Dynamic top-p routing: each token takes its experts in order of softmax probability
     until their cumulative probability reaches p (at least one; 1..E experts a token).

@@ -296,8 +296,9 @@ def test_a_stop_signal_saves_the_step_and_resumes_exactly(micro_cfg, tmp_path, s
             "model.moe.num_experts=8",
         ],
         ["model.moe.null_experts=4", "model.moe.balance.bias_rate=1e-3"],
+        ["model.moe.router.method='threshold'"],
     ],
-    ids=["top_p", "relu", "null_experts"],
+    ids=["top_p", "relu", "null_experts", "threshold"],
 )
 def test_variable_experts_routing_trains_and_logs_experts_per_token(micro_cfg, tmp_path, sets):
     """Dynamic top-p, ReMoE and null experts train end to end and log, per layer, the mean
