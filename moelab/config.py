@@ -80,7 +80,8 @@ def _qualname(obj: Any, name: str) -> str:
 # The one list of score functions (their formulas: ``moelab.routing.SCORE_FNS``).
 ScoreFn = Literal["softmax", "sigmoid", "sqrtsoftplus"]
 RouterMethod = Literal[
-    "topk", "expert_choice", "sinkhorn", "hash", "random", "uniform", "top_p", "relu", "threshold"
+    "topk", "expert_choice", "sinkhorn", "hash", "random", "uniform", "top_p", "relu", "threshold",
+    "sparsemixer",
 ]
 # Methods whose selection comes from per-token scores, so a selection bias changes it.
 BIAS_METHODS = ("topk",)
@@ -101,7 +102,11 @@ class RouterConfig:
         ``threshold`` (expert-threshold routing, arXiv 2603.11535): a token joins every
         expert whose score beats that expert's moving-average threshold (the score at which
         it takes T·k/E tokens of a batch); causal, no aux loss, 0..E experts a token.
+        ``sparsemixer`` (Liu et al. 2023; Phi-3.5-MoE): k rounds, each sampling one expert
+        among those within a relative 2·``sparsemixer_eps`` of the best logit left, with a
+        third-order gradient estimate for the router (a dense router gradient).
     top_p: the probability mass p in (0, 1] of ``method="top_p"`` (softmax scores only).
+    sparsemixer_eps: SparseMixer's jitter eps (Phi-3.5-MoE's ``router_jitter_noise``).
     threshold_ema: weight of the old threshold in each step's update of ``method="threshold"``
         (τ ← ema·τ + (1 − ema)·this step's estimate; 0 = each step's estimate as it is).
     logit_softcap: c > 0 soft-caps the gate logits to c·tanh(logits/c) before scores and
@@ -171,12 +176,19 @@ class RouterConfig:
     expert_scale: bool = False
     hash_gate: Literal["uniform", "scores"] = "uniform"
     threshold_ema: float = 0.9
+    sparsemixer_eps: float = 0.01
 
     def __post_init__(self) -> None:
         _check_literals(self)
         check_range("router.top_p", self.top_p, lo=0, hi=1, lo_open=True)
         check_range("router.logit_softcap", self.logit_softcap, lo=0)
         check_range("router.threshold_ema", self.threshold_ema, lo=0, hi=1, hi_open=True)
+        check_range("router.sparsemixer_eps", self.sparsemixer_eps, lo=0)
+        if self.method == "sparsemixer" and self.score != "softmax":
+            raise ValueError(
+                f"router.method='sparsemixer' needs router.score='softmax' (got {self.score!r}); "
+                "allowed: score='softmax' with it, or another method"
+            )
         if self.method == "top_p" and self.score != "softmax":
             raise ValueError(
                 f"router.method='top_p' needs router.score='softmax' (got {self.score!r}); "

@@ -29,6 +29,7 @@ from moelab.routing import (
     score_fn,
     sinkhorn_route,
     soften,
+    sparsemixer_route,
     threshold_route,
     top_p_route,
     uniform_experts,
@@ -174,6 +175,9 @@ class Router(nn.Module):
             return top_p_route(logits_TE, self.cfg.top_p, normalize=self.cfg.normalize)
         if method == "relu":
             return relu_route(logits_TE, score=self.cfg.score)
+        if method == "sparsemixer":
+            eps = self.cfg.sparsemixer_eps
+            return sparsemixer_route(logits_TE, self.top_k, eps=eps, training=self.training)
         if method == "threshold":  # the layer's Balancer keeps τ as the bias −τ
             tau = None if bias is None else -bias
             return threshold_route(logits_TE, self.top_k, threshold=tau, score=self.cfg.score)

@@ -266,6 +266,71 @@ def threshold_route(
     return _dense_routing(logits_TE, scores_TE, chosen_TE)
 
 
+class _HeunMultiplier(torch.autograd.Function):
+    """SparseMixer's gate weight with its third-order (Heun) gradient estimate (Liu et al.
+    2023, "Sparse Backpropagation for MoE Training"; as in Phi-3.5-MoE).
+
+    Forward: ``weight_T1 · scale_T1`` (scale 1 or 1/3, the midpoint mask). Backward to the
+    logits (T, E): with g = grad · weight, −probs · g everywhere plus g at the chosen expert,
+    i.e. the gradient of the chosen expert's softmax probability, scaled by it.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_TE, weight_T1, chosen_T1, probs_TE, scale_T1):  # noqa: D102
+        ctx.save_for_backward(weight_T1, chosen_T1, probs_TE)
+        return weight_T1 * scale_T1
+
+    @staticmethod
+    def backward(ctx, grad_T1):  # noqa: D102
+        weight_T1, chosen_T1, probs_TE = ctx.saved_tensors
+        g_T1 = grad_T1 * weight_T1
+        grad_TE = (probs_TE * -g_T1).scatter_add(1, chosen_T1, g_T1)
+        return grad_TE, None, None, None, None
+
+
+def _sparse_round(
+    logits_TE: Tensor, left_TE: Tensor, eps: float, training: bool
+) -> tuple[Tensor, Tensor]:
+    """One SparseMixer choice among the logits ``left`` (taken experts at −inf): experts whose
+    logit is within a relative 2·eps of the best compete; in training one is drawn by Gumbel-max
+    and weighted through :class:`_HeunMultiplier`, at inference the best is taken. Returns the
+    weight (T, 1) and the expert (T, 1)."""
+    with torch.no_grad():
+        best_T1, arg_T1 = left_TE.max(dim=-1, keepdim=True)
+        far_TE = (best_T1 - logits_TE) / logits_TE.abs().clamp(min=best_T1) > 2 * eps
+    masked_TE = left_TE.masked_fill(far_TE, float("-inf"))
+    if training:
+        gumbel_TE = torch.empty_like(masked_TE).exponential_().log()
+        chosen_T1 = (masked_TE - gumbel_TE).max(dim=-1)[1].unsqueeze(-1)
+    else:
+        chosen_T1 = arg_T1
+    probs_TE = masked_TE.softmax(-1)
+    weight_T1 = probs_TE.gather(1, chosen_T1)
+    if not training:
+        return weight_T1, chosen_T1
+    top_T1 = probs_TE.max(dim=-1, keepdim=True)[1]
+    midpoint_T1 = (chosen_T1 == top_T1) | (torch.rand_like(weight_T1) > 0.75)
+    scale_T1 = torch.add(0.3333, midpoint_T1, alpha=0.6667).to(probs_TE.dtype)
+    return _HeunMultiplier.apply(logits_TE, weight_T1, chosen_T1, probs_TE, scale_T1), chosen_T1
+
+
+def sparsemixer_route(logits: Tensor, k: int, *, eps: float, training: bool) -> Routing:
+    """SparseMixer routing (Liu et al. 2023; Phi-3.5-MoE): k rounds, each choosing one expert
+    among those whose logit is within a relative 2·eps of the best left (:func:`_sparse_round`),
+    the chosen ones set to −inf for the next round. In training the choice is sampled and the
+    router gets a dense third-order gradient estimate instead of the top-k paths only (seed
+    000/004). logits (T, E) -> Routing with K = k slots; weights are per-round probabilities."""
+    check_inputs(logits, k, "softmax", None)
+    logits_TE = logits.float()
+    left_TE, weights, experts = logits_TE, [], []
+    for _ in range(k):
+        w_T1, e_T1 = _sparse_round(logits_TE, left_TE, eps, training)
+        weights.append(w_T1)
+        experts.append(e_T1)
+        left_TE = left_TE.scatter(1, e_T1, float("-inf"))
+    return Routing(logits_TE, logits_TE.softmax(-1), torch.cat(weights, 1), torch.cat(experts, 1))
+
+
 def top_p_route(logits: Tensor, p: float, *, normalize: bool = True) -> Routing:
     """Dynamic top-p routing: each token takes its experts in order of softmax probability
     until their cumulative probability reaches p (at least one; 1..E experts a token).

@@ -317,3 +317,37 @@ def test_hash_gate_scores_is_the_deepseek_v4_hash_router():
     assert ours.weight.grad.abs().sum() > 0
     uniform = _router(train=True, method="hash", score="sqrtsoftplus")(x, token_ids=ids)
     assert torch.equal(uniform.experts, experts) and (uniform.weights == 1 / K).all()
+
+
+def test_sparsemixer_is_transformers_phimoe_sparsemixer():
+    """router.method="sparsemixer" (k = 2) on the same logits gives transformers' PhiMoE
+    ``sparsemixer``: at inference the same experts and weights; in training, from the same
+    seed, the same sampled experts, the same first-round weight and the same third-order
+    gradient of it to the logits (the second round's midpoint draw is not compared:
+    transformers draws that random number twice)."""
+    pytest.importorskip("transformers")
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    from moelab.routing import sparsemixer_route
+
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(T, E, generator=g) * 0.05  # close logits: several experts compete
+    w_ref, e_ref = sparsemixer(logits, jitter_eps=0.01, training=False)
+    r = sparsemixer_route(logits, 2, eps=0.01, training=False)
+    assert torch.equal(r.experts, e_ref)
+    torch.testing.assert_close(r.weights, w_ref)
+    ours_in, theirs_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    torch.manual_seed(9)
+    w_ref, e_ref = sparsemixer(theirs_in, jitter_eps=0.01, training=True)
+    torch.manual_seed(9)
+    r = sparsemixer_route(ours_in, 2, eps=0.01, training=True)
+    assert torch.equal(r.experts, e_ref)
+    torch.testing.assert_close(r.weights[:, 0], w_ref[:, 0])
+    w_ref[:, 0].pow(2).sum().backward()
+    r.weights[:, 0].pow(2).sum().backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad)
+    wide = logits.clone().requires_grad_()  # eps 1: every expert within 2x of the best competes
+    sparsemixer_route(wide, 2, eps=1.0, training=True).weights[:, 0].sum().backward()
+    assert (wide.grad != 0).sum() > 3 * T  # a gradient beyond the k = 2 chosen paths
+    layer = _router(method="sparsemixer")
+    assert layer(_x()).experts.shape == (T, K)
