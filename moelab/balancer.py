@@ -255,9 +255,12 @@ class Balancer(nn.Module):
             self.register_buffer("price_count", torch.zeros((), dtype=torch.int64))
         if self.thresholds:  # 0 until the first estimate: route by top-k till then
             self.register_buffer("threshold_ready", torch.zeros((), dtype=torch.int64))
-        if self.relu_l1:  # ReMoE's live λ and the step's tokens (its sparsity)
+        if self.relu_l1:  # ReMoE's live λ
             self.register_buffer("l1_coef", torch.tensor(cfg.l1_coef, dtype=torch.float32))
+        if self.relu_l1 or self.null_control:  # the step's tokens: real experts a token
             self.register_buffer("step_tokens", torch.zeros((), dtype=torch.int64))
+        if self.null_control:  # LongCat-Flash: the null experts' shared selection bias
+            self.register_buffer("null_bias", torch.zeros(()))
 
     # ------------------------------------------------------------------ forward
 
@@ -276,6 +279,11 @@ class Balancer(nn.Module):
         """Expert-threshold routing (``router.method="threshold"``): the bias is −τ, each
         expert's moving-average score threshold."""
         return self.threshold_ema is not None
+
+    @property
+    def null_control(self) -> bool:
+        """The null experts' bias is steered toward ``null_target`` real experts a token."""
+        return self.cfg.null_target > 0
 
     @property
     def relu_l1(self) -> bool:
@@ -330,7 +338,7 @@ class Balancer(nn.Module):
         if prices_E is not None:
             self.price_sum += prices_E
             self.price_count += 1
-        if self.relu_l1:
+        if self.relu_l1 or self.null_control:
             self.step_tokens += tokens
 
     # ------------------------------------------------------------------ step boundary
@@ -365,14 +373,22 @@ class Balancer(nn.Module):
                 self.bias.copy_(new_E)
             if b.adaptive_target > 0:
                 self.aux_coef.fill_(self._adapted(float(max_violation(counts_E))))
-        if self.relu_l1 and int(self.step_tokens) > 0:  # also when no token got an expert
-            per_token = float(counts_E.sum()) / int(self.step_tokens)
+        if (self.relu_l1 or self.null_control) and int(self.step_tokens) > 0:
+            self._per_token_updates(float(counts_E.sum()) / int(self.step_tokens))
+        self.reset_step()
+        self.progress += 1
+
+    def _per_token_updates(self, per_token: float) -> None:
+        """The controllers of the real experts a token (also when no token got one): ReMoE's
+        live λ and LongCat-Flash's null-expert bias."""
+        b = self.cfg
+        if self.relu_l1:
             new = bal.adapt_l1_coef(
                 float(self.l1_coef), per_token, top_k=self.top_k, rate=b.l1_rate
             )
             self.l1_coef.fill_(new)
-        self.reset_step()
-        self.progress += 1
+        if self.null_control:
+            self.null_bias += b.null_rate * (per_token - b.null_target)
 
     def _quantile_update(self) -> None:
         """β ← the step's mean price estimate, mixed with the old β by ``quantile_ema``."""
@@ -413,12 +429,12 @@ class Balancer(nn.Module):
         if self.quantile or self.thresholds:
             self.price_sum.zero_()
             self.price_count.zero_()
-        if self.relu_l1:
+        if self.relu_l1 or self.null_control:
             self.step_tokens.zero_()
 
     def stats(self) -> dict[str, float]:
         """What the logger reports: mean |bias|, bias range, the live aux coefficient (and
-        ReMoE's live λ when its L1 term is on)."""
+        ReMoE's live λ, the null experts' bias when they are on)."""
         bias_E = self.bias
         out = {
             "bias_absmean": float(bias_E.abs().mean()),
@@ -427,4 +443,6 @@ class Balancer(nn.Module):
         }
         if self.relu_l1:
             out["l1_coef"] = float(self.l1_coef)
+        if self.null_control:
+            out["null_bias"] = float(self.null_bias)
         return out

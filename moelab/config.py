@@ -265,6 +265,11 @@ class BalanceConfig:
         experts on average, divided by it while they use fewer (paper α = 1.2).
     simbal_coef: SimBal (arXiv 2506.14038): ‖R·Rᵀ − I‖₁ on the router's expert rows R,
         pushing them toward orthonormal (``balance.simbal_loss``).
+    null_target, null_rate: with ``moe.null_experts``, a selection bias shared by the null
+        experts is steered toward ``null_target`` real experts a token (LongCat-Flash's
+        controller; 0 = off): after each step b_null += null_rate · (real experts a token −
+        null_target), so more tokens pick a null expert while they use too many real ones (the
+        integral action of a PID controller; the bias is the integral of the error).
     """
 
     _prefix = "balance"
@@ -293,6 +298,8 @@ class BalanceConfig:
     l1_coef: float = 0.0
     l1_rate: float = 0.2
     simbal_coef: float = 0.0
+    null_target: float = 0.0
+    null_rate: float = 1.0e-3
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -314,6 +321,8 @@ class BalanceConfig:
             "l1_coef",
             "l1_rate",
             "simbal_coef",
+            "null_target",
+            "null_rate",
         ):
             check_range(f"balance.{name}", getattr(self, name), lo=0)
         check_range("balance.num_devices", self.num_devices, lo=1)
@@ -424,6 +433,12 @@ class MoEConfig:
         check_range("moe.null_experts", self.null_experts, lo=0)
         if self.null_experts:
             self._check_null_experts()
+        if self.balance.null_target > 0 and not self.null_experts:
+            raise ValueError(
+                "balance.null_target > 0 steers the null experts' bias and needs "
+                "moe.null_experts > 0; allowed: null_target=0 or some null experts"
+            )
+        check_range("balance.null_target", self.balance.null_target, lo=0, hi=self.top_k)
         check_range("moe.num_experts", self.num_experts, lo=1)
         check_range("moe.d_expert", self.d_expert, lo=1)
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:

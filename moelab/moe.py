@@ -21,7 +21,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab import balance as bal
@@ -170,18 +169,26 @@ class MoELayer(nn.Module):
 
     def _route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
         """The router's decision; NonFiniteRouterError naming this layer on NaN/inf logits."""
-        bias_E = self.balancer.selection_bias()
-        if bias_E is not None and self.cfg.null_experts:  # null experts carry no bias
-            bias_E = F.pad(bias_E, (0, self.cfg.null_experts))
         try:
             return self.router(
                 x_TD,
-                bias=bias_E,
+                bias=self._selection_bias(),
                 step=int(self.balancer.progress),
                 token_ids=token_ids_T,
             )
         except NonFiniteRouterError as exc:
             raise NonFiniteRouterError(self.layer_index) from exc
+
+    def _selection_bias(self) -> Tensor | None:
+        """The router's selection bias: the balancer's (E,), and with null experts their
+        shared bias (0 unless ``balance.null_target`` steers it) appended; None when off."""
+        bias_E, Z = self.balancer.selection_bias(), self.cfg.null_experts
+        null = self.balancer.null_bias if self.balancer.null_control else None
+        if not Z or (bias_E is None and null is None):
+            return bias_E
+        real_E = bias_E if bias_E is not None else self.balancer.bias.new_zeros(self.cfg.num_experts)
+        null_Z = null.expand(Z) if null is not None else real_E.new_zeros(Z)
+        return torch.cat([real_E, null_Z])
 
     def _capacity(self, num_tokens: int) -> int:
         factor = self.cfg.capacity.factor_for(self.training)

@@ -469,3 +469,27 @@ def test_expert_threshold_routing_is_expert_choice_on_the_batch_it_learned_from_
         mv.append(float(metrics.max_violation(out.counts)))
     topk = float(metrics.max_violation(first.counts))  # the same router by top-k
     assert sum(mv[-10:]) / 10 < 0.5 * topk
+
+
+def test_null_bias_controller_steers_real_experts_per_token_to_the_target():
+    """balance.null_target (LongCat-Flash): the null experts' shared bias rises while tokens
+    use more real experts than the target and falls below it, so the real experts a token
+    settle at the target; the real experts' loss-free bias is untouched by it."""
+    torch.manual_seed(0)
+    T, D, E, Z, K = 256, 16, 8, 4, 2
+    cfg = MoEConfig(d_model=D, num_experts=E, top_k=K, d_expert=8, null_experts=Z,
+                    balance=BalanceConfig(null_target=1.0, null_rate=0.01))  # fmt: skip
+    layer = moelab.MoELayer(cfg).train()
+    with torch.no_grad():  # scores with a spread that a bias step does not swamp
+        layer.router.weight.mul_(100)
+    x = torch.randn(T, D)
+    per_token = []
+    for _ in range(80):
+        per_token.append(float(layer(x).stats["experts_per_token"]))
+        layer.end_step()
+    assert per_token[0] >= 1.4 and abs(sum(per_token[-10:]) / 10 - 1.0) < 0.1
+    assert float(layer.balancer.null_bias) > 0 and (layer.bias == 0).all()
+    assert layer.balancer.stats()["null_bias"] == float(layer.balancer.null_bias)
+    with pytest.raises(ValueError, match="needs moe.null_experts > 0"):
+        MoEConfig(d_model=D, num_experts=E, top_k=K, d_expert=8,
+                  balance=BalanceConfig(null_target=1.0))  # fmt: skip
