@@ -431,14 +431,6 @@ class MoEConfig:
         check_range("moe.d_model", self.d_model, lo=1)
         check_range("moe.hash_layers", self.hash_layers, lo=0)
         check_range("moe.null_experts", self.null_experts, lo=0)
-        if self.null_experts:
-            self._check_null_experts()
-        if self.balance.null_target > 0 and not self.null_experts:
-            raise ValueError(
-                "balance.null_target > 0 steers the null experts' bias and needs "
-                "moe.null_experts > 0; allowed: null_target=0 or some null experts"
-            )
-        check_range("balance.null_target", self.balance.null_target, lo=0, hi=self.top_k)
         check_range("moe.num_experts", self.num_experts, lo=1)
         check_range("moe.d_expert", self.d_expert, lo=1)
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
@@ -446,6 +438,15 @@ class MoEConfig:
                 f"moe.top_k={self.top_k!r} is out of range; allowed: an integer in "
                 f"[1, moe.num_experts={self.num_experts}]"
             )
+        if self.null_experts:
+            self._check_null_experts()
+        if self.balance.null_target > 0:
+            if not self.null_experts:
+                raise ValueError(
+                    "balance.null_target > 0 steers the null experts' bias and needs "
+                    "moe.null_experts > 0; allowed: null_target=0 or some null experts"
+                )
+            check_range("balance.null_target", self.balance.null_target, lo=0, hi=self.top_k)
         check_range("moe.num_shared", self.num_shared, lo=0)
         check_range("moe.d_shared", self.d_shared, lo=0)
         check_range("moe.expert_dropout", self.expert_dropout, lo=0, hi=1, hi_open=True)
