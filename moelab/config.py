@@ -404,6 +404,11 @@ class MoEConfig:
         expert returns its gate weight × the input (an identity expert), so a token may use
         fewer than top_k real experts. Balance terms, counts, capacity and the loss-free bias
         cover the E real experts only; ``experts_per_token`` logs the real experts a token.
+    default_outputs, default_ema: Default MoE (Panda et al. 2025): each expert keeps an
+        exponential moving average ê_i of its outputs (weight ``default_ema`` on the old value)
+        and the router gets, for every expert a token did not choose, the gradient as if that
+        expert had answered ê_i (a dense router gradient; the forward output is unchanged;
+        ``moelab.default_outputs``). One process only (not with expert parallelism).
     hash_layers: the first N MoE layers route by a fixed hash of the token id, their gate
         weights the learned scores of the hashed experts (DeepSeek-V4 §2.1's hash layers;
         :meth:`hash_layer` is their config); the other layers route as ``router`` says.
@@ -425,12 +430,15 @@ class MoEConfig:
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
     hash_layers: int = 0
     null_experts: int = 0
+    default_outputs: bool = False
+    default_ema: float = 0.99
 
     def __post_init__(self) -> None:
         _check_literals(self)
         check_range("moe.d_model", self.d_model, lo=1)
         check_range("moe.hash_layers", self.hash_layers, lo=0)
         check_range("moe.null_experts", self.null_experts, lo=0)
+        check_range("moe.default_ema", self.default_ema, lo=0, hi=1, hi_open=True)
         check_range("moe.num_experts", self.num_experts, lo=1)
         check_range("moe.d_expert", self.d_expert, lo=1)
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:

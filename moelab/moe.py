@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from moelab import balance as bal
-from moelab import dispatch, metrics
-from moelab.balancer import BalanceInputs, Balancer
+from moelab import default_outputs, dispatch, metrics
+from moelab.balancer import BalanceInputs, Balancer, in_recompute
 from moelab.config import MoEConfig
 from moelab.experts import Experts, SharedExperts
 from moelab.router import Router
@@ -89,6 +89,9 @@ class MoELayer(nn.Module):
             else None
         )
         self.dispatcher: dispatch.Dispatcher = dispatcher or dispatch.LocalDispatcher()
+        if cfg.default_outputs:  # Default MoE: ê (E, D) and whether each expert has one yet
+            self.register_buffer("default_ED", torch.zeros(E, cfg.d_model))
+            self.register_buffer("default_seen_E", torch.zeros(E, dtype=torch.bool))
         # Set by the model: this layer's index among its MoE layers (named in errors).
         self.layer_index: int | None = None
         self.register_state_dict_post_hook(_flatten_balancer_keys)
@@ -134,6 +137,8 @@ class MoELayer(nn.Module):
         plan = self._plan(routing, slot_mask_TK, cap, counts_E)
         done = self.dispatcher.combine(x_TD, plan, self.experts, load)
         y_TD = done.output_TD
+        if self.cfg.default_outputs and self.training and torch.is_grad_enabled():
+            y_TD = y_TD + self._default_term(x_TD, routing, slot_mask_TK).to(y_TD.dtype)
         if null_w_T is not None:  # identity experts: gate weight × the input
             w_T = null_w_T if mask_T is None else null_w_T * mask_T
             y_TD = y_TD + w_T.unsqueeze(1).to(y_TD.dtype) * x_TD
@@ -189,6 +194,27 @@ class MoELayer(nn.Module):
         real_E = bias_E if bias_E is not None else self.balancer.bias.new_zeros(self.cfg.num_experts)
         null_Z = null.expand(Z) if null is not None else real_E.new_zeros(Z)
         return torch.cat([real_E, null_Z])
+
+    def _default_term(self, x_TD: Tensor, routing: Routing, slot_mask_TK: Tensor | None) -> Tensor:
+        """Default MoE: update each expert's moving-average output ê from this forward (not in
+        an activation-checkpointing recompute), then the dense router-gradient term."""
+        if not isinstance(self.dispatcher, dispatch.LocalDispatcher):
+            raise ValueError(
+                "moe.default_outputs needs every expert in this process; allowed: "
+                "default_outputs=false under expert parallelism"
+            )
+        if not in_recompute():
+            mean_ED, seen_E = default_outputs.sample_expert_means(
+                self.experts, x_TD, routing.experts, slot_mask_TK
+            )
+            ema, old_ED, mean_ED = self.cfg.default_ema, self.default_ED, mean_ED.to(self.default_ED)
+            blend_ED = ema * old_ED + (1 - ema) * mean_ED
+            new_ED = torch.where(self.default_seen_E.unsqueeze(1), blend_ED, mean_ED)
+            self.default_ED.copy_(torch.where(seen_E.unsqueeze(1), new_ED, old_ED))
+            self.default_seen_E |= seen_E
+        return default_outputs.dense_term(
+            routing.scores, routing.experts, slot_mask_TK, self.default_ED
+        )
 
     def _capacity(self, num_tokens: int) -> int:
         factor = self.cfg.capacity.factor_for(self.training)

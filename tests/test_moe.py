@@ -508,3 +508,42 @@ def test_null_experts_are_longcat_flash_identity_experts():
     with pytest.raises(ValueError, match="moe.null_experts=2 does not work with router.method"):
         MoEConfig(d_model=D, num_experts=E, top_k=K, d_expert=F, null_experts=2,
                   router=RouterConfig(method="expert_choice"))  # fmt: skip
+
+
+def test_default_outputs_give_the_router_a_dense_gradient_and_leave_the_output_alone():
+    """moe.default_outputs (Default MoE, Panda et al. 2025): the training output equals the
+    plain layer's; ê after the first forward is each expert's mean output over its routed
+    tokens; every unselected expert's score gets ⟨∂L/∂y_t, ê_i⟩, so the router gradient is the
+    plain one plus the gradient of Σ_{i ∉ A_t} p_ti·⟨g_t, ê_i⟩ (checked by autograd)."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    T, D, E, K = 24, 16, 6, 2
+    base = MoEConfig(d_model=D, num_experts=E, top_k=K, d_expert=8)
+    plain = moelab.MoELayer(base).train()
+    dense = moelab.MoELayer(dataclasses.replace(base, default_outputs=True, default_ema=0.5))
+    dense.load_state_dict(plain.state_dict(), strict=False)
+    dense.train()
+    x = torch.randn(T, D)
+    g = torch.randn(T, D)
+    out_p, out_d = plain(x), dense(x)
+    torch.testing.assert_close(out_d.output, out_p.output, rtol=0, atol=0)
+    experts_TK = out_p.experts
+    ref_ED = torch.stack([
+        torch.stack([plain.experts.forward_loop(x[t:t + 1], experts_TK[t:t + 1, j:j + 1],
+                     torch.ones(1, 1))[0] for t, j in (experts_TK == e).nonzero().tolist()]).mean(0)
+        for e in range(E)
+    ])  # fmt: skip
+    torch.testing.assert_close(dense.default_ED, ref_ED, rtol=1e-5, atol=1e-6)
+    (out_p.output * g).sum().backward()
+    (out_d.output * g).sum().backward()
+    w = plain.router.weight.detach().clone().requires_grad_()
+    p_TE = (x @ w.T).softmax(-1)
+    unsel_TE = torch.ones(T, E).scatter(1, experts_TK, 0.0)
+    extra = ((p_TE * unsel_TE) * (g @ ref_ED.T)).sum()
+    extra.backward()
+    torch.testing.assert_close(dense.router.weight.grad, plain.router.weight.grad + w.grad,
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    assert w.grad.abs().sum() > 0
+    dense(x)  # second forward: ê ← 0.5·ê + 0.5·mean (the same batch: unchanged)
+    torch.testing.assert_close(dense.default_ED, ref_ED, rtol=1e-5, atol=1e-6)

@@ -317,3 +317,18 @@ def test_variable_experts_routing_trains_and_logs_experts_per_token(micro_cfg, t
     if "relu" in sets[0]:  # about E/2 = 4 experts a token at init, above k = 2: λ grows
         assert min(per_token) > 2
         assert rows[-1]["l1_coef_layers"][0] == pytest.approx(1e-3 * 1.2**4, rel=1e-4)
+
+
+def test_default_outputs_train_end_to_end_and_checkpoint_their_averages(micro_cfg, tmp_path):
+    """moe.default_outputs trains (activation checkpointing on: the recompute adds nothing to
+    the averages) and each MoE layer's ê is part of the checkpoint."""
+    import torch
+
+    cfg = micro_cfg("model.moe.default_outputs=true", "train.activation_checkpointing=true",
+                    "train.steps=2", "train.eval_every=0")  # fmt: skip
+    train(cfg, tmp_path, progress=False)
+    rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    state = torch.load(next(tmp_path.glob("ckpt-*.pt")), weights_only=False)
+    model = state["model"] if "model" in state else state
+    assert any(k.endswith("default_ED") for k in model)
