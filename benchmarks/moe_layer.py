@@ -30,7 +30,7 @@ routed counts, preallocated buffers), ``bmm_experts`` the same six as ``bmm`` ov
 to the largest count (what moelab runs at few slots per expert), and ``mm_dense`` the dense
 layer's six; no MoE layer built from these kernels on this BLAS beats the faster of the two.
 
-Allocator: importing moelab sets ``THP_MEM_ALLOC_ENABLE=1`` (unless set): torch backs buffers of
+Allocator: ``main`` sets ``THP_MEM_ALLOC_ENABLE=1`` (unless set) as the ``moelab`` command does: torch backs buffers of
 2 MiB and more with huge pages, which cuts the page faults of the fresh weight gradients of every
 step (moelab and dense alike; ``machine.thp`` records it). The memory children run without it.
 
@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 import moelab  # noqa: E402
 from moelab import dispatch  # noqa: E402
+from moelab.cli import enable_huge_pages  # noqa: E402
 from moelab.experts import swiglu  # noqa: E402
 
 CONFIGS = {  # name: (T tokens, d model, E experts, k top-k, f expert hidden)
@@ -539,6 +540,7 @@ def keep_freed_buffers() -> None:
 
 
 def main() -> None:
+    enable_huge_pages()  # as the moelab command does
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--rounds", type=int, default=5)

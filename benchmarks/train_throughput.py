@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
+from moelab.cli import enable_huge_pages
 from moelab.data import Batcher, load_corpus
 from moelab.train import build_model, load_run_config, make_optimizer, train_step
 from moelab.world import LocalWorld
 
 
 def main() -> None:
+    enable_huge_pages()  # as the moelab command does
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--steps", type=int, default=30)

@@ -2,15 +2,9 @@
 
 ``moelab.MoELayer(moelab.MoEConfig(d_model=..., num_experts=..., top_k=..., d_expert=...))``
 is a dropless softmax top-k SwiGLU MoE layer; ``layer(x).output`` has the shape of x.
+Importing moelab changes nothing in the process (no environment variable, no thread count);
+the ``moelab`` command turns on huge pages for torch's CPU buffers (``moelab.cli.main``).
 """
-
-import os
-
-# PyTorch's CPU allocator backs buffers of 2 MiB and more with transparent huge pages when
-# THP_MEM_ALLOC_ENABLE=1 (read at torch's first such allocation). A fresh 64 MiB buffer then
-# costs ~20 ms of page faults instead of ~55 ms on a 2-core VM; MoE weight gradients are E/k
-# times a dense layer's and fresh every step (docs/benchmarks.md). Set it to 0 to opt out.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from moelab.config import BalanceConfig, CapacityConfig, MoEConfig, RouterConfig
 from moelab.moe import MoELayer, MoEOutput

@@ -419,6 +419,24 @@ def quantile_prices(
     return (s_TE - cutoff_T1).topk(rank, dim=0).values[rank - 1]
 
 
+@torch.no_grad()
+def expert_thresholds(scores_TE: Tensor, k: int, *, mask: Tensor | None = None) -> Tensor:
+    """This batch's score threshold (E,) of each expert for expert-threshold routing
+    (arXiv 2603.11535): the C-th largest score of expert i over the batch's tokens, C =
+    ⌈T·k/E⌉, the score at which expert i would take its fair share of T·k/E tokens (as expert
+    choice does). Averaged over steps (``router.threshold_ema``) it estimates the threshold of
+    the global token distribution. Padding (``mask`` False) is left out; no autograd."""
+    E = scores_TE.shape[-1]
+    _check("k", isinstance(k, int) and 1 <= k <= E, f"an integer in [1, {E}]", k)
+    s_TE = scores_TE.detach().float()
+    if mask is not None:
+        s_TE = s_TE[mask]
+    T = s_TE.shape[0]
+    _check("scores", T >= 1, "at least one (unmasked) token", T)
+    rank = min(math.ceil(T * k / E), T)
+    return s_TE.topk(rank, dim=0).values[rank - 1]
+
+
 def bias_rate_at(step: int, total_steps: int, rate: float, schedule: BiasSchedule) -> float:
     """Bias update rate u at ``step``: constant, or linear / cosine decay to 0 at total_steps.
 

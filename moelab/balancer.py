@@ -234,21 +234,33 @@ class Balancer(nn.Module):
     """
 
     def __init__(
-        self, cfg: BalanceConfig, *, num_experts: int, top_k: int, score: ScoreFn = "softmax"
+        self,
+        cfg: BalanceConfig,
+        *,
+        num_experts: int,
+        top_k: int,
+        score: ScoreFn = "softmax",
+        threshold_ema: float | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.num_experts, self.top_k, self.score = cfg, num_experts, top_k, score
+        self.threshold_ema = threshold_ema  # not None: expert-threshold routing's τ = −bias
         self.terms = active_terms(cfg)
         self.register_buffer("bias", torch.zeros(num_experts))
         self.register_buffer("step_counts", torch.zeros(num_experts, dtype=torch.int64))
         self.register_buffer("progress", torch.zeros((), dtype=torch.int64))
         self.register_buffer("aux_coef", torch.tensor(cfg.aux_coef, dtype=torch.float32))
-        if self.quantile:  # only then, so the other configs keep their checkpoint keys
+        if self.quantile or self.thresholds:  # only then: the others keep their state keys
             self.register_buffer("price_sum", torch.zeros(num_experts))
             self.register_buffer("price_count", torch.zeros((), dtype=torch.int64))
-        if self.relu_l1:  # ReMoE's live λ and the step's tokens (its sparsity)
+        if self.thresholds:  # 0 until the first estimate: route by top-k till then
+            self.register_buffer("threshold_ready", torch.zeros((), dtype=torch.int64))
+        if self.relu_l1:  # ReMoE's live λ
             self.register_buffer("l1_coef", torch.tensor(cfg.l1_coef, dtype=torch.float32))
+        if self.relu_l1 or self.null_control:  # the step's tokens: real experts a token
             self.register_buffer("step_tokens", torch.zeros((), dtype=torch.int64))
+        if self.null_control:  # LongCat-Flash: the null experts' shared selection bias
+            self.register_buffer("null_bias", torch.zeros(()))
 
     # ------------------------------------------------------------------ forward
 
@@ -263,12 +275,26 @@ class Balancer(nn.Module):
         return self.cfg.bias_rule == "quantile"
 
     @property
+    def thresholds(self) -> bool:
+        """Expert-threshold routing (``router.method="threshold"``): the bias is −τ, each
+        expert's moving-average score threshold."""
+        return self.threshold_ema is not None
+
+    @property
+    def null_control(self) -> bool:
+        """The null experts' bias is steered toward ``null_target`` real experts a token."""
+        return self.cfg.null_target > 0
+
+    @property
     def relu_l1(self) -> bool:
         """ReMoE's adaptive L1 term is on (``l1_coef > 0``)."""
         return self.cfg.l1_coef > 0
 
     def selection_bias(self) -> Tensor | None:
-        """(E,) bias to add to the scores for selection only, or None when it is off."""
+        """(E,) bias to add to the scores for selection only, or None when it is off (under
+        expert-threshold routing −τ, None before the first estimate)."""
+        if self.thresholds:
+            return self.bias if int(self.threshold_ready) else None
         return self.bias if self.bias_on else None
 
     def losses(self, x: BalanceInputs) -> dict[str, Tensor]:
@@ -292,8 +318,12 @@ class Balancer(nn.Module):
         """Quantile Balancing: this forward's estimate (E,) of the next prices β from its scores
         (T, E) at the current β = −bias (``balance.quantile_prices``); None for other rules or
         a forward with no real token."""
-        if not self.quantile or (mask_T is not None and not bool(mask_T.any())):
+        if not (self.quantile or self.thresholds):
             return None
+        if mask_T is not None and not bool(mask_T.any()):
+            return None
+        if self.thresholds:
+            return bal.expert_thresholds(scores_TE, self.top_k, mask=mask_T)
         return bal.quantile_prices(scores_TE, -self.bias, self.top_k, mask=mask_T)
 
     @torch.no_grad()
@@ -308,7 +338,7 @@ class Balancer(nn.Module):
         if prices_E is not None:
             self.price_sum += prices_E
             self.price_count += 1
-        if self.relu_l1:
+        if self.relu_l1 or self.null_control:
             self.step_tokens += tokens
 
     # ------------------------------------------------------------------ step boundary
@@ -328,7 +358,9 @@ class Balancer(nn.Module):
         with no training forward (counts all zero) changes nothing but ``progress``."""
         b, counts_E = self.cfg, self.step_counts
         if int(counts_E.sum()) > 0:
-            if self.quantile:
+            if self.thresholds:
+                self._threshold_update()
+            elif self.quantile:
                 self._quantile_update()
             elif b.bias_rate > 0:
                 new_E = bal.update_bias(
@@ -341,14 +373,22 @@ class Balancer(nn.Module):
                 self.bias.copy_(new_E)
             if b.adaptive_target > 0:
                 self.aux_coef.fill_(self._adapted(float(max_violation(counts_E))))
-        if self.relu_l1 and int(self.step_tokens) > 0:  # also when no token got an expert
-            per_token = float(counts_E.sum()) / int(self.step_tokens)
+        if (self.relu_l1 or self.null_control) and int(self.step_tokens) > 0:
+            self._per_token_updates(float(counts_E.sum()) / int(self.step_tokens))
+        self.reset_step()
+        self.progress += 1
+
+    def _per_token_updates(self, per_token: float) -> None:
+        """The controllers of the real experts a token (also when no token got one): ReMoE's
+        live λ and LongCat-Flash's null-expert bias."""
+        b = self.cfg
+        if self.relu_l1:
             new = bal.adapt_l1_coef(
                 float(self.l1_coef), per_token, top_k=self.top_k, rate=b.l1_rate
             )
             self.l1_coef.fill_(new)
-        self.reset_step()
-        self.progress += 1
+        if self.null_control:
+            self.null_bias += b.null_rate * (per_token - b.null_target)
 
     def _quantile_update(self) -> None:
         """β ← the step's mean price estimate, mixed with the old β by ``quantile_ema``."""
@@ -359,6 +399,17 @@ class Balancer(nn.Module):
         prices_E = est_E if ema == 0 else ema * -self.bias + (1.0 - ema) * est_E
         bias_E = -prices_E
         self.bias.copy_(bias_E - bias_E.mean() if self.cfg.bias_center else bias_E)
+
+    def _threshold_update(self) -> None:
+        """τ ← the step's mean threshold estimate, mixed with the old τ by ``threshold_ema``
+        (the first estimate as it is)."""
+        n = int(self.price_count)
+        if n == 0:
+            return
+        est_E, ema = self.price_sum / n, float(self.threshold_ema)
+        tau_E = est_E if not int(self.threshold_ready) else ema * -self.bias + (1 - ema) * est_E
+        self.bias.copy_(-tau_E)
+        self.threshold_ready.fill_(1)
 
     def _adapted(self, maxvio: float) -> float:
         b = self.cfg
@@ -375,15 +426,15 @@ class Balancer(nn.Module):
     def reset_step(self) -> None:
         """Forget the counts of the current step (a skipped step updates nothing)."""
         self.step_counts.zero_()
-        if self.quantile:
+        if self.quantile or self.thresholds:
             self.price_sum.zero_()
             self.price_count.zero_()
-        if self.relu_l1:
+        if self.relu_l1 or self.null_control:
             self.step_tokens.zero_()
 
     def stats(self) -> dict[str, float]:
         """What the logger reports: mean |bias|, bias range, the live aux coefficient (and
-        ReMoE's live λ when its L1 term is on)."""
+        ReMoE's live λ, the null experts' bias when they are on)."""
         bias_E = self.bias
         out = {
             "bias_absmean": float(bias_E.abs().mean()),
@@ -392,4 +443,6 @@ class Balancer(nn.Module):
         }
         if self.relu_l1:
             out["l1_coef"] = float(self.l1_coef)
+        if self.null_control:
+            out["null_bias"] = float(self.null_bias)
         return out

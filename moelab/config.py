@@ -101,7 +101,8 @@ def _qualname(obj: Any, name: str) -> str:
 # The one list of score functions (their formulas: ``moelab.routing.SCORE_FNS``).
 ScoreFn = Literal["softmax", "sigmoid", "sqrtsoftplus"]
 RouterMethod = Literal[
-    "topk", "expert_choice", "sinkhorn", "hash", "random", "uniform", "top_p", "relu"
+    "topk", "expert_choice", "sinkhorn", "hash", "random", "uniform", "top_p", "relu", "threshold",
+    "sparsemixer",
 ]
 # Methods whose selection comes from per-token scores, so a selection bias changes it.
 BIAS_METHODS = ("topk",)
@@ -119,12 +120,28 @@ class RouterConfig:
         ``relu`` (ReMoE, Wang et al. 2025: gates ReLU(logits), sparsity from the adaptive L1
         term ``balance.l1_coef``). With ``top_p`` and ``relu`` a token uses a varying number
         of experts; ``moe.top_k`` is then the nominal number (capacity, ReMoE's target).
+        ``threshold`` (expert-threshold routing, arXiv 2603.11535): a token joins every
+        expert whose score beats that expert's moving-average threshold (the score at which
+        it takes T·k/E tokens of a batch); causal, no aux loss, 0..E experts a token.
+        ``sparsemixer`` (Liu et al. 2023; Phi-3.5-MoE): k rounds, each sampling one expert
+        among those within a relative 2·``sparsemixer_eps`` of the best logit left, with a
+        third-order gradient estimate for the router (a dense router gradient).
     top_p: the probability mass p in (0, 1] of ``method="top_p"`` (softmax scores only).
+    sparsemixer_eps: SparseMixer's jitter eps (Phi-3.5-MoE's ``router_jitter_noise``).
+    threshold_ema: weight of the old threshold in each step's update of ``method="threshold"``
+        (τ ← ema·τ + (1 − ema)·this step's estimate; 0 = each step's estimate as it is).
     logit_softcap: c > 0 soft-caps the gate logits to c·tanh(logits/c) before scores and
         selection (transformers' Laguna ``moe_router_logit_softcapping``); 0 = off.
     gate_bias: a learned bias b (E,) on the gate, logits = x·Wᵀ + b (GPT-OSS; with
         ``topk_before_softmax`` it is GPT-OSS's router: top-k of the logits, softmax over k).
         It takes part in selection *and* gradients, unlike the loss-free selection bias.
+    input_norm: ``rms`` normalises the router input before the gate, x·rsqrt(mean(x²) + 1e-6)
+        · s · D^-½ with a learned scale s (D,), ones at init (Gemma-4's router); ``none``.
+    expert_scale: a learned per-expert scale (E,), ones at init, multiplies each chosen
+        expert's gate weight after any renormalisation (Gemma-4's ``per_expert_scale``).
+    hash_gate: gate weights of ``method="hash"``: ``uniform`` 1/k (Roller et al. 2021) or
+        ``scores``, the learned scores of the hashed experts (renormalised over the k if
+        ``normalize``), so the gate still learns while the selection is fixed (DeepSeek-V4).
     score: score function applied to the logits, ``softmax``, ``sigmoid`` (DeepSeek-V3) or
         ``sqrtsoftplus`` = sqrt(softplus(logit)) (DeepSeek-V4; Megatron-Core
         ``moe_router_score_function``); non-softmax scores are renormalised over the chosen k.
@@ -176,11 +193,23 @@ class RouterConfig:
     top_p: float = 0.5
     logit_softcap: float = 0.0
     gate_bias: bool = False
+    input_norm: Literal["none", "rms"] = "none"
+    expert_scale: bool = False
+    hash_gate: Literal["uniform", "scores"] = "uniform"
+    threshold_ema: float = 0.9
+    sparsemixer_eps: float = 0.01
 
     def __post_init__(self) -> None:
         _check_literals(self)
         check_range("router.top_p", self.top_p, lo=0, hi=1, lo_open=True)
         check_range("router.logit_softcap", self.logit_softcap, lo=0)
+        check_range("router.threshold_ema", self.threshold_ema, lo=0, hi=1, hi_open=True)
+        check_range("router.sparsemixer_eps", self.sparsemixer_eps, lo=0)
+        if self.method == "sparsemixer" and self.score != "softmax":
+            raise ValueError(
+                f"router.method='sparsemixer' needs router.score='softmax' (got {self.score!r}); "
+                "allowed: score='softmax' with it, or another method"
+            )
         if self.method == "top_p" and self.score != "softmax":
             raise ValueError(
                 f"router.method='top_p' needs router.score='softmax' (got {self.score!r}); "
@@ -257,6 +286,11 @@ class BalanceConfig:
         experts on average, divided by it while they use fewer (paper α = 1.2).
     simbal_coef: SimBal (arXiv 2506.14038): ‖R·Rᵀ − I‖₁ on the router's expert rows R,
         pushing them toward orthonormal (``balance.simbal_loss``).
+    null_target, null_rate: with ``moe.null_experts``, a selection bias shared by the null
+        experts is steered toward ``null_target`` real experts a token (LongCat-Flash's
+        controller; 0 = off): after each step b_null += null_rate · (real experts a token −
+        null_target), so more tokens pick a null expert while they use too many real ones (the
+        integral action of a PID controller; the bias is the integral of the error).
     """
 
     _prefix = "balance"
@@ -285,6 +319,8 @@ class BalanceConfig:
     l1_coef: float = 0.0
     l1_rate: float = 0.2
     simbal_coef: float = 0.0
+    null_target: float = 0.0
+    null_rate: float = 1.0e-3
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -306,6 +342,8 @@ class BalanceConfig:
             "l1_coef",
             "l1_rate",
             "simbal_coef",
+            "null_target",
+            "null_rate",
         ):
             check_range(f"balance.{name}", getattr(self, name), lo=0)
         check_range("balance.num_devices", self.num_devices, lo=1)
@@ -387,6 +425,19 @@ class MoEConfig:
     expert_init: ``normal`` (same std for every expert) or ``diverse`` (std varies per expert
         in [0.5, 1.5]× to break symmetry, seed 001).
     init_std: std of the expert input projections; output projections use init_std/sqrt(2).
+    null_experts: Z zero-computation experts beside the E real ones (MoE++, Jin et al. ICLR
+        2025; LongCat-Flash 2025): the router scores E + Z experts and a slot that picks a null
+        expert returns its gate weight × the input (an identity expert), so a token may use
+        fewer than top_k real experts. Balance terms, counts, capacity and the loss-free bias
+        cover the E real experts only; ``experts_per_token`` logs the real experts a token.
+    default_outputs, default_ema: Default MoE (Panda et al. 2025): each expert keeps an
+        exponential moving average ê_i of its outputs (weight ``default_ema`` on the old value)
+        and the router gets, for every expert a token did not choose, the gradient as if that
+        expert had answered ê_i (a dense router gradient; the forward output is unchanged;
+        ``moelab.default_outputs``). One process only (not with expert parallelism).
+    hash_layers: the first N MoE layers route by a fixed hash of the token id, their gate
+        weights the learned scores of the hashed experts (DeepSeek-V4 §2.1's hash layers;
+        :meth:`hash_layer` is their config); the other layers route as ``router`` says.
     """
 
     _prefix = "moe"
@@ -403,10 +454,17 @@ class MoEConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    hash_layers: int = 0
+    null_experts: int = 0
+    default_outputs: bool = False
+    default_ema: float = 0.99
 
     def __post_init__(self) -> None:
         _check_literals(self)
         check_range("moe.d_model", self.d_model, lo=1)
+        check_range("moe.hash_layers", self.hash_layers, lo=0)
+        check_range("moe.null_experts", self.null_experts, lo=0)
+        check_range("moe.default_ema", self.default_ema, lo=0, hi=1, hi_open=True)
         check_range("moe.num_experts", self.num_experts, lo=1)
         check_range("moe.d_expert", self.d_expert, lo=1)
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
@@ -414,6 +472,15 @@ class MoEConfig:
                 f"moe.top_k={self.top_k!r} is out of range; allowed: an integer in "
                 f"[1, moe.num_experts={self.num_experts}]"
             )
+        if self.null_experts:
+            self._check_null_experts()
+        if self.balance.null_target > 0:
+            if not self.null_experts:
+                raise ValueError(
+                    "balance.null_target > 0 steers the null experts' bias and needs "
+                    "moe.null_experts > 0; allowed: null_target=0 or some null experts"
+                )
+            check_range("balance.null_target", self.balance.null_target, lo=0, hi=self.top_k)
         check_range("moe.num_shared", self.num_shared, lo=0)
         check_range("moe.d_shared", self.d_shared, lo=0)
         check_range("moe.expert_dropout", self.expert_dropout, lo=0, hi=1, hi_open=True)
@@ -470,6 +537,34 @@ class MoEConfig:
                 f"balance.bias_rule='quantile' needs moe.top_k < moe.num_experts (a (k+1)-th "
                 f"choice per token); got top_k={self.top_k}, num_experts={self.num_experts}"
             )
+
+    def _check_null_experts(self) -> None:
+        """Null experts need token-choice top-k scoring E + Z experts per token."""
+        r, b = self.router, self.balance
+        bad = [
+            (r.method != "topk", f"router.method={r.method!r}", "router.method='topk'"),
+            (r.noise == "learned", "router.noise='learned'", "another router.noise"),
+            (b.bias_rule == "quantile", "balance.bias_rule='quantile'", "another bias_rule"),
+            (self.hash_layers > 0, f"moe.hash_layers={self.hash_layers}", "hash_layers=0"),
+        ]
+        for hit, got, allowed in bad:
+            if hit:
+                raise ValueError(
+                    f"moe.null_experts={self.null_experts} does not work with {got}; "
+                    f"allowed: {allowed} or null_experts=0"
+                )
+
+    def hash_layer(self) -> MoEConfig:
+        """The config of one of the first ``hash_layers`` MoE layers: ``router.method="hash"``
+        with ``hash_gate="scores"``; the selection-only router options (noise, masking, soft
+        warm-up, groups) and the loss-free bias, which a fixed selection ignores, are off."""
+        r = dataclasses.replace(
+            self.router, method="hash", hash_gate="scores", noise="none",
+            straight_through=False, soft_warmup_steps=0, expert_mask_prob=0.0, num_groups=1,
+            topk_groups=1,
+        )  # fmt: skip
+        b = dataclasses.replace(self.balance, bias_rate=0.0, bias_rule="sign", load_coef=0.0)
+        return dataclasses.replace(self, router=r, balance=b, hash_layers=0)
 
     @property
     def shared_hidden(self) -> int:

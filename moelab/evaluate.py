@@ -5,6 +5,7 @@ Legend: B sequences, L sequence length, E experts, K top-k, D domains (here only
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ class EvalStats:
     tokens_D: Tensor = field(init=False)
     joint_lDE: Tensor = field(init=False)  # (layers, D, E) slot counts per domain and expert
     seq_maxvio: Tensor = field(init=False)  # (2,) sum of per-sequence MaxVio, sequences·layers
+    next_lEE: Tensor = field(init=False)  # (layers - 1, E, E) top-1 transitions to the next layer
 
     def __post_init__(self) -> None:
         self.loss_sum_D = torch.zeros(self.num_domains, dtype=torch.float64)
@@ -36,10 +38,12 @@ class EvalStats:
             self.num_layers, self.num_domains, self.num_experts, dtype=torch.int64
         )
         self.seq_maxvio = torch.zeros(2, dtype=torch.float64)
+        pairs = max(self.num_layers - 1, 0)
+        self.next_lEE = torch.zeros(pairs, self.num_experts, self.num_experts, dtype=torch.int64)
 
     def reduce(self, sum_: Callable[[Tensor], Tensor]) -> None:
         """Sum every statistic over ranks with ``sum_`` (in place), e.g. ``World.sum_``."""
-        for t in (self.loss_sum_D, self.tokens_D, self.joint_lDE, self.seq_maxvio):
+        for t in (self.loss_sum_D, self.tokens_D, self.joint_lDE, self.seq_maxvio, self.next_lEE):
             sum_(t)
 
     @property
@@ -68,7 +72,12 @@ def evaluate(
     ``maxvio_global`` (mean over MoE layers of MaxVio of the counts summed over the split; Wang
     et al. 2024), ``maxvio_global_layers``, ``maxvio_seq`` (mean per-sequence MaxVio,
     DeepSeek-V3's sequence view), ``mi`` / ``mi_layers`` (domain→expert mutual information,
-    bits), ``counts_layers`` (per-layer expert counts) and ``domain_freq_layers``.
+    bits), ``counts_layers`` (per-layer expert counts), ``domain_freq_layers``,
+    ``next_layer_predict_layers`` / ``next_layer_base_layers`` (how well a token's top-1 expert
+    predicts its top-1 in the next MoE layer, and the constant-guess baseline;
+    :func:`metrics.next_layer_predictability`) and ``routing_consistency`` /
+    ``routing_consistency_layers`` (training vs inference routing of the first validation
+    batch, :func:`routing_consistency`).
     """
     check_evaluable(corpus, seq_len=seq_len, max_tokens=max_tokens)
     was_training = model.training
@@ -89,8 +98,52 @@ def evaluate(
             else:  # nothing left here: keep in step with the ranks' collectives
                 model(batches[i].tokens)
     stats.reduce(world.sum_)
+    out = _summarise(stats, corpus)
+    if layers:  # every rank probes the same batch, so expert-parallel collectives stay in step
+        agree = routing_consistency(model, _probe(corpus, batch_size, seq_len))
+        out |= {"routing_consistency": _mean(agree), "routing_consistency_layers": agree}
     model.train(was_training)
-    return _summarise(stats, corpus)
+    return out
+
+
+def _probe(corpus: Corpus, batch_size: int, seq_len: int) -> Tensor:
+    """The first validation batch (B, L) of the first training domain that has one."""
+    for name in corpus.domains:
+        if name not in corpus.holdout:
+            for b in val_batches(corpus, batch_size=batch_size, seq_len=seq_len, domains=[name]):
+                return b.tokens
+    raise ValueError("no validation batch to probe")  # check_evaluable rules this out
+
+
+@torch.no_grad()
+def routing_consistency(model: MoELM, tokens_BL: Tensor) -> list[float]:
+    """Per MoE layer, the share of the inference forward's (token, expert) choices that the
+    training forward of the same tokens also makes (:func:`metrics.routing_agreement`): below 1
+    wherever training routes differently (router noise, expert masking, soft warm-up), the
+    mismatch that routing replay in RL works around. The training forward leaves no trace: the
+    RNG state and every balancer buffer are restored, so training goes on exactly as without
+    it. The model is left in eval mode."""
+    model.eval()
+    inference = model(tokens_BL).moe
+    saved = [{k: b.clone() for k, b in layer.balancer.named_buffers()} for layer in model.moe_layers]
+    devices = [tokens_BL.device] if tokens_BL.is_cuda else []
+    try:
+        with torch.random.fork_rng(devices=devices):  # the RNG state is restored on exit
+            training = model.train()(tokens_BL).moe
+    finally:
+        model.eval()
+        for layer, buffers in zip(model.moe_layers, saved, strict=True):
+            for k, b in layer.balancer.named_buffers():
+                b.copy_(buffers[k])
+    E = model.moe_layers[0].cfg.num_experts
+    return [
+        metrics.routing_agreement(i.experts, t.experts, E, a_mask=i.slot_mask, b_mask=t.slot_mask)
+        for i, t in zip(inference, training, strict=True)
+    ]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
 
 
 def check_evaluable(corpus: Corpus, *, seq_len: int, max_tokens: int = 0) -> None:
@@ -134,6 +187,16 @@ def _eval_batch(model: MoELM, tokens_BL: Tensor, targets_BL: Tensor, d: int, s: 
         mask_BLK = None if o.slot_mask is None else o.slot_mask.view(B, L, -1)
         seq = metrics.maxvio_per_sequence(experts_BLK, s.num_experts, mask_BL=mask_BLK)
         s.seq_maxvio += torch.tensor([float(seq.sum()), seq.numel()], dtype=torch.float64)
+    for i, (a, b) in enumerate(zip(out.moe, out.moe[1:])):
+        both_T = _top1_valid(a) & _top1_valid(b)
+        s.next_lEE[i] += metrics.top1_transitions(a.experts, b.experts, s.num_experts, mask_T=both_T)
+
+
+def _top1_valid(o) -> Tensor:
+    """(T,) bool: the token's first slot is a real choice (expert choice, null experts)."""
+    if o.slot_mask is None:
+        return torch.ones(o.experts.shape[0], dtype=torch.bool, device=o.experts.device)
+    return o.slot_mask[:, 0]
 
 
 def _summarise(s: EvalStats, corpus: Corpus) -> dict:
@@ -159,4 +222,7 @@ def _summarise(s: EvalStats, corpus: Corpus) -> dict:
                 s.joint_lDE.double() / s.joint_lDE.sum(-1, keepdim=True).clamp_min(1)
             ).tolist(),
         }
+        pred = [metrics.next_layer_predictability(t) for t in s.next_lEE]
+        out["next_layer_predict_layers"] = [p for p, _ in pred]
+        out["next_layer_base_layers"] = [b for _, b in pred]
     return out

@@ -68,6 +68,33 @@ class Experts(nn.Module):
             ):
                 w.normal_(0.0, 1.0).mul_(std * scale_E.view(E, 1, 1))
 
+    # Names of the stacked (E, ...) parameters: the only place outside this class that needs
+    # them is the Hugging Face exporter's weight map (moelab.hf.export).
+    STACKED: tuple[str, ...] = ("w13_ED2F", "w2_EFD")
+
+    @property
+    def params_per_expert(self) -> int:
+        """Parameters of one expert: D·2F + F·D."""
+        return sum(getattr(self, n)[0].numel() for n in self.STACKED)
+
+    def keep_only(self, experts: slice) -> list[str]:
+        """Keep only the experts in ``experts`` (expert parallelism: this rank's slice).
+
+        Replaces each stacked parameter by a copy of its rows ``experts``; returns the
+        parameter names (relative to this module) that now hold a slice of E experts.
+        """
+        for name in self.STACKED:
+            setattr(self, name, nn.Parameter(getattr(self, name).data[experts].clone()))
+        self.num_experts = self.w13_ED2F.shape[0]
+        return list(self.STACKED)
+
+    def grad_norm(self) -> Tensor:
+        """(E,) L2 norm of each expert's weight gradient; zeros before any backward."""
+        grads = [getattr(self, n).grad for n in self.STACKED]
+        if any(g is None for g in grads):
+            return torch.zeros(self.num_experts)
+        return sum(g.pow(2).flatten(1).sum(1) for g in grads).sqrt()
+
     def forward(self, x_SD: Tensor, splits: list[int]) -> Tensor:
         """Run expert e on rows [sum(splits[:e]), sum(splits[:e+1])): (S, D) -> (S, D).
 

@@ -141,8 +141,9 @@ def step_row(step: int, r, model, trackers, lr: float, tokens: int, tok_s: float
     row["top_quarter_share_layers"] = [
         float(metrics.top_n_share(c, n)) for c, n in zip(counts, quarter, strict=True)
     ]
-    if "l1_coef" in balance[0]:
-        row["l1_coef_layers"] = [b["l1_coef"] for b in balance]
+    for key in ("l1_coef", "null_bias"):
+        if key in balance[0]:
+            row[f"{key}_layers"] = [b[key] for b in balance]
     return row
 
 

@@ -487,3 +487,66 @@ def mutual_information_from_joint(joint_DE: Tensor) -> float:
     outer_DE = p_DE.sum(1, keepdim=True) * p_DE.sum(0, keepdim=True)
     ratio_DE = torch.where(p_DE > 0, p_DE / outer_DE.clamp_min(1e-300), 1.0)
     return float(torch.special.xlogy(p_DE, ratio_DE).sum() / math.log(2))
+
+
+# ----------------------------------------------------------------------------- across layers
+
+
+def top1_transitions(
+    first_TK: Tensor, next_TK: Tensor, num_experts: int, *, mask_T: Tensor | None = None
+) -> Tensor:
+    """(E, E) int64 table: tokens whose top-1 expert is i in one layer and j in the next.
+
+    first_TK, next_TK (T, K) the two layers' choices (slot 0 = top-1); mask_T (T,) bool, the
+    tokens whose top-1 slot is valid in both layers.
+    """
+    _check_ids(first_TK[:, :1], num_experts)
+    _check_ids(next_TK[:, :1], num_experts)
+    cell_T = first_TK[:, 0].long() * num_experts + next_TK[:, 0].long()
+    if mask_T is not None:
+        cell_T = cell_T[mask_T]
+    return torch.bincount(cell_T, minlength=num_experts * num_experts).view(
+        num_experts, num_experts
+    )
+
+
+def next_layer_predictability(table_EE: Tensor) -> tuple[float, float]:
+    """How well a token's top-1 expert in one layer predicts its top-1 in the next, from a
+    transition table (:func:`top1_transitions`, rows = this layer, columns = the next).
+
+    Returns (accuracy of the best fixed map i -> argmax_j table[i, j], the same for the best
+    constant guess: the next layer's most common expert). The first at the second means the
+    layers route independently; 1.0 means the next layer's load is known one layer ahead (what
+    expert prefetching and the routing analyses of Megatron-LM look for). NaN without tokens.
+    """
+    total = float(table_EE.sum())
+    if total == 0:
+        return math.nan, math.nan
+    return float(table_EE.max(1).values.sum()) / total, float(table_EE.sum(0).max()) / total
+
+
+def routing_agreement(
+    a_TK: Tensor,
+    b_TK: Tensor,
+    num_experts: int,
+    *,
+    a_mask: Tensor | None = None,
+    b_mask: Tensor | None = None,
+) -> float:
+    """Share of the (token, expert) choices of routing ``a`` that routing ``b`` also makes:
+    Σ_t |A_t ∩ B_t| / Σ_t |A_t| (NaN if ``a`` chose nothing).
+
+    a_TK, b_TK (T, K) the same tokens routed twice, e.g. by the training and the inference
+    forward (the signal behind routing replay in RL); masks (T, K) bool mark valid slots.
+    Assumes no repeated id within a token.
+    """
+    _check_ids(a_TK, num_experts)
+    _check_ids(b_TK, num_experts)
+    keep_b = _slot_mask(b_TK, b_mask)
+    hot_TE = torch.zeros(b_TK.shape[0], num_experts, dtype=torch.int64, device=b_TK.device)
+    hot_TE = hot_TE.scatter_reduce(1, b_TK.long(), keep_b.long(), reduce="amax").bool()
+    keep_a = _slot_mask(a_TK, a_mask)
+    chosen = int(keep_a.sum())
+    if chosen == 0:
+        return math.nan
+    return float((hot_TE.gather(1, a_TK.long()) & keep_a).sum()) / chosen

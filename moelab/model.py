@@ -83,6 +83,14 @@ class ModelConfig:
             and (i - self.first_dense) % self.moe_every == 0
         )
 
+    def moe_config(self, i: int) -> MoEConfig | None:
+        """The MoE config of layer i (None for a dense layer); the first ``moe.hash_layers``
+        MoE layers get :meth:`MoEConfig.hash_layer`."""
+        if not self.is_moe_layer(i):
+            return None
+        j = sum(self.is_moe_layer(n) for n in range(i))  # index among the MoE layers
+        return self.moe.hash_layer() if j < self.moe.hash_layers else self.moe
+
     @property
     def dense_hidden(self) -> int:
         """Hidden size of dense FFNs (same active parameters as the MoE FFN by default)."""
@@ -157,12 +165,12 @@ class DenseFFN(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, moe: bool) -> None:
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None) -> None:
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
         self.attn = Attention(cfg)
         self.ffn: nn.Module = (
-            MoELayer(cfg.moe) if moe else DenseFFN(cfg.d_model, cfg.dense_hidden, cfg.init_std)
+            MoELayer(moe) if moe else DenseFFN(cfg.d_model, cfg.dense_hidden, cfg.init_std)
         )
 
     def forward(
@@ -201,7 +209,7 @@ class MoELM(nn.Module):
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, cfg.moe_config(i)) for i in range(cfg.n_layers))
         for i, layer in enumerate(self.moe_layers):
             layer.layer_index = i  # named in errors; the index of the *_layers metrics lists
         self.norm = RMSNorm(cfg.d_model)
@@ -265,8 +273,8 @@ class MoELM(nn.Module):
         parallelism a rank holds E/ep experts per layer; the counts are the whole model's."""
         total = active = sum(p.numel() for p in self.parameters())
         for layer in self.moe_layers:
-            local = layer.experts.w13_ED2F.shape[0]  # experts on this rank
-            per_expert = layer.experts.w13_ED2F[0].numel() + layer.experts.w2_EFD[0].numel()
+            local = layer.experts.num_experts  # experts on this rank
+            per_expert = layer.experts.params_per_expert
             total += per_expert * (layer.cfg.num_experts - local)
             active -= per_expert * (local - layer.cfg.top_k)
         return {"total": total, "active": active}

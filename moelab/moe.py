@@ -17,31 +17,19 @@ is the balancer's, saved in checkpoints under the layer's own keys (``bias``, ``
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab import balance as bal
-from moelab import dispatch, metrics
-from moelab.balancer import BalanceInputs, Balancer
+from moelab import default_outputs, dispatch, metrics
+from moelab.balancer import BalanceInputs, Balancer, in_recompute
 from moelab.config import MoEConfig
 from moelab.experts import Experts, SharedExperts
 from moelab.router import Router
-from moelab.routing import Routing
-
-
-class NonFiniteRouterError(ValueError):
-    """The router logits of MoE layer ``layer`` contain NaN or inf (its input or its weights)."""
-
-    def __init__(self, layer: int | None) -> None:
-        self.layer = layer
-        where = "an MoE layer" if layer is None else f"MoE layer {layer}"
-        super().__init__(
-            f"non-finite router logits (NaN or inf) in {where}; allowed: finite values "
-            "(check the layer input, router.init_std and the learning rate)"
-        )
+from moelab.routing import NonFiniteRouterError, Routing
 
 
 @dataclass
@@ -81,10 +69,12 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         E = cfg.num_experts
         # First child, so its buffers keep the place the layer's own buffers had.
+        r = cfg.router
         self.balancer = Balancer(
-            cfg.balance, num_experts=E, top_k=cfg.top_k, score=cfg.router.score
-        )
-        self.router = Router(cfg.router, cfg.d_model, E, cfg.top_k)
+            cfg.balance, num_experts=E, top_k=cfg.top_k, score=r.score,
+            threshold_ema=r.threshold_ema if r.method == "threshold" else None,
+        )  # fmt: skip
+        self.router = Router(cfg.router, cfg.d_model, E + cfg.null_experts, cfg.top_k)
         self.experts = Experts(
             E,
             cfg.d_model,
@@ -99,6 +89,9 @@ class MoELayer(nn.Module):
             else None
         )
         self.dispatcher: dispatch.Dispatcher = dispatcher or dispatch.LocalDispatcher()
+        if cfg.default_outputs:  # Default MoE: ê (E, D) and whether each expert has one yet
+            self.register_buffer("default_ED", torch.zeros(E, cfg.d_model))
+            self.register_buffer("default_seen_E", torch.zeros(E, dtype=torch.bool))
         # Set by the model: this layer's index among its MoE layers (named in errors).
         self.layer_index: int | None = None
         self.register_state_dict_post_hook(_flatten_balancer_keys)
@@ -122,6 +115,7 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, D)
         mask_T = None if mask is None else mask.reshape(-1).to(torch.bool)
         routing = self._route(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        routing, null_w_T = _real_experts(routing, self.cfg.num_experts)
         slot_mask_TK = _slot_mask(routing, mask_T)
         counts_E = dispatch.routed_counts(routing.experts, slot_mask_TK, self.cfg.num_experts)
         prices_E = self.balancer.price_estimate(routing.scores, mask_T) if self.training else None
@@ -143,6 +137,11 @@ class MoELayer(nn.Module):
         plan = self._plan(routing, slot_mask_TK, cap, counts_E)
         done = self.dispatcher.combine(x_TD, plan, self.experts, load)
         y_TD = done.output_TD
+        if self.cfg.default_outputs and self.training and torch.is_grad_enabled():
+            y_TD = y_TD + self._default_term(x_TD, routing, slot_mask_TK).to(y_TD.dtype)
+        if null_w_T is not None:  # identity experts: gate weight × the input
+            w_T = null_w_T if mask_T is None else null_w_T * mask_T
+            y_TD = y_TD + w_T.unsqueeze(1).to(y_TD.dtype) * x_TD
         if self.shared is not None:
             y_TD = y_TD + self._shared(x_TD, mask_T)
         if self.training:
@@ -174,22 +173,48 @@ class MoELayer(nn.Module):
         return shared_TD
 
     def _route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
-        """The router's decision; NonFiniteRouterError (naming this layer) on NaN/inf logits."""
+        """The router's decision; NonFiniteRouterError naming this layer on NaN/inf logits."""
         try:
             return self.router(
                 x_TD,
-                bias=self.balancer.selection_bias(),
+                bias=self._selection_bias(),
                 step=int(self.balancer.progress),
                 token_ids=token_ids_T,
             )
-        except ValueError as exc:
-            # route() refuses non-finite logits; find out whether that was the cause.
-            with torch.no_grad():
-                clean_TE = F.linear(x_TD.float(), self.router.weight)
-                tensors = (x_TD, clean_TE, *self.router.parameters())
-                if all(bool(torch.isfinite(t).all()) for t in tensors):
-                    raise
+        except NonFiniteRouterError as exc:
             raise NonFiniteRouterError(self.layer_index) from exc
+
+    def _selection_bias(self) -> Tensor | None:
+        """The router's selection bias: the balancer's (E,), and with null experts their
+        shared bias (0 unless ``balance.null_target`` steers it) appended; None when off."""
+        bias_E, Z = self.balancer.selection_bias(), self.cfg.null_experts
+        null = self.balancer.null_bias if self.balancer.null_control else None
+        if not Z or (bias_E is None and null is None):
+            return bias_E
+        real_E = bias_E if bias_E is not None else self.balancer.bias.new_zeros(self.cfg.num_experts)
+        null_Z = null.expand(Z) if null is not None else real_E.new_zeros(Z)
+        return torch.cat([real_E, null_Z])
+
+    def _default_term(self, x_TD: Tensor, routing: Routing, slot_mask_TK: Tensor | None) -> Tensor:
+        """Default MoE: update each expert's moving-average output ê from this forward (not in
+        an activation-checkpointing recompute), then the dense router-gradient term."""
+        if not isinstance(self.dispatcher, dispatch.LocalDispatcher):
+            raise ValueError(
+                "moe.default_outputs needs every expert in this process; allowed: "
+                "default_outputs=false under expert parallelism"
+            )
+        if not in_recompute():
+            mean_ED, seen_E = default_outputs.sample_expert_means(
+                self.experts, x_TD, routing.experts, slot_mask_TK
+            )
+            ema, old_ED, mean_ED = self.cfg.default_ema, self.default_ED, mean_ED.to(self.default_ED)
+            blend_ED = ema * old_ED + (1 - ema) * mean_ED
+            new_ED = torch.where(self.default_seen_E.unsqueeze(1), blend_ED, mean_ED)
+            self.default_ED.copy_(torch.where(seen_E.unsqueeze(1), new_ED, old_ED))
+            self.default_seen_E |= seen_E
+        return default_outputs.dense_term(
+            routing.scores, routing.experts, slot_mask_TK, self.default_ED
+        )
 
     def _capacity(self, num_tokens: int) -> int:
         factor = self.cfg.capacity.factor_for(self.training)
@@ -274,6 +299,26 @@ def _check_inputs(
             raise ValueError(
                 f"MoELayer {name} has shape {tuple(t.shape)}; allowed: x's leading shape {lead}"
             )
+
+
+def _real_experts(routing: Routing, E: int) -> tuple[Routing, Tensor | None]:
+    """Split off the null experts (ids >= E) of a routing over E + Z experts.
+
+    Returns the real-expert view, scores (T, E), null slots masked out (their id set to 0),
+    and the total gate weight (T,) of each token's null slots (None when the router scores
+    only E experts). Everything after routing (balance, dispatch, metrics) sees the view.
+    """
+    if routing.scores.shape[1] == E:
+        return routing, None
+    null_TK = routing.experts >= E
+    real_TK = ~null_TK if routing.mask is None else routing.mask & ~null_TK
+    view = dataclasses.replace(
+        routing,
+        scores=routing.scores[:, :E],
+        experts=routing.experts.masked_fill(null_TK, 0),
+        mask=real_TK,
+    )
+    return view, (routing.weights * null_TK).sum(-1)
 
 
 def _slot_mask(routing: Routing, mask_T: Tensor | None) -> Tensor | None:

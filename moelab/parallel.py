@@ -108,12 +108,8 @@ class DistributedWorld:
 
     def _shard(self, name: str, layer: MoELayer) -> None:
         E, mine = layer.cfg.num_experts, self.layout.expert_slice(layer.cfg.num_experts)
-        experts = layer.experts
-        for pname in ("w13_ED2F", "w2_EFD"):
-            full = getattr(experts, pname)
-            setattr(experts, pname, nn.Parameter(full.data[mine].clone()))
+        for pname in layer.experts.keep_only(mine):
             self._expert_params[f"{name}.experts.{pname}"] = E
-        experts.num_experts = mine.stop - mine.start
         layer.dispatcher = AllToAllDispatcher(self.comm, E)
 
     # ------------------------------------------------------------------ gradients

@@ -161,6 +161,33 @@ def plot_dead_experts(runs: list[Run]) -> Figure:
     return fig
 
 
+def plot_routing_across(runs: list[Run]) -> Figure:
+    """Per MoE layer: training-vs-inference routing consistency (left) and how well the top-1
+    expert predicts the next layer's top-1, against the constant-guess baseline (right)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    colors = _colors(runs)
+    for r in (r for r in runs if r.is_moe):
+        ev = r.final_eval
+        cons = dotted_get(ev, "routing_consistency_layers", None)
+        if cons:
+            left.plot(range(len(cons)), cons, "o-", color=colors[r.name], label=r.name)
+        pred = dotted_get(ev, "next_layer_predict_layers", None)
+        base = dotted_get(ev, "next_layer_base_layers", None)
+        if pred:
+            right.plot(range(len(pred)), pred, "o-", color=colors[r.name], label=r.name)
+            right.plot(range(len(base)), base, ":", color=colors[r.name])
+    left.set(xlabel="MoE layer", ylabel="share of choices kept", ylim=(0, 1.05),
+             title="Training vs inference routing")  # fmt: skip
+    right.set(xlabel="MoE layer l (predicts l + 1)", ylabel="top-1 accuracy", ylim=(0, 1.05),
+              title="Next-layer predictability (dotted: baseline)")  # fmt: skip
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def domain_names(run: Run) -> list[str]:
     """Domain names in corpus order, from the ``val_loss/<domain>`` keys of the evaluation."""
     return [k.split("/", 1)[1] for k in run.final_eval if k.startswith("val_loss/")]
@@ -236,6 +263,15 @@ PLOTS = [
         "Which experts each data domain uses in the "
         "last MoE layer; MI in bits (0 = no specialisation).",
     ),
+    Plot(
+        "routing_across.png",
+        "Routing across forwards and layers",
+        "Left: share of the inference forward's expert choices that the training forward of "
+        "the same tokens also makes (1 = no train/inference mismatch; router noise and expert "
+        "masking lower it). Right: accuracy of predicting a token's top-1 expert in the next "
+        "MoE layer from its top-1 in this one, against always guessing the busiest expert "
+        "(dotted); far above the dotted line, the next layer's load is known a layer ahead.",
+    ),
 ]
 
 
@@ -247,4 +283,5 @@ def make_figures(runs: list[Run]) -> dict[str, Figure]:
         "load_heatmap.png": plot_load_heatmap(runs),
         "dead_experts.png": plot_dead_experts(runs),
         "domain_experts.png": plot_domain_experts(runs),
+        "routing_across.png": plot_routing_across(runs),
     }

@@ -29,6 +29,8 @@ from moelab.routing import (
     score_fn,
     sinkhorn_route,
     soften,
+    sparsemixer_route,
+    threshold_route,
     top_p_route,
     uniform_experts,
 )
@@ -78,6 +80,9 @@ def _as_fp32(r: Routing) -> Routing:
     return dataclasses.replace(r, **cast)
 
 
+RMS_EPS = 1e-6  # router.input_norm="rms": Gemma-4's rms_norm_eps default
+
+
 class Router(nn.Module):
     """Linear fp32 gate x (T, D) -> logits (T, E) -> Routing, implementing every RouterConfig
     option (noise, annealing, expert masking, soft warm-up, all methods)."""
@@ -91,10 +96,15 @@ class Router(nn.Module):
             self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model))
         if cfg.gate_bias:  # GPT-OSS: a learned bias on the gate, zero init
             self.gate_bias = nn.Parameter(torch.zeros(num_experts))
+        if cfg.input_norm == "rms":  # Gemma-4: learned scale of the normalised input
+            self.input_scale = nn.Parameter(torch.ones(d_model))
+        if cfg.expert_scale:  # Gemma-4: learned scale of each expert's gate weight
+            self.expert_scale = nn.Parameter(torch.ones(num_experts))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """weight ~ N(0, init_std²) (zeros if init_std = 0); noise_weight, gate_bias zeros."""
+        """weight ~ N(0, init_std²) (zeros if init_std = 0); noise_weight, gate_bias zeros;
+        input_scale, expert_scale ones."""
         if self.cfg.init_std > 0:
             nn.init.normal_(self.weight, std=self.cfg.init_std)
         else:
@@ -103,6 +113,9 @@ class Router(nn.Module):
             nn.init.zeros_(self.noise_weight)
         if hasattr(self, "gate_bias"):
             nn.init.zeros_(self.gate_bias)
+        for name in ("input_scale", "expert_scale"):
+            if hasattr(self, name):
+                nn.init.ones_(getattr(self, name))
 
     def _apply(self, fn, recurse: bool = True) -> Router:
         """Keep the gate parameters fp32 under ``module.to(bf16)`` (Switch selective precision)."""
@@ -132,8 +145,20 @@ class Router(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         dtype = torch.bfloat16 if self.cfg.dtype == "bf16" else torch.float32
         with torch.autocast(x.device.type, enabled=False):
-            routing = self._route(x_TD.to(dtype), bias, step, token_ids)
+            routing = self._route(self._normed(x_TD.to(dtype)), bias, step, token_ids)
+            if self.cfg.expert_scale:
+                scale_TK = self.expert_scale.to(dtype)[routing.experts]
+                routing = dataclasses.replace(routing, weights=routing.weights * scale_TK)
         return routing if dtype == torch.float32 else _as_fp32(routing)
+
+    def _normed(self, x_TD: Tensor) -> Tensor:
+        """Gemma-4's router input (``input_norm="rms"``): x·(mean(x²) + ε)^-½ · s · D^-½, the
+        norm in fp32 and cast back; x itself otherwise."""
+        if self.cfg.input_norm == "none":
+            return x_TD
+        x32 = x_TD.float()
+        normed = (x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + RMS_EPS, -0.5)).to(x_TD)
+        return normed * self.input_scale.to(x_TD.dtype) * x_TD.shape[-1] ** -0.5
 
     def _route(
         self, x_TD: Tensor, bias: Tensor | None, step: int, token_ids: Tensor | None
@@ -150,6 +175,12 @@ class Router(nn.Module):
             return top_p_route(logits_TE, self.cfg.top_p, normalize=self.cfg.normalize)
         if method == "relu":
             return relu_route(logits_TE, score=self.cfg.score)
+        if method == "sparsemixer":
+            eps = self.cfg.sparsemixer_eps
+            return sparsemixer_route(logits_TE, self.top_k, eps=eps, training=self.training)
+        if method == "threshold":  # the layer's Balancer keeps τ as the bias −τ
+            tau = None if bias is None else -bias
+            return threshold_route(logits_TE, self.top_k, threshold=tau, score=self.cfg.score)
         return self._fixed(logits_TE, token_ids)
 
     def _logits(self, x_TD: Tensor) -> Tensor:
@@ -249,7 +280,8 @@ class Router(nn.Module):
         )
 
     def _fixed(self, logits_TE: Tensor, token_ids: Tensor | None) -> Routing:
-        """hash / random / uniform: experts independent of the logits, weights 1/k."""
+        """hash / random / uniform: experts independent of the logits, weights 1/k (or, for
+        hash with ``hash_gate="scores"``, the scores of the hashed experts)."""
         T, E, k, method = logits_TE.shape[0], self.num_experts, self.top_k, self.cfg.method
         check_inputs(logits_TE, k, self.cfg.score, None)
         if method == "hash":
@@ -265,4 +297,12 @@ class Router(nn.Module):
             experts_TK = random_experts(T, k, E, logits_TE.device)
         else:
             experts_TK = uniform_experts(T, k, E, logits_TE.device)
+        if method == "hash" and self.cfg.hash_gate == "scores":  # DeepSeek-V4's hash layers
+            scores_TE = score_fn(logits_TE, self.cfg.score)
+            c = self.cfg
+            weights_TK = gate_weights(
+                logits_TE, scores_TE, experts_TK, normalize=c.normalize,
+                topk_before_softmax=c.topk_before_softmax,
+            )  # fmt: skip
+            return Routing(logits_TE, scores_TE, weights_TK, experts_TK)
         return fixed_routing(logits_TE, experts_TK, score=self.cfg.score)

@@ -32,7 +32,14 @@ assert set(SCORES) == set(SCORE_FNS), "every ScoreFn needs a formula in SCORE_FN
 
 @dataclass(frozen=True)
 class Routing:
-    """The result of routing T tokens over E experts (see docs/DESIGN.md)."""
+    """The result of routing T tokens over E experts (see docs/DESIGN.md).
+
+    One shape for every method: K slots per token, (T, K), plus ``mask``. Token-choice top-k
+    (plain, noisy, Gumbel, Sinkhorn, hash, random) fills K = top_k slots and leaves ``mask``
+    None (every slot used). Methods in which a token takes a variable number of experts
+    (expert choice, top-p, ReLU) fill K = E slots and mark the used ones in ``mask``; soft
+    warm-up uses all E (``mask`` None). ``slots`` is K either way, never the configured top_k.
+    """
 
     logits: Tensor  # (T, E) fp32 logits used for selection (after noise), for z-loss
     scores: Tensor  # (T, E) after the score fn (SCORE_FNS), before any bias; has grad
@@ -48,9 +55,23 @@ class Routing:
         return self.scores.shape[-1]
 
     @property
-    def top_k(self) -> int:
-        """K, the number of slots per token (E for expert choice and soft warm-up)."""
+    def slots(self) -> int:
+        """K, the slots per token: top_k for token choice, E for variable-count methods."""
         return self.experts.shape[-1]
+
+
+class NonFiniteRouterError(ValueError):
+    """Router logits with NaN or inf; ``layer`` names the MoE layer once the layer knows it."""
+
+    def __init__(self, layer: int | None = None) -> None:
+        self.layer = layer
+        self.what = "router logits contain NaN or inf" + (
+            "" if layer is None else f" in MoE layer {layer}"
+        )
+        super().__init__(
+            f"{self.what}; allowed: finite values (check the router input, router.init_std "
+            "and the learning rate)"
+        )
 
 
 def anneal(step: int, steps: int) -> float:
@@ -77,10 +98,7 @@ def check_inputs(logits_TE: Tensor, k: int, score: str, bias_E: Tensor | None) -
     if bias_E is not None and tuple(bias_E.shape) != (E,):
         raise ValueError(f"bias has shape {tuple(bias_E.shape)}; allowed: shape (num_experts={E},)")
     if not torch.isfinite(logits_TE).all():  # one reduction; a host sync, as any check is
-        raise ValueError(
-            "router logits contain NaN or inf; allowed: finite values (check the router input, "
-            "its init_std and the learning rate)"
-        )
+        raise NonFiniteRouterError()
 
 
 def check_groups(E: int, k: int, num_groups: int, topk_groups: int) -> None:
@@ -223,6 +241,94 @@ def expert_choice_route(logits: Tensor, k: int, *, score: str = "softmax") -> Ro
     chosen_TE = torch.zeros_like(scores_TE, dtype=torch.bool)
     chosen_TE.scatter_(0, scores_TE.detach().topk(C, dim=0).indices, True)  # (C, E) token ids
     return _dense_routing(logits_TE, scores_TE, chosen_TE)
+
+
+def threshold_route(
+    logits: Tensor, k: int, *, threshold: Tensor | None, score: str = "softmax"
+) -> Routing:
+    """Expert-threshold routing (arXiv 2603.11535): token t joins every expert i whose score
+    reaches the expert's threshold, s_ti >= τ_i, so each token gets 0..E experts and each expert
+    about its share of tokens, without an aux loss. Causal: τ (E,) comes from past batches
+    (``Balancer``); before the first estimate (``threshold`` None) each token takes its top-k.
+
+    logits (T, E) -> Routing with K' = E slots in expert order; ``mask`` marks the chosen
+    pairs; weights are the unnormalised scores of the chosen experts (as in expert choice).
+    """
+    check_inputs(logits, k, score, threshold)
+    logits_TE = logits.float()
+    scores_TE = score_fn(logits_TE, score)
+    sel_TE = scores_TE.detach()
+    if threshold is None:
+        chosen_TE = torch.zeros_like(sel_TE, dtype=torch.bool)
+        chosen_TE.scatter_(1, sel_TE.topk(k, dim=-1).indices, True)
+    else:
+        chosen_TE = sel_TE >= threshold.float()
+    return _dense_routing(logits_TE, scores_TE, chosen_TE)
+
+
+class _HeunMultiplier(torch.autograd.Function):
+    """SparseMixer's gate weight with its third-order (Heun) gradient estimate (Liu et al.
+    2023, "Sparse Backpropagation for MoE Training"; as in Phi-3.5-MoE).
+
+    Forward: ``weight_T1 · scale_T1`` (scale 1 or 1/3, the midpoint mask). Backward to the
+    logits (T, E): with g = grad · weight, −probs · g everywhere plus g at the chosen expert,
+    i.e. the gradient of the chosen expert's softmax probability, scaled by it.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_TE, weight_T1, chosen_T1, probs_TE, scale_T1):  # noqa: D102
+        ctx.save_for_backward(weight_T1, chosen_T1, probs_TE)
+        return weight_T1 * scale_T1
+
+    @staticmethod
+    def backward(ctx, grad_T1):  # noqa: D102
+        weight_T1, chosen_T1, probs_TE = ctx.saved_tensors
+        g_T1 = grad_T1 * weight_T1
+        grad_TE = (probs_TE * -g_T1).scatter_add(1, chosen_T1, g_T1)
+        return grad_TE, None, None, None, None
+
+
+def _sparse_round(
+    logits_TE: Tensor, left_TE: Tensor, eps: float, training: bool
+) -> tuple[Tensor, Tensor]:
+    """One SparseMixer choice among the logits ``left`` (taken experts at −inf): experts whose
+    logit is within a relative 2·eps of the best compete; in training one is drawn by Gumbel-max
+    and weighted through :class:`_HeunMultiplier`, at inference the best is taken. Returns the
+    weight (T, 1) and the expert (T, 1)."""
+    with torch.no_grad():
+        best_T1, arg_T1 = left_TE.max(dim=-1, keepdim=True)
+        far_TE = (best_T1 - logits_TE) / logits_TE.abs().clamp(min=best_T1) > 2 * eps
+    masked_TE = left_TE.masked_fill(far_TE, float("-inf"))
+    if training:
+        gumbel_TE = torch.empty_like(masked_TE).exponential_().log()
+        chosen_T1 = (masked_TE - gumbel_TE).max(dim=-1)[1].unsqueeze(-1)
+    else:
+        chosen_T1 = arg_T1
+    probs_TE = masked_TE.softmax(-1)
+    weight_T1 = probs_TE.gather(1, chosen_T1)
+    if not training:
+        return weight_T1, chosen_T1
+    top_T1 = probs_TE.max(dim=-1, keepdim=True)[1]
+    midpoint_T1 = (chosen_T1 == top_T1) | (torch.rand_like(weight_T1) > 0.75)
+    scale_T1 = torch.add(0.3333, midpoint_T1, alpha=0.6667).to(probs_TE.dtype)
+    return _HeunMultiplier.apply(logits_TE, weight_T1, chosen_T1, probs_TE, scale_T1), chosen_T1
+
+
+def sparsemixer_route(logits: Tensor, k: int, *, eps: float, training: bool) -> Routing:
+    """SparseMixer routing (Liu et al. 2023; Phi-3.5-MoE): k rounds, each choosing one expert
+    among those whose logit is within a relative 2·eps of the best left (:func:`_sparse_round`),
+    the chosen ones set to −inf for the next round. In training the choice is sampled and the
+    router gets a dense third-order gradient estimate instead of the top-k paths only (seed
+    000/004). logits (T, E) -> Routing with K = k slots; weights are per-round probabilities."""
+    check_inputs(logits, k, "softmax", None)
+    logits_TE = logits.float()
+    left_TE, weights, experts = logits_TE, [], []
+    for _ in range(k):
+        w_T1, e_T1 = _sparse_round(logits_TE, left_TE, eps, training)
+        weights.append(w_T1)
+        experts.append(e_T1)
+        left_TE = left_TE.scatter(1, e_T1, float("-inf"))
+    return Routing(logits_TE, logits_TE.softmax(-1), torch.cat(weights, 1), torch.cat(experts, 1))
 
 
 def top_p_route(logits: Tensor, p: float, *, normalize: bool = True) -> Routing:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from moelab.errors import RunError
 from moelab.model import MoELM
-from moelab.moe import NonFiniteRouterError
+from moelab.routing import NonFiniteRouterError
 from moelab.runconfig import RunConfig, TrainConfig
 from moelab.world import World
 
@@ -76,7 +76,7 @@ def train_step(
             with _autocast(cfg.train.dtype):
                 out = model(mb.tokens, mb.targets)
         except NonFiniteRouterError as exc:
-            return _nonfinite(model, opt, cfg, step, str(exc))
+            return _nonfinite(model, opt, cfg, step, exc.what)
         ((out.loss + out.aux) / n).backward()
         losses.append(float(out.loss.detach()))
         loss_sum += losses[-1] / n
@@ -90,7 +90,7 @@ def train_step(
         z = z_now if z is None else [a + b for a, b in zip(z, z_now, strict=True)]
     gap = _train_eval_gap(model, micro[0], losses[0], cfg, world) if measure_gap else None
     world.sync_grads(model)
-    egn = [_expert_grad_norm(layer) for layer in model.moe_layers]
+    egn = [layer.experts.grad_norm() for layer in model.moe_layers]
     gnorm = world.clip_grad_norm(model, cfg.train.grad_clip)
     loss_sum = world.mean(loss_sum)
     if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
@@ -147,10 +147,3 @@ def _autocast(dtype: str):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
-
-def _expert_grad_norm(layer) -> Tensor:
-    """(E,) gradient norm of each expert's weights (rarely chosen experts: noisy, seed 001)."""
-    g13, g2 = layer.experts.w13_ED2F.grad, layer.experts.w2_EFD.grad
-    if g13 is None or g2 is None:
-        return torch.zeros(layer.cfg.num_experts)
-    return (g13.pow(2).sum((1, 2)) + g2.pow(2).sum((1, 2))).sqrt()

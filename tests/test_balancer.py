@@ -5,6 +5,7 @@ sequence-loss setting and the refused bias, and the same Balancer under the LM a
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 import moelab
 from moelab import balance as bal
-from moelab import dispatch
+from moelab import dispatch, metrics
 from moelab.balancer import TERMS, BalanceInputs, Balancer, active_terms
 from moelab.config import BalanceConfig, CapacityConfig, MoEConfig, RouterConfig
 from moelab.routing import relu_route, route
@@ -421,3 +422,74 @@ def test_the_layer_hands_its_router_weight_to_simbal():
     torch.testing.assert_close(out.losses["simbal"], want, rtol=0, atol=0)
     out.losses["simbal"].backward()
     assert layer.router.weight.grad is not None
+
+
+def test_expert_threshold_routing_is_expert_choice_on_the_batch_it_learned_from_and_causal():
+    """router.method="threshold" (arXiv 2603.11535): the first step routes by top-k (no
+    threshold yet); after one step with threshold_ema 0, τ_i is the ⌈T·k/E⌉-th largest score of
+    expert i, so routing that batch again chooses exactly what expert choice chooses. Unlike
+    expert choice it is causal: changing one token leaves every other token's experts alone.
+    On a skewed router the moving thresholds bring every expert near its fair share."""
+    from moelab import routing as rt
+    from moelab.moe import MoELayer
+
+    torch.manual_seed(0)
+    T, D, E, K = 96, 16, 8, 2
+    cfg = MoEConfig(d_model=D, num_experts=E, top_k=K, d_expert=8,
+                    router=RouterConfig(method="threshold", threshold_ema=0.0))  # fmt: skip
+    layer = MoELayer(cfg).train()
+    with torch.no_grad():
+        layer.router.weight.mul_(20).add_(torch.randn(E, 1) * 2)  # skewed scores
+    x = torch.randn(T, D)
+    first = layer(x)
+    assert first.slot_mask.sum(1).eq(K).all()  # top-k before any threshold
+    logits = x @ layer.router.weight.T
+    scores = logits.softmax(-1)
+    want = bal.expert_thresholds(scores, K)
+    ref = torch.stack([scores[:, i].sort(descending=True).values[math.ceil(T * K / E) - 1]
+                       for i in range(E)])  # fmt: skip
+    torch.testing.assert_close(want, ref)
+    layer.end_step()
+    torch.testing.assert_close(-layer.bias, ref)
+    again = layer(x)
+    ec = rt.expert_choice_route(logits, K)
+    assert torch.equal(again.slot_mask, ec.mask)
+    y = x.clone()
+    y[-1] = torch.randn(D)  # another last token
+    moved = layer.eval()(y)
+    assert torch.equal(moved.slot_mask[:-1], layer(x).slot_mask[:-1])
+    layer.train()
+    skewed = MoELayer(dataclasses.replace(cfg, router=RouterConfig(method="threshold"))).train()
+    with torch.no_grad():
+        skewed.router.weight.copy_(layer.router.weight)
+    mv = []
+    for _ in range(40):
+        out = skewed(torch.randn(T, D))
+        skewed.end_step()
+        mv.append(float(metrics.max_violation(out.counts)))
+    topk = float(metrics.max_violation(first.counts))  # the same router by top-k
+    assert sum(mv[-10:]) / 10 < 0.5 * topk
+
+
+def test_null_bias_controller_steers_real_experts_per_token_to_the_target():
+    """balance.null_target (LongCat-Flash): the null experts' shared bias rises while tokens
+    use more real experts than the target and falls below it, so the real experts a token
+    settle at the target; the real experts' loss-free bias is untouched by it."""
+    torch.manual_seed(0)
+    T, D, E, Z, K = 256, 16, 8, 4, 2
+    cfg = MoEConfig(d_model=D, num_experts=E, top_k=K, d_expert=8, null_experts=Z,
+                    balance=BalanceConfig(null_target=1.0, null_rate=0.01))  # fmt: skip
+    layer = moelab.MoELayer(cfg).train()
+    with torch.no_grad():  # scores with a spread that a bias step does not swamp
+        layer.router.weight.mul_(100)
+    x = torch.randn(T, D)
+    per_token = []
+    for _ in range(80):
+        per_token.append(float(layer(x).stats["experts_per_token"]))
+        layer.end_step()
+    assert per_token[0] >= 1.4 and abs(sum(per_token[-10:]) / 10 - 1.0) < 0.1
+    assert float(layer.balancer.null_bias) > 0 and (layer.bias == 0).all()
+    assert layer.balancer.stats()["null_bias"] == float(layer.balancer.null_bias)
+    with pytest.raises(ValueError, match="needs moe.null_experts > 0"):
+        MoEConfig(d_model=D, num_experts=E, top_k=K, d_expert=8,
+                  balance=BalanceConfig(null_target=1.0))  # fmt: skip

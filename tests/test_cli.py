@@ -178,3 +178,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert len(lines) == 1 and "stopped by SIGTERM after step" in lines[0], err
     step = json.loads((out / "latest.json").read_text())["step"]
     assert f"after step {step};" in lines[0] and not list(out.glob("*.tmp"))
+
+
+def test_import_has_no_environment_side_effect_and_the_command_turns_on_huge_pages():
+    """`import moelab` (and its CLI module) leaves os.environ as it was; main() sets
+    THP_MEM_ALLOC_ENABLE=1 unless the user set it (issue 16: no import side effect)."""
+    code = (
+        "import os; before = dict(os.environ); import moelab, moelab.cli, moelab.lab;"
+        "assert dict(os.environ) == before, 'import changed the environment';"
+        "moelab.cli.main(['presets']);"
+        "print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "1"
+    env["THP_MEM_ALLOC_ENABLE"] = "0"  # the user's choice is kept
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "0"

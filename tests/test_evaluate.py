@@ -1,5 +1,7 @@
 """Specification of moelab.evaluate's guard: an evaluation over no token is an error."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -32,3 +34,29 @@ def test_a_run_without_validation_text_fails_before_training(micro_cfg, tmp_path
     with pytest.raises(ValueError, match="no validation token to evaluate"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_routing_consistency_and_next_layer_predictability_are_reported(micro_cfg, tmp_path):
+    """evaluate reports training-vs-inference routing consistency (1.0 without training-only
+    randomness, below 1 with router jitter and expert masking) and next-layer predictability;
+    the probe's training forward changes nothing: a run that evaluates every step trains to
+    the same losses as one that does not."""
+    from moelab.logs import read_rows
+
+    sets = ["train.steps=3", "train.log_every=1", "model.moe.router.noise='jitter'",
+            "model.moe.router.noise_std=0.5", "model.moe.router.expert_mask_prob=0.3",
+            "model.moe.balance.bias_rate=1e-3"]  # fmt: skip
+    train(micro_cfg(*sets, "train.eval_every=1"), tmp_path / "a", progress=False)
+    train(micro_cfg(*sets, "train.eval_every=0"), tmp_path / "b", progress=False)
+    rows = {p: read_rows(tmp_path / p / "metrics.jsonl") for p in ("a", "b")}
+    losses = {p: [r["loss"] for r in rs if "loss" in r] for p, rs in rows.items()}
+    assert losses["a"] == losses["b"]
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert all(0 < c < 1 for c in summary["routing_consistency_layers"])
+    assert len(summary["next_layer_predict_layers"]) == 1  # micro: 2 MoE layers
+    acc, base = summary["next_layer_predict_layers"][0], summary["next_layer_base_layers"][0]
+    assert 0 < base <= acc <= 1
+    plain = micro_cfg("train.steps=1")
+    train(plain, tmp_path / "c", progress=False)
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["routing_consistency_layers"] == [1.0, 1.0]

@@ -131,6 +131,12 @@ REFUSALS = {
         lambda: _with_moe(tiny_cfg(), capacity=CapacityConfig(factor=1.0)),
         "token dropping",
     ),
+    "gate-bias": (lambda: tiny_cfg(gate_bias=True), "router.gate_bias=True"),
+    "softcap": (lambda: tiny_cfg(logit_softcap=2.0), "router.logit_softcap=2.0"),
+    "rms-router": (lambda: tiny_cfg(input_norm="rms"), "router.input_norm='rms'"),
+    "expert-scale": (lambda: tiny_cfg(expert_scale=True), "router.expert_scale=True"),
+    "hash-layers": (lambda: _with_moe(tiny_cfg(), hash_layers=1), "moe.hash_layers=1"),
+    "null-experts": (lambda: _with_moe(tiny_cfg(), null_experts=2), "moe.null_experts=2"),
 }
 
 

@@ -30,7 +30,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_list_shows_every_experiment(capsys):
-    """`lab list` prints one line per experiments/*.toml, all ten of the issue's (+7b)."""
+    """`lab list` prints one line per moelab/lab/experiments/*.toml, all ten of the issue's (+7b)."""
     args = _parse(["lab", "list"])
     assert args.func(args) == 0
     out = capsys.readouterr().out

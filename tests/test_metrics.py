@@ -408,3 +408,30 @@ def test_experts_per_token_counts_used_slots_of_real_tokens():
     slots_TK = torch.tensor([[True, False], [True, True], [False, False]])
     assert M.experts_per_token(slots_TK).tolist() == [1, 2, 0]
     assert M.experts_per_token(slots_TK, torch.tensor([True, False, True])).tolist() == [1, 0]
+
+
+def test_next_layer_predictability_and_routing_agreement():
+    """A next layer that permutes the first layer's top-1 is predicted exactly; an independent
+    one only as well as its most common expert. Agreement is |A ∩ B| / |A| over valid slots."""
+    g = torch.Generator().manual_seed(0)
+    E, T = 4, 4000
+    first = torch.randint(0, E, (T, 2), generator=g)
+    perm = torch.tensor([2, 0, 3, 1])
+    table = M.top1_transitions(first, perm[first], E)
+    assert table.sum() == T and M.next_layer_predictability(table)[0] == 1.0
+    other = torch.randint(0, E, (T, 2), generator=g)
+    acc, base = M.next_layer_predictability(M.top1_transitions(first, other, E))
+    assert abs(acc - base) < 0.05 and 0.25 <= base < 0.3
+    valid = torch.arange(T) % 2 == 0
+    assert M.top1_transitions(first, other, E, mask_T=valid).sum() == T // 2
+    assert math.isnan(M.next_layer_predictability(torch.zeros(E, E))[0])
+    a = torch.tensor([[0, 1], [2, 3]])
+    assert M.routing_agreement(a, a, E) == 1.0
+    assert M.routing_agreement(a, torch.tensor([[0, 2], [3, 1]]), E) == 0.5
+    b = torch.tensor([[1, 0], [3, 2]])
+    b_mask = torch.tensor([[False, True], [True, True]])  # b's expert 1 of token 0 is unused
+    assert M.routing_agreement(a, b, E) == 1.0
+    assert M.routing_agreement(a, b, E, b_mask=b_mask) == 0.75
+    a_mask = torch.tensor([[True, True], [False, False]])
+    assert M.routing_agreement(a, a, E, a_mask=a_mask) == 1.0
+    assert math.isnan(M.routing_agreement(a, a, E, a_mask=torch.zeros(2, 2, dtype=bool)))

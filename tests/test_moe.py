@@ -443,3 +443,107 @@ def test_route_is_the_layers_selection():
     x = tokens(9)
     r = rt.route(torch.nn.functional.linear(x, layer.router.weight), K)
     assert torch.equal(layer(x).experts, r.experts)
+
+
+def test_hash_layers_route_the_first_moe_layers_by_token_id():
+    """model.moe.hash_layers = 2: the first two MoE layers choose experts by the token id alone
+    (DeepSeek-V4), weights from their learned scores and no loss-free bias; the later layers
+    route by top-k with the bias. The same token in two contexts goes to the same experts."""
+    import dataclasses
+
+    from moelab.model import ModelConfig, MoELM
+
+    moe = MoEConfig(d_model=32, num_experts=8, top_k=2, d_expert=16, hash_layers=2,
+                    balance=BalanceConfig(bias_rate=1e-3))  # fmt: skip
+    cfg = ModelConfig(d_model=32, n_layers=3, n_heads=2, max_seq_len=16, vocab_size=40, moe=moe)
+    model = MoELM(cfg).train()
+    kinds = [(layer.cfg.router.method, layer.balancer.bias_on) for layer in model.moe_layers]
+    assert kinds == [("hash", False), ("hash", False), ("topk", True)]
+    a = torch.tensor([[5, 7, 9, 11]])
+    b = torch.tensor([[3, 2, 1, 11]])  # token 11 after another context
+    out_a, out_b = model(a, a).moe, model(b, b).moe
+    for i in range(2):
+        assert torch.equal(out_a[i].experts[-1], out_b[i].experts[-1])
+    with pytest.raises(ValueError, match="moe.hash_layers"):
+        dataclasses.replace(moe, hash_layers=-1)
+
+
+def test_null_experts_are_longcat_flash_identity_experts():
+    """moe.null_experts = Z on the same weights and inputs gives transformers' LongcatFlashMoE
+    (zero_expert_num = Z, routed_scaling_factor 1): softmax over E + Z, top-k, a null slot
+    returns its gate weight × the input. Counts and balance see the E real experts only, and
+    experts_per_token is the real experts a token uses."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashMoE
+
+    D, E, Z, K, F = 16, 6, 3, 2, 8
+    hf_cfg = transformers.LongcatFlashConfig(
+        hidden_size=D, n_routed_experts=E, zero_expert_num=Z, num_experts_per_tok=K,
+        expert_ffn_hidden_size=F, routed_scaling_factor=1.0,
+    )  # fmt: skip
+    theirs = LongcatFlashMoE(hf_cfg).eval()
+    cfg = MoEConfig(d_model=D, num_experts=E, top_k=K, d_expert=F, null_experts=Z,
+                    router=RouterConfig(normalize=False),
+                    balance=BalanceConfig(aux_coef=0.01, bias_rate=1e-3))  # fmt: skip
+    ours = moelab.MoELayer(cfg).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        theirs.router.classifier.weight.copy_(torch.randn(E + Z, D, generator=g))
+        theirs.experts.gate_up_proj.normal_(0, 0.3, generator=g)
+        theirs.experts.down_proj.normal_(0, 0.3, generator=g)
+        ours.router.weight.copy_(theirs.router.classifier.weight)
+        ours.experts.w13_ED2F.copy_(theirs.experts.gate_up_proj[:E].transpose(1, 2))
+        ours.experts.w2_EFD.copy_(theirs.experts.down_proj.transpose(1, 2))
+    x = torch.randn(2, 12, D, generator=g)
+    out = ours(x)
+    torch.testing.assert_close(out.output, theirs(x), rtol=1e-5, atol=1e-6)
+    _, _, chosen = theirs.router(x)
+    real = (chosen < E).sum(-1)  # real experts per token in transformers' routing
+    assert real.min() < K, "the check needs tokens that chose a null expert"
+    assert int(out.counts.sum()) == int(real.sum()) and out.counts.shape == (E,)
+    assert abs(float(out.stats["experts_per_token"]) - real.float().mean().item()) < 1e-6
+    ours.train()
+    train_out = ours(x)  # the balance terms and the bias cover the real experts
+    assert set(train_out.losses) == {"aux"} and ours.bias.shape == (E,)
+    with pytest.raises(ValueError, match="moe.null_experts=2 does not work with router.method"):
+        MoEConfig(d_model=D, num_experts=E, top_k=K, d_expert=F, null_experts=2,
+                  router=RouterConfig(method="expert_choice"))  # fmt: skip
+
+
+def test_default_outputs_give_the_router_a_dense_gradient_and_leave_the_output_alone():
+    """moe.default_outputs (Default MoE, Panda et al. 2025): the training output equals the
+    plain layer's; ê after the first forward is each expert's mean output over its routed
+    tokens; every unselected expert's score gets ⟨∂L/∂y_t, ê_i⟩, so the router gradient is the
+    plain one plus the gradient of Σ_{i ∉ A_t} p_ti·⟨g_t, ê_i⟩ (checked by autograd)."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    T, D, E, K = 24, 16, 6, 2
+    base = MoEConfig(d_model=D, num_experts=E, top_k=K, d_expert=8)
+    plain = moelab.MoELayer(base).train()
+    dense = moelab.MoELayer(dataclasses.replace(base, default_outputs=True, default_ema=0.5))
+    dense.load_state_dict(plain.state_dict(), strict=False)
+    dense.train()
+    x = torch.randn(T, D)
+    g = torch.randn(T, D)
+    out_p, out_d = plain(x), dense(x)
+    torch.testing.assert_close(out_d.output, out_p.output, rtol=0, atol=0)
+    experts_TK = out_p.experts
+    ref_ED = torch.stack([
+        torch.stack([plain.experts.forward_loop(x[t:t + 1], experts_TK[t:t + 1, j:j + 1],
+                     torch.ones(1, 1))[0] for t, j in (experts_TK == e).nonzero().tolist()]).mean(0)
+        for e in range(E)
+    ])  # fmt: skip
+    torch.testing.assert_close(dense.default_ED, ref_ED, rtol=1e-5, atol=1e-6)
+    (out_p.output * g).sum().backward()
+    (out_d.output * g).sum().backward()
+    w = plain.router.weight.detach().clone().requires_grad_()
+    p_TE = (x @ w.T).softmax(-1)
+    unsel_TE = torch.ones(T, E).scatter(1, experts_TK, 0.0)
+    extra = ((p_TE * unsel_TE) * (g @ ref_ED.T)).sum()
+    extra.backward()
+    torch.testing.assert_close(dense.router.weight.grad, plain.router.weight.grad + w.grad,
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    assert w.grad.abs().sum() > 0
+    dense(x)  # second forward: ê ← 0.5·ê + 0.5·mean (the same batch: unchanged)
+    torch.testing.assert_close(dense.default_ED, ref_ED, rtol=1e-5, atol=1e-6)

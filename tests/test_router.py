@@ -254,3 +254,100 @@ def test_router_options_are_off_by_default_and_validated():
     assert RouterConfig().logit_softcap == 0.0
     with pytest.raises(ValueError, match="router.logit_softcap"):
         RouterConfig(logit_softcap=-1.0)
+
+
+def test_rms_input_norm_and_expert_scale_are_the_gemma4_router():
+    """router.input_norm="rms" + expert_scale on the same weights and inputs gives transformers'
+    Gemma4TextRouter: RMS-normalised input × learned scale × D^-½, softmax, top-k renormalised,
+    × the learned per-expert scale of each chosen expert."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRouter
+
+    hf_cfg = transformers.Gemma4TextConfig(
+        hidden_size=D, num_experts=E, top_k_experts=K, enable_moe_block=True,
+        moe_intermediate_size=8,
+    )  # fmt: skip
+    theirs = Gemma4TextRouter(hf_cfg)
+    ours = _router(train=False, input_norm="rms", expert_scale=True)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        theirs.proj.weight.copy_(torch.randn(E, D, generator=g))
+        theirs.scale.copy_(1 + 0.3 * torch.randn(D, generator=g))
+        theirs.per_expert_scale.copy_(1 + 0.3 * torch.randn(E, generator=g))
+        ours.weight.copy_(theirs.proj.weight)
+        ours.input_scale.copy_(theirs.scale)
+        ours.expert_scale.copy_(theirs.per_expert_scale)
+    x = _x() * 7.0  # the norm removes the input's scale
+    probs, weights, experts = theirs(x)
+    r = ours(x)
+    torch.testing.assert_close(r.scores, probs, rtol=1e-6, atol=1e-6)
+    assert torch.equal(r.experts, experts)
+    torch.testing.assert_close(r.weights, weights, rtol=1e-6, atol=1e-6)
+    r.weights.sum().backward()  # both scales learn
+    assert ours.input_scale.grad.abs().sum() > 0 and ours.expert_scale.grad.abs().sum() > 0
+
+
+def test_hash_gate_scores_is_the_deepseek_v4_hash_router():
+    """router.method="hash" with hash_gate="scores" gives transformers' DeepseekV4HashRouter
+    (routed_scaling_factor 1) whose frozen tid2eid table is moelab's hash of every token id:
+    the same experts, gate weights the renormalised sqrtsoftplus scores of those experts."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HashRouter
+
+    from moelab.routing import hash_experts
+
+    V = 50
+    hf_cfg = transformers.DeepseekV4Config(
+        hidden_size=D, n_routed_experts=E, num_experts_per_tok=K, vocab_size=V,
+        scoring_func="sqrtsoftplus", routed_scaling_factor=1.0,
+    )  # fmt: skip
+    theirs = DeepseekV4HashRouter(hf_cfg)
+    ours = _router(train=True, method="hash", hash_gate="scores", score="sqrtsoftplus")
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(E, D, generator=g))
+        theirs.tid2eid.copy_(hash_experts(torch.arange(V), K, E))
+        ours.weight.copy_(theirs.weight)
+    x, ids = _x(), torch.randint(0, V, (T,), generator=g)
+    _, weights, experts = theirs(x, ids)
+    r = ours(x, token_ids=ids)
+    assert torch.equal(r.experts, experts)
+    torch.testing.assert_close(r.weights, weights, rtol=1e-6, atol=1e-6)
+    r.weights.pow(2).sum().backward()  # the gate learns although the selection is fixed
+    assert ours.weight.grad.abs().sum() > 0
+    uniform = _router(train=True, method="hash", score="sqrtsoftplus")(x, token_ids=ids)
+    assert torch.equal(uniform.experts, experts) and (uniform.weights == 1 / K).all()
+
+
+def test_sparsemixer_is_transformers_phimoe_sparsemixer():
+    """router.method="sparsemixer" (k = 2) on the same logits gives transformers' PhiMoE
+    ``sparsemixer``: at inference the same experts and weights; in training, from the same
+    seed, the same sampled experts, the same first-round weight and the same third-order
+    gradient of it to the logits (the second round's midpoint draw is not compared:
+    transformers draws that random number twice)."""
+    pytest.importorskip("transformers")
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    from moelab.routing import sparsemixer_route
+
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(T, E, generator=g) * 0.05  # close logits: several experts compete
+    w_ref, e_ref = sparsemixer(logits, jitter_eps=0.01, training=False)
+    r = sparsemixer_route(logits, 2, eps=0.01, training=False)
+    assert torch.equal(r.experts, e_ref)
+    torch.testing.assert_close(r.weights, w_ref)
+    ours_in, theirs_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    torch.manual_seed(9)
+    w_ref, e_ref = sparsemixer(theirs_in, jitter_eps=0.01, training=True)
+    torch.manual_seed(9)
+    r = sparsemixer_route(ours_in, 2, eps=0.01, training=True)
+    assert torch.equal(r.experts, e_ref)
+    torch.testing.assert_close(r.weights[:, 0], w_ref[:, 0])
+    w_ref[:, 0].pow(2).sum().backward()
+    r.weights[:, 0].pow(2).sum().backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad)
+    wide = logits.clone().requires_grad_()  # eps 1: every expert within 2x of the best competes
+    sparsemixer_route(wide, 2, eps=1.0, training=True).weights[:, 0].sum().backward()
+    assert (wide.grad != 0).sum() > 3 * T  # a gradient beyond the k = 2 chosen paths
+    layer = _router(method="sparsemixer")
+    assert layer(_x()).experts.shape == (T, K)

@@ -47,7 +47,7 @@ def test_route_matches_loop_reference(score, normalize):
     ref_experts, ref_weights = _reference(logits, K, score, normalize)
     assert torch.equal(r.experts, ref_experts)
     torch.testing.assert_close(r.weights, ref_weights)
-    assert r.experts.dtype == torch.int64 and r.num_experts == E and r.top_k == K
+    assert r.experts.dtype == torch.int64 and r.num_experts == E and r.slots == K
     assert r.mask is None and r.clean_logits is None and r.noise_std is None
 
 

@@ -295,19 +295,40 @@ def test_a_stop_signal_saves_the_step_and_resumes_exactly(micro_cfg, tmp_path, s
             "model.moe.balance.l1_coef=1e-3",
             "model.moe.num_experts=8",
         ],
+        ["model.moe.null_experts=4", "model.moe.balance.bias_rate=1e-3"],
+        ["model.moe.router.method='threshold'"],
     ],
-    ids=["top_p", "relu"],
+    ids=["top_p", "relu", "null_experts", "threshold"],
 )
 def test_variable_experts_routing_trains_and_logs_experts_per_token(micro_cfg, tmp_path, sets):
-    """Dynamic top-p and ReMoE train end to end and log, per layer, the mean experts a token
-    and the share of tokens with none (and ReMoE's live λ, grown while above k = 2)."""
+    """Dynamic top-p, ReMoE and null experts train end to end and log, per layer, the mean
+    (real) experts a token and the share of tokens with none (and ReMoE's live λ, grown
+    while above k = 2)."""
     cfg = micro_cfg(*sets, "train.steps=4", "train.log_every=1", "train.eval_every=0")
     train(cfg, tmp_path, progress=False)
     rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if "loss" in r]
     assert all(math.isfinite(r["loss"]) for r in rows)
     per_token = rows[0]["experts_per_token_layers"]
+    if "null" in sets[0]:  # real experts a token: fewer than k = 2 once a null one is chosen
+        assert len(per_token) == 2 and all(0 <= v < 2 for v in per_token)
+        return
     assert len(per_token) == 2 and all(1 <= v <= 8 for v in per_token)
     assert all(0 <= v <= 1 for v in rows[0]["no_expert_layers"])
     if "relu" in sets[0]:  # about E/2 = 4 experts a token at init, above k = 2: λ grows
         assert min(per_token) > 2
         assert rows[-1]["l1_coef_layers"][0] == pytest.approx(1e-3 * 1.2**4, rel=1e-4)
+
+
+def test_default_outputs_train_end_to_end_and_checkpoint_their_averages(micro_cfg, tmp_path):
+    """moe.default_outputs trains (activation checkpointing on: the recompute adds nothing to
+    the averages) and each MoE layer's ê is part of the checkpoint."""
+    import torch
+
+    cfg = micro_cfg("model.moe.default_outputs=true", "train.activation_checkpointing=true",
+                    "train.steps=2", "train.eval_every=0")  # fmt: skip
+    train(cfg, tmp_path, progress=False)
+    rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    state = torch.load(next(tmp_path.glob("ckpt-*.pt")), weights_only=False)
+    model = state["model"] if "model" in state else state
+    assert any(k.endswith("default_ED") for k in model)

@@ -67,6 +67,18 @@ def export_problems(model: MoELM) -> list[str]:
         problems.append(
             "router.normalize=False; Mixtral always renormalises the top-k weights to sum to 1"
         )
+    for name, value, off in (
+        ("gate_bias", r.gate_bias, False),
+        ("logit_softcap", r.logit_softcap, 0.0),
+        ("input_norm", r.input_norm, "none"),
+        ("expert_scale", r.expert_scale, False),
+    ):
+        if value != off:
+            problems.append(f"router.{name}={value!r}; Mixtral's router is a plain linear gate")
+    if m.null_experts:
+        problems.append(f"moe.null_experts={m.null_experts}; Mixtral has no null experts")
+    if m.hash_layers:
+        problems.append(f"moe.hash_layers={m.hash_layers}; Mixtral has no hash-routed layers")
     if r.num_groups > 1 and r.topk_groups < r.num_groups:
         problems.append(
             f"group-limited routing (router.num_groups={r.num_groups}, router.topk_groups="

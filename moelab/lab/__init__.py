@@ -1,4 +1,4 @@
-"""``moelab lab``: run the experiment suite (``experiments/*.toml``) and report it.
+"""``moelab lab``: run the experiment suite (``moelab/lab/experiments/*.toml``) and report it.
 
 ``lab run NAME [--quick] [--seeds N] [--out DIR]`` trains every variant through
 ``moelab.train.train``, runs the experiment's analysis, applies its verdict checks and writes
@@ -497,8 +497,10 @@ def add_lab_parser(subparsers) -> None:
     """Add ``lab`` with ``run``, ``list`` and ``report`` to the moelab CLI."""
     p = subparsers.add_parser("lab", help="run the experiment suite and report it")
     sub = p.add_subparsers(dest="lab_cmd", required=True)
-    r = sub.add_parser("run", help="run one experiment (experiments/NAME.toml)")
-    r.add_argument("names", nargs="+", metavar="NAME", help="experiment name(s), see `lab list`")
+    r = sub.add_parser("run", help="run experiments of the suite (see `lab list`) or TOML files")
+    r.add_argument(
+        "names", nargs="+", metavar="NAME", help="experiment name(s) (`lab list`) or .toml paths"
+    )
     r.add_argument(
         "--jobs", type=int, default=1, help="train the runs in this many parallel processes"
     )

@@ -156,26 +156,37 @@ def provenance(folder: str, c: dict[str, Any]) -> str:
     return "written before the runs" if c["check"] in first else "added after results (undated)"
 
 
+# Where the suite's files are and were (they moved into the package on 2026-12-01).
+_SUITE_PATHS = ("moelab/lab/experiments/{}.toml", "experiments/{}.toml")
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(root), *args], capture_output=True, text=True, check=True
+    ).stdout
+
+
 @functools.cache
 def first_result_checks(folder: str) -> frozenset[str] | None:
-    """Check texts of experiments/FOLDER.toml at the commit that first added its result.json
+    """Check texts of the experiment FOLDER at the commit that first added its result.json
     (None without git or without a committed result)."""
     from moelab.lab.spec import EXPERIMENTS, Check
 
-    root = EXPERIMENTS.parent
-    git = ["git", "-C", str(root)]
     try:
-        log = subprocess.run(
-            [*git, "log", "--diff-filter=A", "--format=%H", "--", f"results/{folder}/result.json"],
-            capture_output=True, text=True, check=True,
-        ).stdout.split()  # fmt: skip
-        if not log:
-            return None
-        text = subprocess.run(
-            [*git, "show", f"{log[-1]}:experiments/{folder}.toml"],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+        root = Path(_git(EXPERIMENTS, "rev-parse", "--show-toplevel").strip())
+        log = _git(root, "log", "--diff-filter=A", "--format=%H", "--",
+                   f"results/{folder}/result.json").split()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
+        return None
+    if not log:
+        return None
+    for path in _SUITE_PATHS:
+        try:
+            text = _git(root, "show", f"{log[-1]}:{path.format(folder)}")
+            break
+        except subprocess.CalledProcessError:
+            continue
+    else:
         return None
     keys = ("lhs", "op", "rhs", "factor", "offset")
     old = tomllib.loads(text).get("checks", [])

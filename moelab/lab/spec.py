@@ -1,4 +1,4 @@
-"""Experiment specs (``experiments/NAME.toml``) and the verdict rules they declare.
+"""Experiment specs (``moelab/lab/experiments/NAME.toml``) and the verdict rules they declare.
 
 An experiment file holds the claim, the paper's numbers, a base preset, shared overrides
 (``common``, ``quick``), a table of named variants (override lists), the analysis kind and
@@ -22,7 +22,9 @@ from moelab.config import load_toml
 from moelab.lab import stats
 from moelab.train import RunConfig, build_config, load_config_dict
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+# The suite ships with the package (package data), so an installed moelab finds it too; any
+# other experiment file is given by its path (``moelab lab run path/to/mine.toml``).
+EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
 VERDICTS = ("reproduced", "partial", "not_reproduced", "inconclusive")
 Analysis = Literal["balance", "chunks", "scope", "batch_size", "leakage", "fluctuation", "noise"]
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
@@ -203,12 +205,16 @@ class Experiment:
 
 
 def load_experiment(name_or_path: str | Path) -> Experiment:
-    """Parse ``experiments/NAME.toml`` (or a path) into an :class:`Experiment`."""
+    """Parse the suite's ``NAME.toml`` (:data:`EXPERIMENTS`) or a file path into an
+    :class:`Experiment`."""
     path = Path(name_or_path)
     if not path.suffix:
         path = EXPERIMENTS / f"{name_or_path}.toml"
     if not path.is_file():
-        raise ValueError(f"no experiment {str(name_or_path)!r}; available: {experiment_names()}")
+        raise ValueError(
+            f"no experiment {str(name_or_path)!r}; allowed: a path to a .toml file or one of "
+            f"{experiment_names()}"
+        )
     d = load_toml(path)
     raw_checks = d.pop("checks", [])
     if not isinstance(raw_checks, list):

@@ -2,7 +2,7 @@
 # Run the default-size suite on a many-core machine: phase 1 trains every distinct run in
 # parallel (seed-major priority order) until a deadline; phase 2 analyses whatever finished, in
 # parallel. With $OUT set (the lent machine), results/ and the logs come back as one tarball.
-# Usage: bash experiments/device_run.sh TRAIN_SECONDS JOBS
+# Usage: bash scripts/device_run.sh TRAIN_SECONDS JOBS
 # Env: ORDER (experiments), VARIANTS (reduced|all|a,b), THREADS (per run; 0 = the files'),
 #      SEEDS (per variant; empty = the files'), ANALYSE_S, PYTHON.
 set -u
