@@ -30,9 +30,10 @@ routed counts, preallocated buffers), ``bmm_experts`` the same six as ``bmm`` ov
 to the largest count (what moelab runs at few slots per expert), and ``mm_dense`` the dense
 layer's six; no MoE layer built from these kernels on this BLAS beats the faster of the two.
 
-Allocator: ``main`` sets ``THP_MEM_ALLOC_ENABLE=1`` (unless set) as the ``moelab`` command does: torch backs buffers of
-2 MiB and more with huge pages, which cuts the page faults of the fresh weight gradients of every
-step (moelab and dense alike; ``machine.thp`` records it). The memory children run without it.
+Allocator: ``main`` sets ``THP_MEM_ALLOC_ENABLE=1`` (unless set), as the ``moelab`` command
+does: torch backs buffers of 2 MiB and more with huge pages, which cuts the page faults of the
+fresh weight gradients of every step (moelab and dense alike; ``machine.thp`` records it). The
+memory children run without it.
 
 Usage: ``python benchmarks/moe_layer.py [--configs A B A_T256 A_T16384] [--rounds 5]
 [--malloc keep] [--out PATH]`` writes ``benchmarks/results/moe_layer.json``.

@@ -101,7 +101,15 @@ def _qualname(obj: Any, name: str) -> str:
 # The one list of score functions (their formulas: ``moelab.routing.SCORE_FNS``).
 ScoreFn = Literal["softmax", "sigmoid", "sqrtsoftplus"]
 RouterMethod = Literal[
-    "topk", "expert_choice", "sinkhorn", "hash", "random", "uniform", "top_p", "relu", "threshold",
+    "topk",
+    "expert_choice",
+    "sinkhorn",
+    "hash",
+    "random",
+    "uniform",
+    "top_p",
+    "relu",
+    "threshold",
     "sparsemixer",
 ]
 # Methods whose selection comes from per-token scores, so a selection bias changes it.

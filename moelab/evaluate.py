@@ -125,7 +125,9 @@ def routing_consistency(model: MoELM, tokens_BL: Tensor) -> list[float]:
     it. The model is left in eval mode."""
     model.eval()
     inference = model(tokens_BL).moe
-    saved = [{k: b.clone() for k, b in layer.balancer.named_buffers()} for layer in model.moe_layers]
+    saved = [
+        {k: b.clone() for k, b in layer.balancer.named_buffers()} for layer in model.moe_layers
+    ]
     devices = [tokens_BL.device] if tokens_BL.is_cuda else []
     try:
         with torch.random.fork_rng(devices=devices):  # the RNG state is restored on exit
@@ -187,9 +189,11 @@ def _eval_batch(model: MoELM, tokens_BL: Tensor, targets_BL: Tensor, d: int, s: 
         mask_BLK = None if o.slot_mask is None else o.slot_mask.view(B, L, -1)
         seq = metrics.maxvio_per_sequence(experts_BLK, s.num_experts, mask_BL=mask_BLK)
         s.seq_maxvio += torch.tensor([float(seq.sum()), seq.numel()], dtype=torch.float64)
-    for i, (a, b) in enumerate(zip(out.moe, out.moe[1:])):
+    for i, (a, b) in enumerate(zip(out.moe, out.moe[1:], strict=False)):
         both_T = _top1_valid(a) & _top1_valid(b)
-        s.next_lEE[i] += metrics.top1_transitions(a.experts, b.experts, s.num_experts, mask_T=both_T)
+        s.next_lEE[i] += metrics.top1_transitions(
+            a.experts, b.experts, s.num_experts, mask_T=both_T
+        )
 
 
 def _top1_valid(o) -> Tensor:

@@ -191,7 +191,9 @@ class MoELayer(nn.Module):
         null = self.balancer.null_bias if self.balancer.null_control else None
         if not Z or (bias_E is None and null is None):
             return bias_E
-        real_E = bias_E if bias_E is not None else self.balancer.bias.new_zeros(self.cfg.num_experts)
+        real_E = (
+            bias_E if bias_E is not None else self.balancer.bias.new_zeros(self.cfg.num_experts)
+        )
         null_Z = null.expand(Z) if null is not None else real_E.new_zeros(Z)
         return torch.cat([real_E, null_Z])
 
@@ -207,7 +209,11 @@ class MoELayer(nn.Module):
             mean_ED, seen_E = default_outputs.sample_expert_means(
                 self.experts, x_TD, routing.experts, slot_mask_TK
             )
-            ema, old_ED, mean_ED = self.cfg.default_ema, self.default_ED, mean_ED.to(self.default_ED)
+            ema, old_ED, mean_ED = (
+                self.cfg.default_ema,
+                self.default_ED,
+                mean_ED.to(self.default_ED),
+            )
             blend_ED = ema * old_ED + (1 - ema) * mean_ED
             new_ED = torch.where(self.default_seen_E.unsqueeze(1), blend_ED, mean_ED)
             self.default_ED.copy_(torch.where(seen_E.unsqueeze(1), new_ED, old_ED))

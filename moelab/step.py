@@ -146,4 +146,3 @@ def _autocast(dtype: str):
     if dtype == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-

@@ -30,7 +30,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_list_shows_every_experiment(capsys):
-    """`lab list` prints one line per moelab/lab/experiments/*.toml, all ten of the issue's (+7b)."""
+    """`lab list` prints one line per suite file (moelab/lab/experiments), ten and more."""
     args = _parse(["lab", "list"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
@@ -101,6 +101,8 @@ def test_check_row_carries_the_noise_model():
     tiny = Check("a.val_loss", "<", "b.val_loss", paper=-0.006).evaluate(numbers)
     assert tiny["outcome"] == "inconclusive" and tiny["raw_outcome"] == "holds"
     assert tiny["note"].startswith("beyond resolution")
+    wrong_way = Check("b.val_loss", "<", "a.val_loss", paper=-0.006).evaluate(numbers)
+    assert wrong_way["outcome"] == "fails"  # violated by >= 2 SE: a finding, not "beyond"
 
 
 def test_checks_parse_kind_and_paper_fields(tmp_path):

@@ -257,7 +257,9 @@ def collect(run_dir: Path) -> dict[str, Any]:
         "seconds_per_step": _seconds_per_step(summary, train_rows),
         "maxvio_batch_tail": _mean(r.get("maxvio_batch") for r in tail),
         "maxvio_step_tail": _mean(r.get("maxvio_step") for r in tail),
-        "maxvio_batch_first200": _mean(r.get("maxvio_batch") for r in train_rows if r["step"] <= 200),
+        "maxvio_batch_first200": _mean(
+            r.get("maxvio_batch") for r in train_rows if r["step"] <= 200
+        ),
         "experts_per_token": _mean(
             sum(r["experts_per_token_layers"]) / len(r["experts_per_token_layers"])
             for r in tail

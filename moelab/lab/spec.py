@@ -110,7 +110,9 @@ class Check:
 
     def _resolution(self, row: dict[str, Any], noise_mde, too_short: str) -> dict[str, Any]:
         """Outcome of a key check: the 2-SE rule, then inconclusive when the runs are too short
-        or the paper's effect is below the MDE (``raw_outcome`` keeps the rule's answer)."""
+        or, unless the bound is violated by >= 2 SE, when the paper's effect is below the MDE
+        (``raw_outcome`` keeps the rule's answer). Since 2026-12-01 (see results/PREAMBLE.md)
+        a violation beyond the noise stays "fails"."""
         out = {"raw_outcome": row["outcome"], "mde_source": "own seeds"}
         n = min(x for x in row["n"] if x is not None)
         planned = noise_mde(self, n) if noise_mde else None
@@ -119,6 +121,12 @@ class Check:
         mde = out.get("mde", row["mde"])
         if too_short:
             out |= {"outcome": "inconclusive", "note": f"too short: {too_short}"}
+        elif row["outcome"] == "fails":  # violated by >= 2 SE: a finding whatever the paper's Δ
+            if self.paper is not None and mde is not None and abs(self.paper) < mde:
+                out["note"] = (
+                    f"fails beyond the noise; the paper's Δ {self.paper:.3g} is below the MDE "
+                    f"{mde:.3g}"
+                )
         elif self.paper is not None and mde is not None and abs(self.paper) < mde:
             note = f"beyond resolution: paper Δ {self.paper:.3g}, MDE {mde:.3g}"
             out |= {"outcome": "inconclusive", "note": note}
