@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from moelab import cli
 from moelab.config import to_dict
+from moelab.lab.spec import EXPERIMENTS
 from moelab.train import RunConfig, build_model, load_run_config
 
 MICRO = str(Path(__file__).parent / "fixtures" / "micro.toml")
@@ -81,7 +82,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (root / "text.txt").write_text("some text to profile and fine-tune on\n" * 40)
     (root / "notes").mkdir()
     (root / "notes" / "mine.txt").write_text("not moelab's")
-    head = (Path(__file__).parents[1] / "experiments" / "collapse.toml").read_text()
+    head = (EXPERIMENTS / "collapse.toml").read_text()
     head = head.split("[[checks]]")[0]
     for name, check in {
         "check_missing_rhs": 'lhs = "aux.maxvio_global"\nop = "<"\n',
