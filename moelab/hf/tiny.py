@@ -64,3 +64,155 @@ def tiny_config(
     if kind == "llama":
         return transformers.LlamaConfig(**common)
     raise ValueError(f"kind={kind!r} is not allowed; choose one of {list(KINDS)}")
+
+
+# ----------------------------------------------------------------------------- every family
+
+# Config fields shrunk wherever a family's config has them (hidden 32, 2 layers, 8 experts, top-2).
+SIZES: dict[str, int] = {
+    "hidden_size": 32, "d_model": 32, "intermediate_size": 64, "ffn_dim": 64, "d_ff": 64,
+    "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32,
+    "expert_ffn_hidden_size": 16, "ffn_hidden_size": 64, "moe_shared_expert_intermediate_size": 32,
+    "shared_experts_intermediate_size": 32, "intermediate_size_mlp": 64, "share_expert_dim": 32,
+    "shared_intermediate_size": 32, "moe_hidden_size": 16, "router_hidden_size": 16,
+    "num_hidden_layers": 2, "num_layers": 2, "encoder_layers": 1, "decoder_layers": 1,
+    "num_decoder_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 8,
+    "num_heads": 4, "encoder_attention_heads": 4, "decoder_attention_heads": 4, "d_kv": 8,
+    "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+    "vocab_size": 128, "max_position_embeddings": 128,
+    "num_experts": 8, "num_local_experts": 8, "n_routed_experts": 8, "moe_num_experts": 8,
+    "num_experts_per_tok": 2, "top_k_experts": 2, "moe_topk": 2, "moe_k": 2, "moe_top_k": 2,
+    "n_group": 2, "topk_group": 1, "n_shared_experts": 1, "num_shared_experts": 1,
+    "moe_num_shared_experts": 1, "first_k_dense_replace": 1,
+    "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+    "v_head_dim": 8, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1,
+    "mamba_d_state": 8, "encoder_sparse_step": 1, "decoder_sparse_step": 1,
+    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8, "zero_expert_num": 2,
+}  # fmt: skip
+TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+
+# What the generic shrink gets wrong for a family: extra config keyword arguments (a table).
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "zaya": {"num_experts_per_tok": 1},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    "gemma4_text": {"enable_moe_block": True},
+    "diffusion_gemma_text": {"enable_moe_block": True},
+    "llama4_text": {"moe_layers": [0, 1]},
+    "switch_transformers": {"num_sparse_encoder_layers": 1, "num_sparse_decoder_layers": 1},
+}
+
+
+def _shrunk(name: str, value: Any, layers: int | None) -> tuple[bool, Any]:
+    """(changed?, new value) of one config field under the generic shrink."""
+    import transformers
+
+    if name in SIZES and (value is None or isinstance(value, int)) and not isinstance(value, bool):
+        return name != "q_lora_rank" or value is not None, SIZES[name]
+    if name in TOKEN_FIELDS and isinstance(value, int) and value >= SIZES["vocab_size"]:
+        return True, 0
+    if isinstance(value, list) and layers and len(value) == layers:
+        return True, value[-SIZES["num_hidden_layers"] :]  # later layers are the MoE ones
+    if isinstance(value, transformers.PreTrainedConfig):
+        return True, shrink_config(type(value))
+    return False, value
+
+
+def shrink_config(cls: type, extra: dict[str, Any] | None = None) -> Any:
+    """A tiny instance of the transformers config class ``cls`` (a dataclass in transformers 5):
+    every field of :data:`SIZES` shrunk, per-layer lists cut to the last layers, sub-configs
+    shrunk too, then ``OVERRIDES[model_type]`` and ``extra``."""
+    import dataclasses
+
+    base = cls()
+    values = vars(base)  # not getattr: per-layer attributes refuse a global read
+    layers = values.get("num_hidden_layers")
+    kw: dict[str, Any] = {}
+    alias = {v: k for k, v in getattr(cls, "attribute_map", {}).items()}  # field -> common name
+    for f in dataclasses.fields(cls):
+        changed, new = _shrunk(alias.get(f.name, f.name), values.get(f.name), layers)
+        if changed:
+            kw[f.name] = new
+    kw.update(OVERRIDES.get(getattr(cls, "model_type", ""), {}))
+    kw.update(extra or {})
+    return cls(**kw)
+
+
+def _has_experts(cls: type) -> bool:
+    import dataclasses
+
+    return dataclasses.is_dataclass(cls) and any(
+        "expert" in f.name for f in dataclasses.fields(cls)
+    )
+
+
+def moe_families() -> list[str]:
+    """Model types of the installed transformers whose config (or its text sub-config) has
+    expert fields, a model class in an auto mapping, and a text path; a ``*_text`` type whose
+    parent is listed counts once, as the parent."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    names = [n for n in dir(modeling_auto) if n.startswith("MODEL_") and n.endswith("_NAMES")]
+    mapped = {mt for n in names for mt in getattr(modeling_auto, n)}
+    out = []
+    for mt, cls in sorted(transformers.CONFIG_MAPPING.items()):
+        if mt not in mapped or mt in NOT_TEXT:
+            continue
+        subs = [getattr(cls, "sub_configs", {}).get("text_config")]
+        if _has_experts(cls) or any(s is not None and _has_experts(s) for s in subs):
+            out.append(mt)
+    parents = {mt.removesuffix("_text") for mt in out}
+    return [
+        mt
+        for mt in out
+        if not (mt.endswith("_text") and mt.removesuffix("_text") in parents - {mt})
+    ]
+
+
+NOT_TEXT = ("vitpose", "vitpose_backbone", "dots3_note_vision_encoder")
+TEXT_CLASSES = ("ForCausalLM", "ForConditionalGeneration", "Model")
+TEXT_MAPPINGS = ("FOR_CAUSAL_LM_", "FOR_SEQ_TO_SEQ_CAUSAL_LM_", "FOR_IMAGE_TEXT_TO_TEXT_", "")
+
+
+def text_model_class(model_type: str) -> tuple[type, Any]:
+    """(model class, tiny config) of a family's text path: its text sub-config's causal LM
+    (else its base model) when it has one, else the family's own class."""
+    import transformers
+
+    cls = transformers.CONFIG_MAPPING[model_type]
+    config = shrink_config(cls)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for cfg in [text, config] if text is not config else [config]:
+        model_cls = _auto_class(cfg)
+        if model_cls is not None:
+            return model_cls, cfg
+    raise ValueError(f"{model_type}: no model class in transformers' auto mappings")
+
+
+def _auto_class(config: Any) -> type | None:
+    import transformers
+    from transformers.models.auto import modeling_auto as ma
+
+    for mapping in TEXT_MAPPINGS:
+        name = getattr(ma, f"MODEL_{mapping}MAPPING_NAMES").get(config.model_type)
+        if name and hasattr(transformers, name):
+            return getattr(transformers, name)
+    module = __import__(
+        type(config).__module__.replace("configuration_", "modeling_"), fromlist=["_"]
+    )
+    for suffix in TEXT_CLASSES:  # a text sub-config no auto mapping lists
+        for name in dir(module):
+            obj = getattr(module, name)
+            if name.endswith(suffix) and getattr(obj, "config_class", None) is type(config):
+                return obj
+    return None
+
+
+def family_model(model_type: str, seed: int = 0) -> Any:
+    """A tiny random model of a family's text path, in eval mode (see :func:`shrink_config`)."""
+    import torch
+
+    model_cls, config = text_model_class(model_type)
+    torch.manual_seed(seed)
+    return model_cls._from_config(config).eval()
