@@ -40,6 +40,7 @@ from moelab.balancer import TERMS, BalanceInputs, Balancer
 from moelab.config import BalanceConfig, from_dict, to_dict
 from moelab.hf import routers as hr
 from moelab.hf.routers import RouterSite, find_routers
+from moelab.hf.status import balancing_status, summary
 from moelab.routing import Routing, score_fn
 
 STATE_FILE = "moelab_balance.pt"
@@ -129,6 +130,7 @@ class BalanceHandle:
         if not self.sites:
             raise ValueError("moelab.hf.attach: every router of this model has a fixed selection")
         _check_config(cfg, self.sites)
+        self.status = balancing_status(model, self.sites)  # as configured, before attach
         self._use_config(cfg)
         self._last: dict[str, dict[int, Tensor]] = {}
         self._seq_shape: tuple[int, int] | None = None
@@ -345,6 +347,18 @@ class BalanceHandle:
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, path)
         return path
+
+    def describe(self) -> list[str]:
+        """What was active before attach (HF's aux loss, frozen biases, warnings) and what
+        moelab does now, as short lines."""
+        slots = sum(m == "slot" for m in self.modes)
+        own = "off" if self._old_aux is not None else "left as configured"
+        return [
+            *(f"before attach: {line}" for line in summary(self.status)),
+            f"moelab: {len(self.sites)} routers; loss-free bias in the family's own slot on "
+            f"{slots}, by re-selection on {len(self.sites) - slots}; HF aux loss {own}; "
+            f"terms {[t.name for t in self.balancers[0].terms]}",
+        ]
 
     @torch.no_grad()
     def rebase_slots(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -94,6 +95,8 @@ def finetune(
     dev = next(net.parameters()).device
     handle = attach(net, balance, from_folder=model, total_steps=cfg.steps)
     handle.freeze_routers(cfg.freeze_router)
+    for line in handle.describe():
+        print(f"moelab finetune: {line}", file=sys.stderr)
     domains = load_domains(data)
     tokenize = model_tokenizer(model, net.config.vocab_size)
     stream = torch.cat([domain_stream(d, tokenize, cfg.max_tokens) for d in domains])
