@@ -88,7 +88,10 @@ SIZES: dict[str, int] = {
     "v_head_dim": 8, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1,
     "mamba_d_state": 8, "encoder_sparse_step": 1, "decoder_sparse_step": 1,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
-    "linear_value_head_dim": 8, "zero_expert_num": 2,
+    "linear_value_head_dim": 8, "zero_expert_num": 2, "text_hidden_size": 32,
+    "index_head_dim": 8, "index_n_heads": 2, "adapter_in_dim": 32,
+    "adapter_input_size": 32,
+    "num_sliding_attention_heads": 4,
 }  # fmt: skip
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 
@@ -100,10 +103,27 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "diffusion_gemma_text": {"enable_moe_block": True},
     "llama4_text": {"moe_layers": [0, 1]},
     "switch_transformers": {"num_sparse_encoder_layers": 1, "num_sparse_decoder_layers": 1},
+    "flint": {"mlp_only_layers": []},
+    "mistral_large4_text": {"kv_source_layers": None},
+    "step3p5": {"sliding_window": 8},
+    "glm4v_moe_text": {"head_dim": 16, "rope_parameters": {"rope_type": "default",
+                       "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                       "mrope_section": [2, 1, 1]}},
+    "hy_v4": {"indexer_types": ["full", "shared"]},
+    "hy_v4_vl_text": {"indexer_types": ["full", "shared"], "rope_parameters": {
+                      "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}},
+    "glm5_next_text": {"qk_rope_head_dim": 0, "head_dim": 0},
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8,
+                       "indexer_budget": 8, "indexer_compress_ratio": 4},
+    "ernie4_5_vl_moe_text": {"head_dim": 16, "rope_parameters": {"rope_type": "default",
+                             "rope_theta": 500000.0, "mrope_section": [2, 2, 4]}},
+    "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
+    "mimo_v2_flash": {"num_key_value_heads": 2},
+    "muse_spark_text": {"num_hidden_layers": 4, "hidden_sizes": [32, 32, 32, 32]},
 }
 
 
-def _shrunk(name: str, value: Any, layers: int | None) -> tuple[bool, Any]:
+def _shrunk(name: str, value: Any, layers: int | None, keep: int) -> tuple[bool, Any]:
     """(changed?, new value) of one config field under the generic shrink."""
     import transformers
 
@@ -112,7 +132,7 @@ def _shrunk(name: str, value: Any, layers: int | None) -> tuple[bool, Any]:
     if name in TOKEN_FIELDS and isinstance(value, int) and value >= SIZES["vocab_size"]:
         return True, 0
     if isinstance(value, list) and layers and len(value) == layers:
-        return True, value[-SIZES["num_hidden_layers"] :]  # later layers are the MoE ones
+        return True, value[-keep:]  # later layers are the MoE ones
     if isinstance(value, transformers.PreTrainedConfig):
         return True, shrink_config(type(value))
     return False, value
@@ -129,12 +149,13 @@ def shrink_config(cls: type, extra: dict[str, Any] | None = None) -> Any:
     layers = values.get("num_hidden_layers")
     kw: dict[str, Any] = {}
     alias = {v: k for k, v in getattr(cls, "attribute_map", {}).items()}  # field -> common name
+    extra_kw = {**OVERRIDES.get(getattr(cls, "model_type", ""), {}), **(extra or {})}
+    keep = extra_kw.get("num_hidden_layers", SIZES["num_hidden_layers"])
     for f in dataclasses.fields(cls):
-        changed, new = _shrunk(alias.get(f.name, f.name), values.get(f.name), layers)
+        changed, new = _shrunk(alias.get(f.name, f.name), values.get(f.name), layers, keep)
         if changed:
             kw[f.name] = new
-    kw.update(OVERRIDES.get(getattr(cls, "model_type", ""), {}))
-    kw.update(extra or {})
+    kw.update(extra_kw)
     return cls(**kw)
 
 
@@ -181,6 +202,11 @@ def text_model_class(model_type: str) -> tuple[type, Any]:
     import transformers
 
     cls = transformers.CONFIG_MAPPING[model_type]
+    text_cls = getattr(cls, "sub_configs", {}).get("text_config")
+    if text_cls is not None and _has_experts(text_cls):  # the text decoder alone, no vision
+        text = shrink_config(text_cls)
+        if _auto_class(text) is not None:
+            return _auto_class(text), text
     config = shrink_config(cls)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for cfg in [text, config] if text is not config else [config]:
@@ -196,8 +222,9 @@ def _auto_class(config: Any) -> type | None:
 
     for mapping in TEXT_MAPPINGS:
         name = getattr(ma, f"MODEL_{mapping}MAPPING_NAMES").get(config.model_type)
-        if name and hasattr(transformers, name):
-            return getattr(transformers, name)
+        cls = getattr(transformers, name, None) if name else None
+        if cls is not None and getattr(cls, "config_class", type(config)) is type(config):
+            return cls
     module = __import__(
         type(config).__module__.replace("configuration_", "modeling_"), fromlist=["_"]
     )
