@@ -9,8 +9,9 @@ A row says where a family keeps its MoE pieces and how its router selects expert
   the router's output, never re-selected;
 - ``output``: what the router's forward returns, by position: ``logits``, ``probs`` (the
   recorded tensor is already probabilities), ``weights``, ``experts``, ``dense`` (a (T, E)
-  weight matrix, zero off the chosen experts), ``mask`` (a one-hot dispatch mask), ``-``
-  (anything else);
+  weight matrix, zero off the chosen experts), ``mask`` (a one-hot dispatch mask under the
+  router's ``expert_capacity``, Switch), ``plan`` (JetMoE's sorted dispatch plan: slot order,
+  token index, gates, expert sizes), ``-`` (anything else);
 - ``bias``: where the family keeps a selection-only bias (``router.NAME`` or ``block.NAME``):
   moelab writes its loss-free bias there, so ``save_pretrained`` carries it;
 - ``args``: what the block passes to the router besides the hidden states;
@@ -100,10 +101,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("deepseek_v4_hash", ("DeepseekV4HashRouter",), None, args=("input_ids",), static=True,
            note="hash routing: a fixed token → expert table"),
     Family("phimoe", ("PhimoeTopKRouter",), None, note="sparsemixer"),
-    Family("jetmoe", ("JetMoeTopKGating",), TOPK_SOFTMAX, output=("-", "-", "-", "-", "logits"),
+    Family("jetmoe", ("JetMoeTopKGating",), TOPK_SOFTMAX, output=("plan", "-", "-", "-", "logits"),
            experts="input_linear", capture="rule"),
-    Family("switch_transformers", ("SwitchTransformersTop1Router",), None,
-           output=("mask", "-", "logits"), top_k=1, note="top-1 with expert capacity"),
+    Family("switch_transformers", ("SwitchTransformersTop1Router",),
+           Rule("softmax", normalize=False), output=("mask", "weights", "logits"), top_k=1),
+    Family("openai_privacy_filter", ("OpenAIPrivacyFilterTopKRouter",),
+           Rule("softmax", order="topk_score", normalize=False, per_k=True)),
     Family("nllb-moe", ("NllbMoeTop2Router",), None, output=("experts", "probs", "logits"),
            top_k=2, note="top-2 with capacity and a random second-expert policy"),
 )  # fmt: skip

@@ -330,7 +330,30 @@ def replace_choice(site: RouterSite, output: object, weights_TK: Tensor, experts
         elif what == "dense":  # (T, C) zero but for the chosen experts' weights
             dense_TC = torch.zeros_like(old.reshape(-1, old.shape[-1]))
             out[j] = dense_TC.scatter(1, experts_TK, weights_TK.to(old.dtype)).reshape(old.shape)
+        elif what == "mask":
+            out[j] = _capacity_mask(site, experts_TK, old)
+        elif what == "plan":
+            out[j : j + 4] = _dispatch_plan(site, weights_TK.to(out[j + 2].dtype), experts_TK)
     return tuple(out) if isinstance(output, tuple) else out[0]
+
+
+def _capacity_mask(site: RouterSite, experts_TK: Tensor, old: Tensor) -> Tensor:
+    """Switch's one-hot dispatch mask ``(B, L, E)`` of the chosen expert, the tokens past the
+    router's ``expert_capacity`` (in sequence order) masked out."""
+    one_hot = torch.nn.functional.one_hot(experts_TK[:, 0], old.shape[-1]).reshape(old.shape)
+    priority = torch.cumsum(one_hot, dim=-2)
+    return (one_hot * (priority <= site.module.expert_capacity)).to(old.dtype)
+
+
+def _dispatch_plan(site: RouterSite, weights_TK: Tensor, experts_TK: Tensor) -> list:
+    """JetMoE's plan from (weights, experts): slots sorted by expert, their token index and
+    gate, and the number of slots per expert (a list), as ``JetMoeTopKGating`` returns it."""
+    K = experts_TK.shape[1]
+    hit_TE = torch.zeros(experts_TK.shape[0], site.num_experts, device=experts_TK.device)
+    sizes = hit_TE.scatter(1, experts_TK, 1).long().sum(0).tolist()
+    sorted_S = experts_TK.flatten().sort(0)[1]
+    gates_S = weights_TK.flatten()[sorted_S]
+    return [sorted_S, sorted_S.div(K, rounding_mode="trunc"), gates_S, sizes]
 
 
 @torch.no_grad()
@@ -464,7 +487,7 @@ def unsupported_reason(site: RouterSite) -> str | None:
         if site.family is not None:
             return f"its selection is not a rule of the logits ({site.family.note or 'fixed'})"
         return "no candidate rule reproduces its own output exactly on the probe batch"
-    if not any(n in site.output for n in ("weights", "dense")):
+    if not any(n in site.output for n in ("weights", "dense", "plan")):
         return "its output has no gate weights moelab can replace"
     return None
 

@@ -43,7 +43,8 @@ class Rule:
     scale: router attribute multiplying the weights (``routed_scaling_factor``). sorted: the
     order of the k experts (``torch.topk(sorted=...)``). fp32: logits in fp32 before scoring.
     cast: weights cast back to the logits' dtype. expert_scale: router attribute ``(E,)`` whose
-    entry of each chosen expert multiplies its weight (Gemma-4's ``per_expert_scale``).
+    entry of each chosen expert multiplies its weight (Gemma-4's ``per_expert_scale``). per_k:
+    weights divided by k (OpenAI's privacy filter).
     """
 
     score: Score = "softmax"
@@ -56,6 +57,7 @@ class Rule:
     fp32: bool = True
     cast: bool = False
     expert_scale: str | None = None
+    per_k: bool = False
 
     def describe(self) -> str:
         """One line for the docs table, e.g. ``softmax → top-k, renormalised``."""
@@ -72,6 +74,8 @@ class Rule:
             text += f", × {self.scale}"
         if self.expert_scale:
             text += f", × {self.expert_scale}[expert]"
+        if self.per_k:
+            text += ", ÷ k"
         return text
 
 
@@ -138,6 +142,8 @@ def select(
         weights_TK = weights_TK * getattr(module, rule.scale)
     if rule.expert_scale:
         weights_TK = weights_TK * getattr(module, rule.expert_scale)[experts_TK]
+    if rule.per_k:
+        weights_TK = weights_TK / top_k
     if rule.cast:
         weights_TK = weights_TK.to(logits_TE.dtype)
     return weights_TK, experts_TK

@@ -91,7 +91,8 @@ SIZES: dict[str, int] = {
     "linear_value_head_dim": 8, "zero_expert_num": 2, "text_hidden_size": 32,
     "index_head_dim": 8, "index_n_heads": 2, "adapter_in_dim": 32,
     "adapter_input_size": 32,
-    "num_sliding_attention_heads": 4,
+    "num_sliding_attention_heads": 4, "vocab_size_per_layer_input": 128,
+    "hidden_size_per_layer_input": 8,
 }  # fmt: skip
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 
@@ -106,17 +107,40 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "flint": {"mlp_only_layers": []},
     "mistral_large4_text": {"kv_source_layers": None},
     "step3p5": {"sliding_window": 8},
-    "glm4v_moe_text": {"head_dim": 16, "rope_parameters": {"rope_type": "default",
-                       "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                       "mrope_section": [2, 1, 1]}},
+    "glm4v_moe_text": {
+        "head_dim": 16,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "mrope_section": [2, 1, 1],
+        },
+    },
     "hy_v4": {"indexer_types": ["full", "shared"]},
-    "hy_v4_vl_text": {"indexer_types": ["full", "shared"], "rope_parameters": {
-                      "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}},
+    "hy_v4_vl_text": {
+        "indexer_types": ["full", "shared"],
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 1, 1],
+        },
+    },
     "glm5_next_text": {"qk_rope_head_dim": 0, "head_dim": 0},
-    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8,
-                       "indexer_budget": 8, "indexer_compress_ratio": 4},
-    "ernie4_5_vl_moe_text": {"head_dim": 16, "rope_parameters": {"rope_type": "default",
-                             "rope_theta": 500000.0, "mrope_section": [2, 2, 4]}},
+    "qwen4_exp_text": {
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": 8,
+        "indexer_budget": 8,
+        "indexer_compress_ratio": 4,
+    },
+    "ernie4_5_vl_moe_text": {
+        "head_dim": 16,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 500000.0,
+            "mrope_section": [2, 2, 4],
+        },
+    },
     "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
     "mimo_v2_flash": {"num_key_value_heads": 2},
     "muse_spark_text": {"num_hidden_layers": 4, "hidden_sizes": [32, 32, 32, 32]},
@@ -152,7 +176,8 @@ def shrink_config(cls: type, extra: dict[str, Any] | None = None) -> Any:
     extra_kw = {**OVERRIDES.get(getattr(cls, "model_type", ""), {}), **(extra or {})}
     keep = extra_kw.get("num_hidden_layers", SIZES["num_hidden_layers"])
     for f in dataclasses.fields(cls):
-        changed, new = _shrunk(alias.get(f.name, f.name), values.get(f.name), layers, keep)
+        name = f.name if f.name in SIZES else alias.get(f.name, f.name)
+        changed, new = _shrunk(name, values.get(f.name), layers, keep)
         if changed:
             kw[f.name] = new
     kw.update(extra_kw)
