@@ -8,7 +8,8 @@ fine-tuning steps move the bias and the saved model reloads with it.
 
 Writes ``results/hf_coverage.json`` and the family table of docs/hf.md (between the
 ``<!-- families -->`` markers). Run: ``python scripts/hf_coverage.py`` (a few minutes on CPU);
-``--only mixtral deepseek_v3`` to look at a few without writing.
+``--only mixtral deepseek_v3`` to look at a few without writing; ``--resume`` to carry on an
+interrupted run (the results file is rewritten after every family).
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def summarize(rows: dict[str, dict]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", default=None, help="these families; write nothing")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the families already in the results file"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     import transformers
@@ -115,17 +119,30 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     families = args.only or moe_families()
     rows = {}
+    if args.resume and OUT.is_file():
+        rows = {k: v for k, v in json.loads(OUT.read_text())["families"].items() if k in families}
     for mt in families:
-        rows[mt] = measure(mt)
+        if mt not in rows:
+            rows[mt] = measure(mt)
+            if args.only is None:  # after every family: an interrupted run can --resume
+                _write(rows, complete=False)
         bad = {k: v for k, v in rows[mt].items() if k.endswith(("_check", "build")) and v}
-        print(f"{mt:28s} profile {rows[mt]['profile']!s:5} attach {rows[mt]['attach']!s:5} {bad}")
+        line = f"{mt:28s} profile {rows[mt]['profile']!s:5} attach {rows[mt]['attach']!s:5} {bad}"
+        print(line, flush=True)
     summary = summarize(rows)
     print(summary["line"])
     if args.only is None:
-        OUT.parent.mkdir(exist_ok=True)
-        OUT.write_text(json.dumps({"summary": summary, "families": rows}, indent=1) + "\n")
+        _write(rows, complete=True)
         write_doc_table(ROOT / "docs" / "hf.md", json.loads(OUT.read_text()))
     return 0
+
+
+def _write(rows: dict[str, dict], *, complete: bool) -> None:
+    OUT.parent.mkdir(exist_ok=True)
+    data = {"summary": summarize(rows), "complete": complete, "families": rows}
+    tmp = OUT.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(OUT)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,17 @@ from moelab.hf.families import FAMILIES, SOFTMAX, family_table  # noqa: E402
 from moelab.hf.tiny import family_model, moe_families  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads; on a busy machine they only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 FAST = [
     "mixtral", "deepseek_v3", "granitemoe", "llama4", "zaya", "longcat_flash", "minimax_m2",
     "gpt_oss", "ernie4_5_moe", "switch_transformers", "jetmoe",

@@ -46,22 +46,40 @@ def _sections(data: dict[str, Any] | None) -> dict[str, str]:
 def _replace(text: str, key: str, body: str) -> str:
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     if start not in text or end not in text:
-        raise ValueError(f"docs/hf.md lacks the {start} ... {end} markers")
+        raise ValueError(f"the generated {key!r} section lacks its {start} ... {end} markers")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{start}\n{body}{end}{tail}"
 
 
+def readme_line(data: dict[str, Any]) -> str:
+    """The README's coverage sentence, from the measured data."""
+    return data["summary"]["line"] + " ([docs/hf.md](docs/hf.md)).\n"
+
+
+def _texts(path: Path, data: dict[str, Any] | None) -> dict[Path, dict[str, str]]:
+    out = {path: _sections(data)}
+    readme = path.parent.parent / "README.md"
+    if data is not None and readme.is_file() and "<!-- hf-coverage:start -->" in readme.read_text():
+        out[readme] = {"hf-coverage": readme_line(data)}
+    return out
+
+
 def write_doc_table(path: str | Path, data: dict[str, Any] | None) -> None:
-    """Rewrite the generated sections of ``path`` (coverage only when ``data`` is given)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    for key, body in _sections(data).items():
-        text = _replace(text, key, body)
-    path.write_text(text, encoding="utf-8")
+    """Rewrite the generated sections of ``path`` (coverage only when ``data`` is given) and
+    the coverage sentence of the README beside its folder."""
+    for file, sections in _texts(Path(path), data).items():
+        text = file.read_text(encoding="utf-8")
+        for key, body in sections.items():
+            text = _replace(text, key, body)
+        file.write_text(text, encoding="utf-8")
 
 
 def doc_drift(path: str | Path, data: dict[str, Any] | None) -> list[str]:
-    """The generated sections of ``path`` that differ from what the registry / data give."""
-    text = Path(path).read_text(encoding="utf-8")
-    return [key for key, body in _sections(data).items() if _replace(text, key, body) != text]
+    """The generated sections (docs/hf.md, the README's sentence) that differ from what the
+    registry and the measured data give."""
+    stale = []
+    for file, sections in _texts(Path(path), data).items():
+        text = file.read_text(encoding="utf-8")
+        stale += [key for key, body in sections.items() if _replace(text, key, body) != text]
+    return stale

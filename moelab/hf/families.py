@@ -61,6 +61,7 @@ SOFTMAX = Rule("softmax", normalize=True)  # Mixtral: softmax, top-k, renormalis
 SOFTMAX_OPT = Rule("softmax", normalize="norm_topk_prob", cast=True)  # Qwen/OLMoE
 SOFTMAX_RAW = Rule("softmax", normalize=False, cast=True)  # Jamba: no renormalisation
 TOPK_SOFTMAX = Rule("softmax", order="topk_score", normalize=False, cast=True)  # Granite
+TOPK_SOFTMAX_LOGIT_BIAS = Rule("softmax", order="topk_score", normalize=False)  # GPT-OSS
 V3 = Rule("sigmoid", normalize="norm_topk_prob", eps=1e-20, groups="top2_sum",
           scale="routed_scaling_factor", sorted=False)  # fmt: skip
 SIGMOID_BIAS = Rule("sigmoid", normalize=True, sorted=False)  # MiniMax-M2, Step-3.7
@@ -105,6 +106,7 @@ FAMILIES: tuple[Family, ...] = (
            experts="input_linear", capture="rule"),
     Family("switch_transformers", ("SwitchTransformersTop1Router",),
            Rule("softmax", normalize=False), output=("mask", "weights", "logits"), top_k=1),
+    Family("gpt_oss", ("GptOssTopKRouter",), TOPK_SOFTMAX_LOGIT_BIAS, note="a router logit bias"),
     Family("openai_privacy_filter", ("OpenAIPrivacyFilterTopKRouter",),
            Rule("softmax", order="topk_score", normalize=False, per_k=True)),
     Family("nllb-moe", ("NllbMoeTop2Router",), None, output=("experts", "probs", "logits"),

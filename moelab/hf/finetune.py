@@ -123,6 +123,11 @@ def finetune(
             for _ in range(cfg.grad_accum):
                 ids_BL = next(windows).to(dev)
                 lm_loss = net(input_ids=ids_BL, labels=ids_BL, use_cache=False).loss
+                if lm_loss is None:
+                    raise ValueError(
+                        f"{type(net).__name__} returns no LM loss; finetune needs a causal-LM, "
+                        "seq2seq or image-text-to-text checkpoint"
+                    )
                 aux = handle.aux_loss()
                 ((lm_loss + aux) / cfg.grad_accum).backward()
                 lm_sum += lm_loss.item()

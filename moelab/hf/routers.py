@@ -5,7 +5,7 @@ E routed experts, N null experts, C = E + N score columns, K experts per token.
 
 An MoE block is a module with an ``experts`` child; its router is the child whose class is in
 the family registry (:mod:`moelab.hf.families`), else its ``gate`` / ``router`` child.
-:func:`find_routers` runs one small probe forward (16 random tokens, no gradient) to see what
+:func:`find_routers` runs one small probe forward (64 random tokens, no gradient) to see what
 each router returns; a router class in no registry row gets its rule inferred there from its
 own output (:func:`moelab.hf.rules.infer_rule`). :func:`capture_routing` then records, on every
 router call, the scores' source ``(T, C)`` and the experts ``(T, K)`` the model really uses:
@@ -29,7 +29,7 @@ from moelab.routing import score_fn
 
 SUPPORTED = "every MoE family of transformers with an `experts` module (docs/hf.md)"
 ROUTER_NAMES = ("gate", "router")
-PROBE_TOKENS = (2, 8)
+PROBE_TOKENS = (4, 16)
 
 
 class NoMoERouterError(ValueError):
@@ -180,7 +180,7 @@ def _int_arg(args: tuple) -> int | None:
 def probe(
     model: nn.Module, routers: list[nn.Module], experts: list[nn.Module]
 ) -> dict[int, ProbeCall]:
-    """One forward on 16 random tokens (eval mode, its own RNG): each router's first call."""
+    """One forward on 64 random tokens (eval mode, its own RNG): each router's first call."""
     calls: dict[int, ProbeCall] = {}
     handles = []
     for i, (router, exp) in enumerate(zip(routers, experts, strict=True)):

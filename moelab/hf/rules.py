@@ -168,9 +168,11 @@ def candidates(module: nn.Module) -> Iterator[Rule]:
         SCORES, ("score_topk", "topk_score"), norms, (0.0, 1e-20, 1e-6), groups,
         (True, False), (True, False), (False, True),
     ):  # fmt: skip
-        if order == "topk_score" and (eps or grp != "none"):
-            continue
+        if order == "topk_score" and (eps or grp != "none" or norm is not False):
+            continue  # a softmax over the k chosen needs no renormalising: the simpler rule
         yield Rule(score, order, norm, eps, grp, scale, srt, fp32, cast)
+    for score in ("sigmoid", "sqrtsoftplus"):  # the k chosen scored, then renormalised
+        yield Rule(score, "topk_score", True, 0.0, "none", scale)
 
 
 def matches(
