@@ -69,10 +69,14 @@ def measure(model_type: str) -> dict[str, Any]:
     """Every check on one family; failures are one-line reasons."""
     start = time.perf_counter()
     try:
+        family_model(model_type)
+    except Exception as exc:
+        return {"build": _first_line(exc), "find": None, "profile": False, "attach": False}
+    try:
         row = _describe(model_type)
     except Exception as exc:
-        return {"build": _first_line(exc), "profile": False, "attach": False}
-    row["build"] = None
+        return {"build": None, "find": _first_line(exc), "profile": False, "attach": False}
+    row["build"] = row["find"] = None
     row["profile_check"] = _run(checks.check_profile, model_type)
     row["identity_check"] = _run(checks.check_identity, model_type)
     row["bias_check"] = _run(checks.check_bias_routes, model_type)
@@ -90,18 +94,21 @@ def summarize(rows: dict[str, dict]) -> dict[str, Any]:
 
     n = len(rows)
     built = [k for k, r in rows.items() if r.get("build") is None]
+    found = [k for k in built if rows[k].get("find") is None]
     prof = sum(r["profile"] for r in rows.values())
     att = sum(r["attach"] for r in rows.values())
     return {
         "transformers": transformers.__version__,
         "installed_families": n,
         "built": len(built),
+        "routers_found": len(found),
         "profile_exact": prof,
         "attach_finetune": att,
         "line": (
             f"profile exact on {prof} of {n} installed MoE families ({100 * prof / n:.0f} %), "
             f"attach/finetune on {att} of {n} ({100 * att / n:.0f} %); transformers "
-            f"{transformers.__version__}, {n - len(built)} not built"
+            f"{transformers.__version__}; {n - len(built)} not built, {len(built) - len(found)} "
+            "with no router found"
         ),
     }
 
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[mt] = measure(mt)
             if args.only is None:  # after every family: an interrupted run can --resume
                 _write(rows, complete=False)
-        bad = {k: v for k, v in rows[mt].items() if k.endswith(("_check", "build")) and v}
+        bad = {k: v for k, v in rows[mt].items() if k.endswith(("_check", "build", "find")) and v}
         line = f"{mt:28s} profile {rows[mt]['profile']!s:5} attach {rows[mt]['attach']!s:5} {bad}"
         print(line, flush=True)
     summary = summarize(rows)

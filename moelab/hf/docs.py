@@ -22,8 +22,9 @@ def coverage_table(data: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in sorted(data["families"].items()):
-        if row.get("build"):
-            lines.append(f"| {name} | — | not built: {row['build']} | — | no | no |")
+        if row.get("build") or row.get("find"):
+            why = f"not built: {row['build']}" if row.get("build") else f"{row['find']}"
+            lines.append(f"| {name} | — | {why} | — | no | no |")
             continue
         rule = f"{row['rule'] or 'none'} ({row['rule_source'] or '—'})"
         slot = f"`{row['bias_slot']}`" if row["bias_slot"] else "—"

@@ -143,6 +143,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
     "mimo_v2_flash": {"num_key_value_heads": 2},
+    # save_pretrained's weight conversion pads the embedding to a real vocabulary (~200k rows)
+    "inkling2_text": {"vocab_size": 200064},
+    "inkling2_loop_text": {"vocab_size": 200064},
     "muse_spark_text": {"num_hidden_layers": 4, "hidden_sizes": [32, 32, 32, 32]},
 }
 
@@ -242,17 +245,29 @@ def text_model_class(model_type: str) -> tuple[type, Any]:
 
 
 def _auto_class(config: Any) -> type | None:
+    """The model class of ``config``: an auto-mapped class built for its config class, else the
+    first auto-mapped one (a type served by another family's code, Sarvam by DeepSeek-V3),
+    else a ``*ForCausalLM`` / ``*Model`` of its modeling module (text sub-configs)."""
+    import importlib
+
     import transformers
     from transformers.models.auto import modeling_auto as ma
 
+    mapped = []
     for mapping in TEXT_MAPPINGS:
         name = getattr(ma, f"MODEL_{mapping}MAPPING_NAMES").get(config.model_type)
         cls = getattr(transformers, name, None) if name else None
-        if cls is not None and getattr(cls, "config_class", type(config)) is type(config):
-            return cls
-    module = __import__(
-        type(config).__module__.replace("configuration_", "modeling_"), fromlist=["_"]
-    )
+        if cls is not None:
+            mapped.append(cls)
+    exact = [c for c in mapped if getattr(c, "config_class", None) is type(config)]
+    if exact or mapped:
+        return (exact or mapped)[0]
+    try:
+        module = importlib.import_module(
+            type(config).__module__.replace("configuration_", "modeling_")
+        )
+    except ImportError:
+        return None
     for suffix in TEXT_CLASSES:  # a text sub-config no auto mapping lists
         for name in dir(module):
             obj = getattr(module, name)
