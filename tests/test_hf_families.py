@@ -3,8 +3,8 @@
 A fast representative subset runs unmarked (one family per kind of layout: softmax re-selected,
 grouped sigmoid with its own bias slot, top-k before softmax, dense sigmoid scores, a null
 expert with a slot, a bias on the block passed as an argument, seq2seq with capacity); every
-installed family runs under ``-m slow`` (about 5 s each on an idle CPU). The table of docs/hf.md must be what the registry and the measured
-``results/hf_coverage.json`` give.
+installed family runs under ``-m slow`` (about 5 s each on an idle CPU). The table of
+docs/hf.md must be what the registry and the measured ``results/hf_coverage.json`` give.
 """
 
 from __future__ import annotations
