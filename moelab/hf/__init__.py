@@ -4,6 +4,10 @@
   routing entropy, co-activation and per-domain expert frequency, from the routers' own choices.
 - :func:`attach`: loss-free bias, global-scope aux loss and z-loss on a model for training.
 - :func:`finetune` / ``moelab finetune``: a small AdamW loop using :func:`attach`.
+- :class:`MoEBalanceCallback`: the same balancing in a ``transformers.Trainer`` (or TRL's),
+  logging routing health (MaxVio per layer, dead experts, bias range).
+- :func:`find_routers` / :mod:`moelab.hf.families`: the family registry (one row per
+  transformers MoE family) and rule inference for router classes in no row.
 - :func:`export_to_hf` / ``moelab export``: a trained moelab LM as ``MixtralForCausalLM``
   (``LlamaForCausalLM`` when dense), or a one-line refusal naming what Mixtral cannot express.
 
@@ -31,6 +35,7 @@ from moelab.hf.routers import NoMoERouterError, RouterSite, capture_routing, fin
 
 __all__ = [
     "STATE_FILE",
+    "MoEBalanceCallback",
     "BalanceHandle",
     "FinetuneConfig",
     "NoMoERouterError",
@@ -58,6 +63,15 @@ __all__ = [
     "run_profile",
     "select",
 ]
+
+
+def __getattr__(name: str):
+    """``MoEBalanceCallback`` imports transformers, so it loads on first use."""
+    if name == "MoEBalanceCallback":
+        from moelab.hf.callback import MoEBalanceCallback
+
+        return MoEBalanceCallback
+    raise AttributeError(f"module 'moelab.hf' has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

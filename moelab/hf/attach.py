@@ -1,9 +1,18 @@
 """``moelab.hf.attach``: moelab's load balancing on a transformers MoE model, for training.
 
-Each router's forward is replaced (on the instance; ``detach`` restores it) by
-:func:`moelab.hf.routers.select`, which reproduces the model's own rule with a selection-only
-bias per layer (loss-free balancing, Wang et al. 2024 Alg. 1): the bias changes *which* experts
-are chosen, never the gate weights of the chosen ones. Every router gets a
+The loss-free bias (Wang et al. 2024 Alg. 1) changes *which* experts are chosen, never the gate
+weights of the chosen ones, and goes where the family allows:
+
+- a family with its own selection-bias slot (``e_score_correction_bias``, ``expert_bias``, ...;
+  the registry's ``bias`` field) gets moelab's bias *written into that slot* before every
+  router call (slot = its value at attach + the bias), so the model's own forward routes with
+  it and ``save_pretrained`` carries it: plain transformers loads the balanced routing;
+- any other router's forward is wrapped (on the instance; ``detach`` restores it): its own
+  forward runs, then :func:`moelab.hf.routers.select` re-selects with the family's rule plus the
+  bias and the output's weights / experts are replaced (bit-identical at zero bias).
+
+Routers whose selection is fixed (DeepSeek-V4's hash layers) are left alone; a router with no
+rule and no slot is refused with one line naming it. Every router gets a
 :class:`moelab.balancer.Balancer`, the same balancing state and policy as a moelab MoE layer:
 the same forward feeds it the routing, and it computes the balance terms switched on (the
 Switch loss at micro or global scope, counts accumulated over the micro-batches of an optimizer
@@ -19,7 +28,6 @@ Shape legend: T tokens, E experts, K top-k, B sequences, L sequence length, N Mo
 from __future__ import annotations
 
 import os
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +38,9 @@ from torch import Tensor, nn
 from moelab import metrics
 from moelab.balancer import TERMS, BalanceInputs, Balancer
 from moelab.config import BalanceConfig, from_dict, to_dict
-from moelab.hf.routers import RouterSite, find_routers, router_logits, select
+from moelab.hf import routers as hr
+from moelab.hf.routers import RouterSite, find_routers
+from moelab.hf.status import balancing_status, summary
 from moelab.routing import Routing, score_fn
 
 STATE_FILE = "moelab_balance.pt"
@@ -66,6 +76,16 @@ def disable_model_aux(model: nn.Module) -> dict[str, Any]:
     return old
 
 
+def site_mode(site: RouterSite) -> str:
+    """How attach balances a router: ``slot`` (the family's own bias slot), ``wrap`` (its
+    forward re-selects with the rule), ``static`` (fixed selection, left alone) or ``refuse``."""
+    if site.family is not None and site.family.static:
+        return "static"
+    if site.bias_slot() is not None:
+        return "slot"
+    return "refuse" if hr.unsupported_reason(site) else "wrap"
+
+
 def _check_config(cfg: BalanceConfig, sites: list[RouterSite]) -> None:
     used = [name for name in UNSUPPORTED if getattr(cfg, name) > 0]
     if used:
@@ -75,12 +95,18 @@ def _check_config(cfg: BalanceConfig, sites: list[RouterSite]) -> None:
             f"capacity, learned noise, gate weights or the router weight); allowed: {allowed}, "
             "bias_rate"
         )
-    unknown = [s for s in sites if s.rule is None]
-    if unknown:
+    for site in sites:
+        if site_mode(site) == "refuse":
+            raise ValueError(
+                f"moelab.hf.attach: router class {type(site.module).__name__} ({site.name}): "
+                f"{hr.unsupported_reason(site)}; profile works, attach does not"
+            )
+    if cfg.z_coef > 0 and any(s.probs_recorded for s in sites):
         raise ValueError(
-            f"moelab.hf.attach: router class {type(unknown[0].module).__name__} "
-            f"({unknown[0].name}) has no known selection rule; profile works, attach does not"
+            "balance.z_coef: this family records router probabilities, not logits; allowed: 0"
         )
+    if cfg.seq_aux_coef > 0 and any(s.num_null for s in sites):
+        raise ValueError("balance.seq_aux_coef: not with null experts (LongCat, Zaya); allowed: 0")
 
 
 class BalanceHandle:
@@ -100,20 +126,32 @@ class BalanceHandle:
         disable_own_aux: bool = True,
     ) -> None:
         self.model, self.total_steps = model, total_steps
-        self.sites = find_routers(model)
+        self.sites = [s for s in find_routers(model) if site_mode(s) != "static"]
+        if not self.sites:
+            raise ValueError("moelab.hf.attach: every router of this model has a fixed selection")
         _check_config(cfg, self.sites)
+        self.status = balancing_status(model, self.sites)  # as configured, before attach
         self._use_config(cfg)
         self._last: dict[str, dict[int, Tensor]] = {}
         self._seq_shape: tuple[int, int] | None = None
         self._old_aux = disable_model_aux(model) if disable_own_aux else None
-        for i, site in enumerate(self.sites):
-            site.module.forward = types.MethodType(self._make_forward(i), site.module)
-        self._pre_hook = model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)
+        self.modes = [site_mode(s) for s in self.sites]
+        self._slot0 = [
+            s.bias_slot().detach().clone() if m == "slot" else None
+            for s, m in zip(self.sites, self.modes, strict=True)
+        ]
+        self._hooks = [model.register_forward_pre_hook(self._on_model_call, with_kwargs=True)]
+        for i, (site, mode) in enumerate(zip(self.sites, self.modes, strict=True)):
+            if mode == "slot":
+                self._hooks.append(site.module.register_forward_pre_hook(self._make_write(i)))
+                self._hooks.append(site.module.register_forward_hook(self._make_record(i)))
+            else:
+                site.module.forward = self._make_forward(i)
         self.attached = True
 
     def _use_config(self, cfg: BalanceConfig) -> None:
         """A fresh balancer per router for ``cfg``."""
-        dev = self.sites[0].module.weight.device
+        dev = next(iter(self.sites[0].module.state_dict().values())).device
         self.cfg = cfg
         self.balancers = [
             Balancer(cfg, num_experts=s.num_experts, top_k=s.top_k, score=s.score).to(dev)
@@ -146,33 +184,78 @@ class BalanceHandle:
         x = kwargs.get("inputs_embeds") if x is None else x
         self._seq_shape = tuple(x.shape[:2]) if x is not None and x.dim() >= 2 else None
 
-    def _make_forward(self, i: int):
-        site = self.sites[i]  # the balancer is looked up per call (load_state_dict renews it)
+    def _make_write(self, i: int):
+        """Pre-hook of a slot router: slot = its value at attach + moelab's bias (E,)."""
 
-        def forward(module: nn.Module, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            logits_TE = router_logits(site, hidden_states)
-            weights_TK, experts_TK = select(site, logits_TE, self.balancers[i].bias)
-            ids_S = experts_TK.flatten()
-            counts_E = torch.zeros(site.num_experts, dtype=torch.long, device=ids_S.device)
-            counts_E.scatter_add_(0, ids_S, torch.ones_like(ids_S))  # no host sync on GPU
-            if torch.is_grad_enabled():
-                routing = Routing(
-                    logits_TE, score_fn(logits_TE.float(), site.score), weights_TK, experts_TK
-                )
-                self._record_losses(i, routing, counts_E, module.training)
-            if module.training:
-                self._count(i, logits_TE, counts_E)
-            return logits_TE, weights_TK, experts_TK
+        def write(module: nn.Module, args: tuple) -> None:
+            with torch.no_grad():
+                hr.write_slot(self.sites[i], self._slot0[i], self.balancers[i].bias)
+
+        return write
+
+    def _make_record(self, i: int):
+        """Forward hook of a slot router: the model's own choice feeds the balancer."""
+        site = self.sites[i]
+
+        def record(module: nn.Module, args: tuple, output: object) -> None:
+            logits_TC = hr.recorded_scores(site, output)
+            experts_TK = hr.experts_of(site, output, logits_TC)
+            self._observe(i, logits_TC, hr.weights_of(site, output), experts_TK, module.training)
+
+        return record
+
+    def _make_forward(self, i: int):
+        """The wrapped forward of a rule router: its own forward, then moelab's re-selection
+        with the bias (the balancer is looked up per call: load_state_dict renews it)."""
+        site = self.sites[i]
+        own = type(site.module).forward.__get__(site.module)
+
+        def forward(*args, **kwargs):
+            output = own(*args, **kwargs)
+            logits_TC = hr.recorded_scores(site, output)
+            weights_TK, experts_TK = hr.select(site, logits_TC, self.balancers[i].bias)
+            self._observe(i, logits_TC, weights_TK, experts_TK, site.module.training)
+            return hr.replace_choice(site, output, weights_TK, experts_TK)
 
         return forward
 
-    def _count(self, i: int, logits_TE: Tensor, counts_E: Tensor) -> None:
+    def _observe(
+        self,
+        i: int,
+        logits_TC: Tensor,
+        weights_TK: Tensor | None,
+        experts_TK: Tensor,
+        training: bool,
+    ) -> None:
+        """Counts over the E real experts (null slots left out) and, with gradients on, the
+        balance terms of this call."""
+        site = self.sites[i]
+        E = site.num_experts
+        ids_S = experts_TK.flatten()
+        real_S = ids_S < E
+        counts_E = torch.zeros(E, dtype=torch.long, device=ids_S.device)
+        counts_E.scatter_add_(0, ids_S.clamp(max=E - 1), real_S.long())  # no host sync on GPU
+        if torch.is_grad_enabled():
+            if site.probs_recorded:
+                scores_TE, logits_TE = logits_TC[:, :E].float(), logits_TC[:, :E].float().log()
+            else:
+                scores_TE = score_fn(logits_TC.float(), site.score)[:, :E]
+                logits_TE = logits_TC[:, :E]
+            weights_TK = (
+                scores_TE.gather(1, experts_TK.clamp(max=E - 1))
+                if weights_TK is None
+                else weights_TK
+            )
+            routing = Routing(logits_TE, scores_TE, weights_TK, experts_TK.clamp(max=E - 1))
+            self._record_losses(i, routing, counts_E, training)
+        if training:
+            self._count(i, hr.scores_of(site, logits_TC), counts_E)
+
+    def _count(self, i: int, scores_TE: Tensor, counts_E: Tensor) -> None:
         """Training forward: counts (and, under Quantile Balancing, the price estimate from the
         model's plain scores, without its own correction bias or groups) into the step."""
         b = self.balancers[i]
-        prices_E = None
-        if b.quantile:
-            prices_E = b.price_estimate(score_fn(logits_TE.float(), self.sites[i].score))
+        prices_E = b.price_estimate(scores_TE.detach()) if b.quantile else None
         b.count(counts_E, prices_E)
 
     def _seq_len(self, num_tokens: int) -> int | None:
@@ -265,13 +348,38 @@ class BalanceHandle:
         os.replace(tmp, path)
         return path
 
+    def describe(self) -> list[str]:
+        """What was active before attach (HF's aux loss, frozen biases, warnings) and what
+        moelab does now, as short lines."""
+        slots = sum(m == "slot" for m in self.modes)
+        own = "off" if self._old_aux is not None else "left as configured"
+        return [
+            *(f"before attach: {line}" for line in summary(self.status)),
+            f"moelab: {len(self.sites)} routers; loss-free bias in the family's own slot on "
+            f"{slots}, by re-selection on {len(self.sites) - slots}; HF aux loss {own}; "
+            f"terms {[t.name for t in self.balancers[0].terms]}",
+        ]
+
+    @torch.no_grad()
+    def rebase_slots(self) -> None:
+        """Take the bias slots as already holding the balancers' biases (a model saved with
+        them): their value at attach becomes slot − bias."""
+        for i, slot0 in enumerate(self._slot0):
+            if slot0 is not None:
+                E = self.sites[i].num_experts
+                slot_C = self.sites[i].bias_slot().view(-1)
+                slot0.view(-1)[:E].copy_(slot_C[:E] - self.bias[i].to(slot_C))
+
     def detach(self) -> None:
-        """Restore the routers' own forward and the model's aux-loss settings."""
+        """Restore the routers' own forward and the model's aux-loss settings. A bias written
+        into a family's own slot stays there, so ``save_pretrained`` carries it."""
         if not self.attached:
             return
-        for site in self.sites:
-            del site.module.forward  # the instance attribute; the class method comes back
-        self._pre_hook.remove()
+        for site, mode in zip(self.sites, self.modes, strict=True):
+            if mode == "wrap":
+                del site.module.forward  # the instance attribute; the class method comes back
+        for hook in self._hooks:
+            hook.remove()
         if self._old_aux is not None:
             if self._old_aux["output_router_logits"] is not None:
                 self.model.config.output_router_logits = self._old_aux["output_router_logits"]
@@ -304,6 +412,7 @@ def attach(
     handle = BalanceHandle(model, cfg, total_steps=total_steps, disable_own_aux=disable_own_aux)
     if state is not None:
         handle.load_state_dict(state, keep_config=balance is not None)
+        handle.rebase_slots()  # the saved model's slots hold the saved biases already
         if total_steps is not None:
             handle.total_steps = total_steps
     return handle

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -104,6 +105,8 @@ def finetune(
     dev = next(net.parameters()).device
     handle = attach(net, balance, from_folder=model, total_steps=cfg.steps)
     handle.freeze_routers(cfg.freeze_router)
+    for line in handle.describe():
+        print(f"moelab finetune: {line}", file=sys.stderr)
     domains = load_domains(data)
     tokenize = model_tokenizer(model, net.config.vocab_size)
     stream = torch.cat([domain_stream(d, tokenize, cfg.max_tokens) for d in domains])
@@ -130,6 +133,11 @@ def finetune(
             for _ in range(cfg.grad_accum):
                 ids_BL = next(windows).to(dev)
                 lm_loss = net(input_ids=ids_BL, labels=ids_BL, use_cache=False).loss
+                if lm_loss is None:
+                    raise ValueError(
+                        f"{type(net).__name__} returns no LM loss; finetune needs a causal-LM, "
+                        "seq2seq or image-text-to-text checkpoint"
+                    )
                 aux = handle.aux_loss()
                 ((lm_loss + aux) / cfg.grad_accum).backward()
                 lm_sum += lm_loss.item()

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from moelab import metrics
-from moelab.hf.routers import RouterSite, capture_routing, find_routers
+from moelab.hf.routers import RouterSite, capture_routing, find_routers, model_inputs
+from moelab.hf.status import balancing_status, summary
 from moelab.hf.text import batches, domain_stream, load_domains, model_tokenizer
 from moelab.routing import score_fn
 
@@ -56,20 +57,41 @@ def check_device(name: str | None) -> None:
         )
 
 
+AUTO_CLASSES = (
+    "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForSeq2SeqLM", "AutoModel",
+)  # fmt: skip
+
+
+def _config_class(name_or_path: str) -> type | None:
+    """The model class named in the checkpoint's config (``architectures[0]``), if importable."""
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        archs = AutoConfig.from_pretrained(name_or_path).architectures or []
+    except (OSError, ValueError):
+        return None
+    return next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+
+
 def load_model(name_or_path: str, *, device: str = "cpu", dtype: str = "auto") -> nn.Module:
-    """AutoModelForCausalLM from a save_pretrained folder (or a hub name when online)."""
-    from transformers import AutoModelForCausalLM
+    """Any MoE checkpoint (a save_pretrained folder, or a hub name when online): the class
+    named in its config, else the causal-LM, image-text, seq2seq and base auto classes in turn."""
+    import transformers
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not allowed; choose one of {list(DTYPES)}")
     check_device(device)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"cannot load model {name_or_path!r}: {first}") from exc
-    return model.to(device)
+    classes = [_config_class(name_or_path)] + [getattr(transformers, a) for a in AUTO_CLASSES]
+    first = None
+    for cls in (c for c in classes if c is not None):
+        try:
+            return cls.from_pretrained(name_or_path, dtype=torch_dtype).to(device)
+        except (OSError, ValueError, KeyError) as exc:
+            first = first or exc
+    text = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
+    raise ValueError(f"cannot load model {name_or_path!r}: {text}") from first
 
 
 def default_device() -> str:
@@ -89,24 +111,32 @@ class LayerRecord:
     prob_sum_E: Tensor | None = None  # Σ_t p_t, per-token routing distributions (float64)
     token_entropy_sum: Tensor | float = 0.0  # Σ_t H(p_t), nats
 
-    def add(self, logits_TE: Tensor, experts_TK: Tensor, domain: int) -> None:
-        """Keep one router call's choices and score sums on the model's device (no host sync)."""
-        T, E = logits_TE.shape
-        small = torch.uint8 if E <= 256 else torch.int16  # T·K ids without 8 bytes each
+    def add(self, logits_TC: Tensor, experts_TK: Tensor, domain: int) -> None:
+        """Keep one router call's choices and score sums on the model's device (no host sync).
+
+        logits_TC: the recorded tensor over all C = E + N columns (null experts included),
+        scored with the family's own score function (probabilities are kept as they are)."""
+        T, C = logits_TC.shape
+        small = torch.uint8 if C < 255 else torch.int16  # T·K ids without 8 bytes each
         self.experts.append(experts_TK.to(small))
-        self.domains.append(torch.full((T,), domain, dtype=torch.int32, device=logits_TE.device))
-        scores_TE = score_fn(logits_TE.float(), self.site.score)
+        self.domains.append(torch.full((T,), domain, dtype=torch.int32, device=logits_TC.device))
+        if self.site.probs_recorded:
+            scores_TE = logits_TC.float()
+        else:
+            scores_TE = score_fn(logits_TC.float(), self.site.score)
         p_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-30)
         p_sum_E = p_TE.sum(0).double()
         self.prob_sum_E = p_sum_E if self.prob_sum_E is None else self.prob_sum_E + p_sum_E
         self.token_entropy_sum = self.token_entropy_sum - torch.special.xlogy(p_TE, p_TE).sum()
 
 
-def _coactivation(experts_TK: Tensor, num_experts: int) -> Tensor:
-    """metrics.coactivation summed over chunks of tokens: (T, K) -> (E, E) int64."""
+def _coactivation(experts_TK: Tensor, keep_TK: Tensor, num_experts: int) -> Tensor:
+    """metrics.coactivation summed over chunks of tokens: (T, K) -> (E, E) int64 (slots with
+    ``keep_TK`` False left out)."""
     total_EE = torch.zeros(num_experts, num_experts, dtype=torch.int64)
     for start in range(0, experts_TK.shape[0], COACT_CHUNK):
-        total_EE += metrics.coactivation(experts_TK[start : start + COACT_CHUNK], num_experts)
+        chunk = slice(start, start + COACT_CHUNK)
+        total_EE += metrics.coactivation(experts_TK[chunk], num_experts, mask=keep_TK[chunk])
     return total_EE
 
 
@@ -126,26 +156,48 @@ def _top_pairs(coact_EE: Tensor, counts_E: Tensor, tokens: int, n: int = 10) -> 
     return out
 
 
+def _choices(rec: LayerRecord) -> tuple[Tensor, Tensor]:
+    """(experts_TK int64, domains_T) of everything recorded; empty for a router never called."""
+    if not rec.experts:
+        return torch.zeros(0, rec.site.top_k, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(rec.experts).cpu().long(), torch.cat(rec.domains).cpu().long()
+
+
+def _null_stats(experts_TK: Tensor, site: RouterSite) -> dict[str, Any]:
+    """Slots that went to null / identity experts (ids E..C-1) or were dropped (id C)."""
+    E, C = site.num_experts, site.columns
+    return {
+        "num_null_experts": site.num_null,
+        "null_slots": int(((experts_TK >= E) & (experts_TK < C)).sum()),
+        "dropped_slots": int((experts_TK >= C).sum()),
+    }
+
+
 def layer_stats(rec: LayerRecord, domain_names: list[str], rare_frac: float) -> dict[str, Any]:
-    """The JSON object of one MoE layer (see docs/hf.md for every field)."""
+    """The JSON object of one MoE layer (see docs/hf.md for every field). Counts, MaxVio, CV
+    and co-activation are over the E real experts; null-expert and dropped slots apart."""
     site, E = rec.site, rec.site.num_experts
-    experts_TK = torch.cat(rec.experts).cpu().long()
-    domains_T = torch.cat(rec.domains).cpu().long()
+    experts_TK, domains_T = _choices(rec)
     T = experts_TK.shape[0]
-    counts_E = metrics.expert_counts(experts_TK, E)
+    real_TK = experts_TK < E
+    ids_TK = experts_TK.clamp(max=E - 1)
+    counts_E = metrics.expert_counts(ids_TK, E, mask=real_TK)
     dead_E = metrics.dead_experts(counts_E) if T else torch.zeros(E, dtype=torch.bool)
     rare_E = metrics.dead_experts(counts_E, threshold=rare_frac) & ~dead_E
     share = metrics.load_share(counts_E)
-    coact_EE = _coactivation(experts_TK, E)
-    mean_p_E = rec.prob_sum_E.cpu() / max(T, 1)
+    coact_EE = _coactivation(ids_TK, real_TK, E)
+    C = site.columns
+    mean_p_C = rec.prob_sum_E.cpu() / max(T, 1) if rec.prob_sum_E is not None else torch.zeros(C)
     stats: dict[str, Any] = {
         "layer": site.layer,
         "module": site.name,
+        "router_class": type(site.module).__name__,
         "num_experts": E,
         "top_k": site.top_k,
         "score": site.score,
         "tokens": T,
         "counts": counts_E.tolist(),
+        **_null_stats(experts_TK, site),
         "maxvio": float(metrics.max_violation(counts_E)),
         "cv": float(metrics.cv(counts_E)),
         "load_share": {"min": float(share.min), "max": float(share.max), "uniform": 1 / E},
@@ -153,17 +205,19 @@ def layer_stats(rec: LayerRecord, domain_names: list[str], rare_frac: float) -> 
         "rare_experts": torch.nonzero(rare_E).flatten().tolist(),
         "routing_entropy": {
             "token": float(rec.token_entropy_sum) / max(T, 1),
-            "batch": float(metrics.routing_entropy(mean_p_E[None]).token),
-            "max": math.log(E),
+            "batch": float(metrics.routing_entropy(mean_p_C[None]).token) if T else 0.0,
+            "max": math.log(C),
         },
-        "mean_scores": mean_p_E.tolist(),
+        "mean_scores": mean_p_C[:E].tolist(),
         "coactivation_top_pairs": _top_pairs(coact_EE, counts_E, T),
     }
     if len(domain_names) > 1:
         D = len(domain_names)
-        freq_DE = metrics.domain_expert_freq(domains_T, experts_TK, D, E)
+        freq_DE = metrics.domain_expert_freq(domains_T, ids_TK, D, E, mask=real_TK)
         stats["domain_expert_freq"] = dict(zip(domain_names, freq_DE.tolist(), strict=True))
-        stats["domain_expert_mi_bits"] = metrics.mutual_information(domains_T, experts_TK, D, E)
+        stats["domain_expert_mi_bits"] = metrics.mutual_information(
+            domains_T, ids_TK, D, E, mask=real_TK
+        )
     return stats, coact_EE
 
 
@@ -178,13 +232,15 @@ def profile_model(
     seq_len: int = 512,
     batch_size: int = 8,
     rare_frac: float = 0.1,
+    sites: list[RouterSite] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Profile the routers of ``model`` on token streams, one per domain.
 
     streams: domain name -> ``(N,)`` int64 token ids. Returns (profile dict, coactivation
     ``(layers, E, E)`` int64 array). The model is put in eval mode for the run and restored.
+    sites: the routers (default: :func:`find_routers`, one probe forward).
     """
-    sites = find_routers(model)
+    sites = find_routers(model) if sites is None else sites
     records = [LayerRecord(s) for s in sites]
     names = list(streams)
     current = {"domain": 0}
@@ -197,7 +253,7 @@ def profile_model(
         for d, name in enumerate(names):
             current["domain"] = d
             for ids_BL in batches(streams[name], seq_len, batch_size):
-                model(input_ids=ids_BL.to(device), use_cache=False)
+                model(**model_inputs(model, ids_BL.to(device)))
     elapsed = time.perf_counter() - start
     model.train(was_training)
     tokens = sum(int(s.numel()) for s in streams.values())
@@ -213,8 +269,11 @@ def profile_model(
             "num_experts": sites[0].num_experts,
             "top_k": sites[0].top_k,
             "router_class": type(sites[0].module).__name__,
+            "family": sites[0].family.name if sites[0].family else None,
+            "rule": "registry" if sites[0].family else ("inferred" if sites[0].inferred else None),
             "capture": "forward hooks on the router modules (the model's own expert indices)",
         },
+        "balancing": balancing_status(model, sites),
         "tokens": tokens,
         "domains": {n: int(streams[n].numel()) for n in names},
         "elapsed_s": elapsed,
@@ -371,6 +430,8 @@ def run_profile(args: argparse.Namespace) -> int:
         plots=not args.no_plots,
     )
     print(f"{result['tokens']} tokens, {result['tokens_per_s']:.0f} tokens/s -> {args.out}")
+    for line in summary(result["balancing"]):
+        print(line)
     for lay in result["layers"]:
         print(
             f"layer {lay['layer']:3d}  maxvio {lay['maxvio']:.3f}  cv {lay['cv']:.3f}  "
