@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from moelab import balance as bal
 from moelab.config import BalanceConfig, ScoreFn
+from moelab.host import to_host
 from moelab.metrics import max_violation
 from moelab.routing import Routing
 
@@ -249,6 +250,18 @@ class Balancer(nn.Module):
         if self.relu_l1:  # ReMoE's live λ and the step's tokens (its sparsity)
             self.register_buffer("l1_coef", torch.tensor(cfg.l1_coef, dtype=torch.float32))
             self.register_buffer("step_tokens", torch.zeros((), dtype=torch.int64))
+        self._steps: int | None = None  # ``progress`` on the host; None: read it once
+
+    def steps_done(self) -> int:
+        """``progress`` as a Python int: read from the buffer once (after building or loading),
+        then advanced by :meth:`end_step` without reading the device again."""
+        if self._steps is None:
+            self._steps = int(to_host(self.progress, "balancer progress"))
+        return self._steps
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._steps = None  # a loaded ``progress``: read again
 
     # ------------------------------------------------------------------ forward
 
@@ -318,7 +331,7 @@ class Balancer(nn.Module):
         b = self.cfg
         if b.bias_rate <= 0:
             return 0.0
-        return bal.bias_rate_at(int(self.progress), total_steps or 0, b.bias_rate, b.bias_schedule)
+        return bal.bias_rate_at(self.steps_done(), total_steps or 0, b.bias_rate, b.bias_schedule)
 
     @torch.no_grad()
     def end_step(self, total_steps: int | None = None) -> None:
@@ -327,38 +340,42 @@ class Balancer(nn.Module):
         on set the bias for the next), then reset the counts and advance ``progress``. A step
         with no training forward (counts all zero) changes nothing but ``progress``."""
         b, counts_E = self.cfg, self.step_counts
-        if int(counts_E.sum()) > 0:
-            if self.quantile:
-                self._quantile_update()
-            elif b.bias_rate > 0:
-                new_E = bal.update_bias(
-                    self.bias,
-                    counts_E,
-                    self.rate_at(total_steps),
-                    b.bias_rule,
-                    center=b.bias_center,
-                )
-                self.bias.copy_(new_E)
-            if b.adaptive_target > 0:
-                self.aux_coef.fill_(self._adapted(float(max_violation(counts_E))))
-        if self.relu_l1 and int(self.step_tokens) > 0:  # also when no token got an expert
-            per_token = float(counts_E.sum()) / int(self.step_tokens)
-            new = bal.adapt_l1_coef(
-                float(self.l1_coef), per_token, top_k=self.top_k, rate=b.l1_rate
+        counted_1 = counts_E.sum() > 0  # 0-dim bool on the device: no host read for it
+        if self.quantile:
+            self._quantile_update(counted_1)
+        elif b.bias_rate > 0:
+            new_E = bal.update_bias(
+                self.bias, counts_E, self.rate_at(total_steps), b.bias_rule, center=b.bias_center
             )
-            self.l1_coef.fill_(new)
+            self.bias.copy_(torch.where(counted_1, new_E, self.bias))
+        if b.adaptive_target > 0 and to_host(counted_1, "any expert counts"):
+            self.aux_coef.fill_(self._adapted(float(to_host(max_violation(counts_E), "MaxVio"))))
+        if self.relu_l1:
+            self._l1_update(counts_E)
         self.reset_step()
         self.progress += 1
+        self._steps = None if self._steps is None else self._steps + 1
 
-    def _quantile_update(self) -> None:
-        """β ← the step's mean price estimate, mixed with the old β by ``quantile_ema``."""
-        n = int(self.price_count)
-        if n == 0:
-            return
-        est_E, ema = self.price_sum / n, self.cfg.quantile_ema
+    def _l1_update(self, counts_E: Tensor) -> None:
+        """ReMoE: the live λ from the step's slots per real token (also when no token got an
+        expert; nothing without a real token)."""
+        tokens = to_host(self.step_tokens, "step tokens")
+        if tokens > 0:
+            per_token = to_host(counts_E.sum(), "step slots") / tokens
+            new = bal.adapt_l1_coef(
+                float(self.l1_coef), per_token, top_k=self.top_k, rate=self.cfg.l1_rate
+            )
+            self.l1_coef.fill_(new)
+
+    def _quantile_update(self, counted_1: Tensor) -> None:
+        """β ← the step's mean price estimate, mixed with the old β by ``quantile_ema`` (only
+        after a step that counted slots and estimated prices; no host read)."""
+        n_1 = self.price_count
+        est_E, ema = self.price_sum / n_1.clamp_min(1), self.cfg.quantile_ema
         prices_E = est_E if ema == 0 else ema * -self.bias + (1.0 - ema) * est_E
         bias_E = -prices_E
-        self.bias.copy_(bias_E - bias_E.mean() if self.cfg.bias_center else bias_E)
+        bias_E = bias_E - bias_E.mean() if self.cfg.bias_center else bias_E
+        self.bias.copy_(torch.where(counted_1 & (n_1 > 0), bias_E, self.bias))
 
     def _adapted(self, maxvio: float) -> float:
         b = self.cfg

@@ -8,16 +8,27 @@ per expert on its contiguous segment of the permuted buffer (a loop over experts
 tokens). The stacks are ``unbind``-ed once per call and the buffer is ``split`` by counts:
 indexing ``w[e]`` or ``x[a:b]`` inside the loop makes autograd build a full-size zero gradient
 per expert, which costs seconds per step at E=64 on a CPU.
+
+On CUDA the experts run as grouped GEMMs instead (``torch._grouped_mm`` / ``F.grouped_mm``:
+one kernel per matmul for all experts, the segment ends given as a device tensor, so no host
+read of the split sizes): :class:`GroupedMMSwiGLU`, where torch has it and it runs for the
+dtype and shapes; else the path above. ``GROUPED_MM`` chooses: ``auto`` (CUDA only), ``on``
+(wherever it runs, e.g. the CPU in tests), ``off``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moelab.host import to_host
+
+GROUPED_MM: Literal["auto", "on", "off"] = "auto"
 
 
 def swiglu(x_ND: Tensor, w13_D2F: Tensor, w2_FD: Tensor, dropout: float = 0.0) -> Tensor:
@@ -76,21 +87,40 @@ class Experts(nn.Module):
         """
         dtype = _compute_dtype(x_SD)
         w13, w2 = self.w13_ED2F.to(dtype), self.w2_EFD.to(dtype)
+        if self._grouped(x_SD, dtype):
+            return GroupedMMSwiGLU.apply(x_SD.to(dtype), w13, w2, _offsets(splits, x_SD.device))
+        splits = _host_splits(splits)
         if self.training and self.dropout > 0:
             return self.forward_split(x_SD.to(dtype), splits)
         return GroupedSwiGLU.apply(x_SD.to(dtype), w13, w2, splits)
 
+    def _grouped(self, x: Tensor, dtype: torch.dtype) -> bool:
+        """Whether this call runs as grouped GEMMs (:data:`GROUPED_MM`; never with expert
+        dropout in training, which keeps the autograd loop)."""
+        if GROUPED_MM == "off" or (GROUPED_MM == "auto" and x.device.type != "cuda"):
+            return False
+        if self.training and self.dropout > 0:
+            return False
+        return grouped_mm_runs(x.device, dtype, self.d_model, self.d_hidden)
+
     def forward_tokens(
-        self, x_TD: Tensor, token_S: Tensor, weight_S: Tensor, splits: list[int]
+        self, x_TD: Tensor, token_S: Tensor, weight_S: Tensor, splits: list[int] | Tensor
     ) -> Tensor:
         """Gather, run and combine in one step: y_t = Σ_s weight_s · expert_s(x_{token_s}).
 
         x_TD (T, D); token_S (S,) token of each slot, sorted by expert; weight_S (S,) gate
-        weights; splits: slots per expert. Returns (T, D). Equals
+        weights; splits: slots per expert, a list or an (E,) tensor (read to the host only
+        when the per-expert path runs). Returns (T, D). Grouped GEMMs where they run
+        (:meth:`_grouped`): gather, :class:`GroupedMMSwiGLU`, weighted ``index_add``. Equals
         ``unpermute(forward(permute(x)))`` but, as one :class:`TokenSwiGLU` node, saves only the
         (S, 2F) pre-activation for backward instead of three (S, D) buffers.
         """
         dtype = _compute_dtype(x_TD)
+        if self._grouped(x_TD, dtype):
+            y_SD = self.forward(x_TD.to(dtype).index_select(0, token_S), splits)
+            y_SD = y_SD * weight_S.to(dtype).unsqueeze(1)
+            return y_SD.new_zeros(x_TD.shape[0], y_SD.shape[1]).index_add(0, token_S, y_SD)
+        splits = _host_splits(splits)
         if self.training and self.dropout > 0:
             y_SD = self.forward_split(x_TD.to(dtype).index_select(0, token_S), splits)
             y_SD = y_SD * weight_S.to(dtype).unsqueeze(1)
@@ -121,6 +151,49 @@ class Experts(nn.Module):
                 y = swiglu(x_TD[tok], self.w13_ED2F[e], self.w2_EFD[e])
                 out_TD = out_TD.index_add(0, tok, y * weights_TK[tok, slot].unsqueeze(1))
         return out_TD
+
+
+def _host_splits(splits: list[int] | Tensor) -> list[int]:
+    """Split sizes as Python ints (one host read when given as a tensor)."""
+    return to_host(splits, "expert segment sizes") if isinstance(splits, Tensor) else splits
+
+
+def _offsets(splits: list[int] | Tensor, device: torch.device) -> Tensor:
+    """(E,) int32 end row of each expert's segment, on ``device`` (grouped GEMM's ``offs``)."""
+    counts_E = splits if isinstance(splits, Tensor) else torch.tensor(splits, device=device)
+    return torch.cumsum(counts_E.to(device), 0).to(torch.int32)
+
+
+def _grouped_mm_op():
+    """torch's grouped GEMM: ``F.grouped_mm`` where it exists, else ``torch._grouped_mm``,
+    else None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_runs(device: torch.device, dtype: torch.dtype, d_model: int, d_hidden: int) -> bool:
+    """Whether grouped GEMM runs here for experts of these sizes: torch has it, rows are
+    16-byte aligned (its kernels' rule), and a small probe of the three forms used (forward,
+    input gradient, weight gradient) runs on this device type and dtype."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if _grouped_mm_op() is None or any(n * size % 16 for n in (d_model, d_hidden)):
+        return False
+    return _probe(device.type, dtype)
+
+
+@functools.cache
+def _probe(device_type: str, dtype: torch.dtype) -> bool:
+    op, dev = _grouped_mm_op(), torch.device(device_type)
+    try:
+        x_SD = torch.ones(32, 16, device=dev, dtype=dtype)
+        w_EDF = torch.ones(2, 16, 16, device=dev, dtype=dtype)
+        offs = torch.tensor([16, 32], device=dev, dtype=torch.int32)
+        with torch.autocast(device_type, enabled=False):
+            op(x_SD, w_EDF, offs=offs)
+            op(x_SD, w_EDF.transpose(1, 2), offs=offs)
+            op(x_SD.t(), x_SD, offs=offs)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -405,6 +478,46 @@ class TokenSwiGLU(torch.autograd.Function):
                 dx_TD.index_add_(0, idx, dy_ND)
         dweight_S = dweight_R if row_S is None else dweight_R[row_S]
         return dx_TD, dw13_ED2F, dw2_EFD, None, dweight_S.to(ctx.weight_dtype), None
+
+
+class GroupedMMSwiGLU(torch.autograd.Function):
+    """SwiGLU experts on contiguous row segments as grouped GEMMs: (S, D) -> (S, D).
+
+    offs_E (E,) int32: the end row of each expert's segment (an empty expert repeats the
+    previous end). Forward, input and weight gradients are each one grouped GEMM per matmul
+    (the weight gradient in the 2-D x 2-D form, one (·, ·) block per expert, zeros for an
+    empty one); torch's own autograd formula is not used because it does not run on the CPU,
+    where this path is tested against the per-expert loop. Saved: x (S, D) and the fused
+    pre-activation (S, 2F), as in :class:`GroupedSwiGLU`.
+    """
+
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, w13_ED2F: Tensor, w2_EFD: Tensor, offs_E: Tensor) -> Tensor:
+        gmm = _grouped_mm_op()
+        with torch.autocast(x_SD.device.type, enabled=False):
+            x_SD = x_SD.contiguous()
+            h13_S2F = gmm(x_SD, w13_ED2F, offs=offs_E)
+            y_SD = gmm(_swiglu_act(h13_S2F), w2_EFD, offs=offs_E)
+        ctx.save_for_backward(x_SD, w13_ED2F, w2_EFD, h13_S2F, offs_E)
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, dy_SD: Tensor):
+        x_SD, w13_ED2F, w2_EFD, h13_S2F, offs_E = ctx.saved_tensors
+        gmm = _grouped_mm_op()
+        with torch.autocast(x_SD.device.type, enabled=False):
+            dy_SD = dy_SD.to(x_SD.dtype).contiguous()
+            gate_SF, up_SF = h13_S2F.chunk(2, dim=-1)
+            sig_SF = torch.sigmoid(gate_SF)
+            silu_SF = gate_SF * sig_SF
+            dw2_EFD = gmm((silu_SF * up_SF).t(), dy_SD, offs=offs_E)
+            dh_SF = gmm(dy_SD, w2_EFD.transpose(1, 2), offs=offs_E)
+            # d silu(g)/dg = sig(g)·(1 + g·(1 − sig(g)))
+            dgate_SF = dh_SF * up_SF * (sig_SF * (1 + gate_SF * (1 - sig_SF)))
+            dh13_S2F = torch.cat([dgate_SF, dh_SF * silu_SF], dim=-1)
+            dw13_ED2F = gmm(x_SD.t(), dh13_S2F, offs=offs_E)
+            dx_SD = gmm(dh13_S2F, w13_ED2F.transpose(1, 2), offs=offs_E)
+        return dx_SD, dw13_ED2F, dw2_EFD, None
 
 
 def _swiglu_act(h13_N2F: Tensor) -> Tensor:

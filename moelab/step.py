@@ -96,7 +96,9 @@ class _Micro:
         self.counts.append([o.counts for o in out.moe])
         self.stats.append([o.stats for o in out.moe])
         k_now = [o.kept for o in out.moe]
-        self.kept = k_now if self.kept is None else [a + b for a, b in zip(self.kept, k_now, strict=True)]
+        if self.kept is not None:
+            k_now = [a + b for a, b in zip(self.kept, k_now, strict=True)]
+        self.kept = k_now
         if out.moe:
             self.dropped.append(torch.stack([o.dropped for o in out.moe]).sum())
             self.z.append(torch.stack([o.stats["z"] for o in out.moe]))
