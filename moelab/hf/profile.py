@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab import metrics
+from moelab.device import resolve as resolve_device
 from moelab.hf.routers import RouterSite, capture_routing, find_routers
 from moelab.hf.text import batches, domain_stream, load_domains, model_tokenizer
 from moelab.routing import score_fn
@@ -42,11 +43,13 @@ def load_model(name_or_path: str, *, device: str = "cpu", dtype: str = "auto") -
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"cannot load model {name_or_path!r}: {first}") from exc
-    return model.to(device)
+    return model.to(resolve_device(device, "--device"))
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The device a command without ``--device`` uses: ``auto`` (:mod:`moelab.device`: CUDA
+    when available, under torchrun this rank's ``LOCAL_RANK`` GPU)."""
+    return "auto"
 
 
 # ----------------------------------------------------------------------------- accumulation
@@ -303,7 +306,7 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rare-frac", type=float, default=0.1, help="rare: load ≤ this × fair share")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=run_profile)
