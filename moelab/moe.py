@@ -28,7 +28,7 @@ from moelab import dispatch, metrics
 from moelab.balancer import BalanceInputs, Balancer
 from moelab.config import MoEConfig
 from moelab.experts import Experts, SharedExperts
-from moelab.host import to_host
+from moelab.host import check_label, to_host
 from moelab.router import Router
 from moelab.routing import Routing
 
@@ -175,14 +175,17 @@ class MoELayer(nn.Module):
         return shared_TD
 
     def _route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
-        """The router's decision; NonFiniteRouterError (naming this layer) on NaN/inf logits."""
+        """The router's decision; NonFiniteRouterError (naming this layer) on NaN/inf logits.
+        Inside the trainer's step the logits check is deferred (:mod:`moelab.host`), recorded
+        under this layer's index, and the step raises the same error after reading it."""
         try:
-            return self.router(
-                x_TD,
-                bias=self.balancer.selection_bias(),
-                step=self.balancer.steps_done(),
-                token_ids=token_ids_T,
-            )
+            with check_label(self.layer_index):
+                return self.router(
+                    x_TD,
+                    bias=self.balancer.selection_bias(),
+                    step=self.balancer.steps_done(),
+                    token_ids=token_ids_T,
+                )
         except ValueError as exc:
             # route() refuses non-finite logits; find out whether that was the cause.
             with torch.no_grad():

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from moelab import device
 from moelab.errors import RunError
-from moelab.host import to_host
+from moelab.host import FiniteChecks, deferred_finite_checks, to_host
 from moelab.model import MoELM
 from moelab.moe import NonFiniteRouterError
 from moelab.runconfig import RunConfig, TrainConfig
@@ -103,16 +103,21 @@ class _Micro:
             self.dropped.append(torch.stack([o.dropped for o in out.moe]).sum())
             self.z.append(torch.stack([o.stats["z"] for o in out.moe]))
 
-    def read_losses(self) -> tuple[list[float], float, float]:
-        """One host read: the micro-batch losses and the step's mean loss and aux, summed in
-        Python in micro-batch order (the numbers the trainer always logged)."""
-        both = to_host(torch.stack([*self.losses, *self.auxes]).float(), "step loss and aux")
+    def read_losses(self, checks: FiniteChecks) -> tuple[list[float], float, float]:
+        """One host read: the micro-batch losses, the step's mean loss and aux (summed in Python
+        in micro-batch order, the numbers the trainer always logged) and the deferred router
+        checks (NonFiniteRouterError naming the first layer whose logits were not finite)."""
+        flags = [f.float() for _, f in checks.flags]
+        vals = to_host(torch.stack([*self.losses, *self.auxes, *flags]).float(), "step losses")
         n = len(self.losses)
+        failed = checks.failed([v == 1.0 for v in vals[2 * n :]])
+        if failed:
+            raise NonFiniteRouterError(failed[0])
         loss_sum = aux_sum = 0.0
-        for loss, aux in zip(both[:n], both[n:], strict=True):
+        for loss, aux in zip(vals[:n], vals[n : 2 * n], strict=True):
             loss_sum += loss / n
             aux_sum += aux / n
-        return both[:n], loss_sum, aux_sum
+        return vals[:n], loss_sum, aux_sum
 
     def result(self, loss: float, aux: float, gnorm: float, egn: list, gap) -> StepResult:
         return StepResult(
@@ -137,14 +142,15 @@ def train_step(
     logged steps when ``train.train_eval_gap`` is on). Two host reads per step: the losses
     and the gradient norm (:mod:`moelab.host`)."""
     acc = _Micro()
-    for mb in micro:
-        try:
-            out = _forward(model, mb, cfg)
-        except NonFiniteRouterError as exc:
-            return _nonfinite(model, opt, cfg, step, str(exc))
-        ((out.loss + out.aux) / len(micro)).backward()
-        acc.add(out)
-    losses, loss_sum, aux_sum = acc.read_losses()
+    try:
+        with deferred_finite_checks() as checks:
+            for mb in micro:
+                out = _forward(model, mb, cfg)
+                ((out.loss + out.aux) / len(micro)).backward()
+                acc.add(out)
+        losses, loss_sum, aux_sum = acc.read_losses(checks)
+    except NonFiniteRouterError as exc:
+        return _nonfinite(model, opt, cfg, step, str(exc))
     gap = _train_eval_gap(model, micro[0], losses[0], cfg, world) if measure_gap else None
     world.sync_grads(model)
     egn = [_expert_grad_norm(layer) for layer in model.moe_layers]
