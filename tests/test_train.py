@@ -311,3 +311,60 @@ def test_variable_experts_routing_trains_and_logs_experts_per_token(micro_cfg, t
     if "relu" in sets[0]:  # about E/2 = 4 experts a token at init, above k = 2: λ grows
         assert min(per_token) > 2
         assert rows[-1]["l1_coef_layers"][0] == pytest.approx(1e-3 * 1.2**4, rel=1e-4)
+
+
+def test_the_trainer_state_saves_on_the_cpu_and_restores_exactly(micro_cfg, tmp_path):
+    """TrainerState.save writes every tensor on the CPU; restore into a fresh state gives the
+    same weights, optimizer moments, batcher position and step (the state the loop, save and
+    resume share)."""
+    from moelab import checkpoint
+    from moelab.train import _build_state
+    from moelab.world import LocalWorld
+
+    cfg = micro_cfg("train.steps=2", "train.eval_every=0", "train.ckpt_every=2")
+    train(cfg, tmp_path, progress=False)
+    state = checkpoint.load(tmp_path)
+    tensors = [*state["model"].values()]
+    tensors += [t for s in state["optimizer"]["state"].values() for t in s.values()]
+    assert all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
+    corpus = load_corpus(cfg.data)
+    st = _build_state(cfg, corpus, LocalWorld(), torch.device("cpu"))
+    st.restore(tmp_path)
+    assert st.step == 2 and st.batcher.step == state["batcher"]["step"]
+    for k, v in st.model.state_dict().items():
+        assert torch.equal(v, state["model"][k]), k
+    again = st.state_dict()
+    for idx, s in state["optimizer"]["state"].items():
+        for key, t in s.items():
+            assert torch.equal(again["optimizer"]["state"][idx][key], t), (idx, key)
+
+
+def _losses(folder) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_rows(folder / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("first, then", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_a_checkpoint_moves_between_cuda_and_the_cpu(micro_cfg, tmp_path, first, then):
+    """4 steps on one device, a checkpoint, 4 more on the other (train.device may change on
+    resume) log the losses of 8 steps on the CPU to rtol 1e-4 (fp32; the devices' kernels
+    differ in the last bits). Resumed on its own device the run matches its uninterrupted
+    twin: exactly on the CPU, to rtol 1e-5 on CUDA (its atomic index_add sums in no fixed
+    order, so two CUDA runs need not agree in the last bit either)."""
+    sets = ("train.steps=8", "train.eval_every=0", "train.log_every=1")
+    cpu = micro_cfg(*sets, "train.device='cpu'")
+    train(cpu, tmp_path / "ref", progress=False)
+    train(micro_cfg(*sets, f"train.device='{first}'"), tmp_path / "x", max_steps=4, progress=False)
+    train(micro_cfg(*sets, f"train.device='{then}'"), tmp_path / "x", resume=True, progress=False)
+    ref, moved = _losses(tmp_path / "ref"), _losses(tmp_path / "x")
+    assert sorted(moved) == list(range(1, 9))
+    for step, loss in ref.items():
+        assert moved[step] == pytest.approx(loss, rel=1e-4), step
+    same = micro_cfg(*sets, f"train.device='{first}'")
+    train(same, tmp_path / "full", progress=False)
+    train(same, tmp_path / "part", max_steps=4, progress=False)
+    train(same, tmp_path / "part", resume=True, progress=False)
+    full, part = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert sorted(part) == sorted(full)
+    for step, loss in full.items():
+        assert part[step] == pytest.approx(loss, rel=0 if first == "cpu" else 1e-5), step
