@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from moelab.data import Corpus
 from moelab.evaluate import check_evaluable
@@ -48,7 +49,6 @@ def test_evaluation_on_cuda_equals_the_cpu(micro_cfg):
     kw = dict(batch_size=8, seq_len=cfg.data.seq_len, max_tokens=1024)
     cpu = evaluate(model, corpus, **kw)
     cuda = evaluate(model.to("cuda"), corpus, **kw)
-    diff = sum(abs(a - b) for la, lb in zip(cuda["counts_layers"], cpu["counts_layers"])
-               for a, b in zip(la, lb))  # fmt: skip
-    assert diff <= 0.005 * sum(map(sum, cpu["counts_layers"]))
+    got, want = torch.tensor(cuda["counts_layers"]), torch.tensor(cpu["counts_layers"])
+    assert float((got - want).abs().sum()) <= 0.005 * float(want.sum())
     assert cuda["val_loss"] == pytest.approx(cpu["val_loss"], rel=1e-5)
