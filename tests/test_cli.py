@@ -178,3 +178,26 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert len(lines) == 1 and "stopped by SIGTERM after step" in lines[0], err
     step = json.loads((out / "latest.json").read_text())["step"]
     assert f"after step {step};" in lines[0] and not list(out.glob("*.tmp"))
+
+
+def test_eval_and_route_take_a_device(tmp_path):
+    """eval / route load a checkpoint on ``--device`` (default: its train.device); a device
+    that is not there, or a bad spelling, is one line naming the option."""
+    out = tmp_path / "run"
+    run("train", "--config", MICRO, "--out", str(out), "--max-steps", "1", "--quiet",
+        "--set", "train.eval_every=0", "--set", "train.device='cpu'")  # fmt: skip
+    res = json.loads(
+        run("eval", str(out), "--json", "--max-tokens", "256", "--device", "cpu").stdout
+    )
+    assert res["val_loss"] > 0
+    line = _error(run("route", str(out), "--text", "In the", "--device", "gpu", check=False))
+    assert line.startswith("moelab route: error: --device='gpu' is not allowed")
+    if not torch_cuda():
+        line = _error(run("eval", str(out), "--device", "cuda", check=False))
+        assert "--device='cuda' but CUDA is not available" in line
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
