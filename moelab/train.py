@@ -321,8 +321,7 @@ def _loop(st: TrainerState, io: _RunIO) -> dict[str, Any]:
             bar.close()
             raise Interrupted(io.flag.signum or signal.SIGTERM, done, io.out)
     bar.close()
-    elapsed = time.perf_counter() - t0
-    return _summary(cfg, st.model, last_eval, io.stop, tokens_per_step, elapsed, io.out, world)
+    return _summary(st, io, last_eval, tokens_per_step, time.perf_counter() - t0)
 
 
 def _track(st: TrainerState, r: StepResult, log: MetricsLog) -> None:
@@ -372,18 +371,21 @@ def _progress(start: int, stop: int, enabled: bool):
     return tqdm(total=stop, initial=start, disable=not enabled, desc="train", dynamic_ncols=True)
 
 
-def _summary(cfg, model, last_eval, stop, tokens_per_step, elapsed, out, world) -> dict:
-    params = model.count_params()
+def _summary(st: TrainerState, io: _RunIO, last_eval: dict, tokens_per_step: int, elapsed):
+    """summary.json (rank 0 writes it): steps, tokens, parameters, seconds, the device the
+    run computed on, and the last evaluation."""
+    params = st.model.count_params()
     summary = {
-        "steps": stop,
-        "tokens": tokens_per_step * stop,
+        "steps": io.stop,
+        "tokens": tokens_per_step * io.stop,
         "params": params["total"],
         "active_params": params["active"],
         "seconds": elapsed,
+        "device": str(st.device),
         **last_eval,
     }
-    if world.is_main:
-        (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    if st.world.is_main:
+        (Path(io.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
