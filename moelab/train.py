@@ -2,8 +2,11 @@
 One optimizer step (micro-batches, clipping, the LR schedule) is in :mod:`moelab.step`.
 
 AdamW, linear warm-up + cosine decay, gradient clipping, gradient accumulation (global-scope
-balance statistics accumulate across micro-batches), optional bf16 autocast (the router stays
-fp32), periodic evaluation, metrics.jsonl + TensorBoard, atomic checkpoints and exact resume.
+balance statistics accumulate across micro-batches), on ``train.device`` (the CPU or a GPU,
+:mod:`moelab.device`) with optional bf16 autocast (the router stays fp32), periodic
+evaluation, metrics.jsonl + TensorBoard, atomic checkpoints (CPU tensors, so they resume on
+any device) and exact resume. The loop advances one :class:`TrainerState`, which also saves
+and restores itself.
 """
 
 from __future__ import annotations
