@@ -182,11 +182,13 @@ def grouped_mm_runs(device: torch.device, dtype: torch.dtype, d_model: int, d_hi
 
 @functools.cache
 def _probe(device_type: str, dtype: torch.dtype) -> bool:
+    """One small call of each form, with segment ends that are not multiples of anything and
+    an empty expert (as real routings have)."""
     op, dev = _grouped_mm_op(), torch.device(device_type)
     try:
-        x_SD = torch.ones(32, 16, device=dev, dtype=dtype)
-        w_EDF = torch.ones(2, 16, 16, device=dev, dtype=dtype)
-        offs = torch.tensor([16, 32], device=dev, dtype=torch.int32)
+        x_SD = torch.ones(37, 16, device=dev, dtype=dtype)
+        w_EDF = torch.ones(3, 16, 16, device=dev, dtype=dtype)
+        offs = torch.tensor([5, 5, 37], device=dev, dtype=torch.int32)
         with torch.autocast(device_type, enabled=False):
             op(x_SD, w_EDF, offs=offs)
             op(x_SD, w_EDF.transpose(1, 2), offs=offs)

@@ -110,3 +110,18 @@ def test_the_cli_refuses_cuda_without_cuda_in_one_line(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moelab train: error: train.device='cuda'")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_cuda_run_saves_and_restores_the_device_generator(monkeypatch):
+    """On CUDA the RNG state gains the device generator's (``"cuda"``), restored on a CUDA
+    run and ignored on a CPU one (stand-ins for torch.cuda's RNG calls)."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda dev: torch.tensor([7, 8]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, dev: seen.append((s.tolist(), dev)))
+    gpu = torch.device("cuda", 1)
+    state = device.rng_state(gpu)
+    assert list(state) == ["cuda"]
+    device.set_rng_state(state, torch.device("cpu"))
+    assert seen == []
+    device.set_rng_state(state, gpu)
+    assert seen == [([7, 8], gpu)]

@@ -320,3 +320,14 @@ def test_grouped_mm_on_cuda_equals_the_per_expert_loop(dtype, monkeypatch):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_auto_takes_grouped_mm_for_cuda_tensors(monkeypatch):
+    """GROUPED_MM="auto" chooses grouped GEMM for a tensor on CUDA when the probe says it runs
+    there (a stand-in tensor and probe: the branch is checked without a GPU)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(experts_mod, "_probe", lambda device_type, dtype: device_type == "cuda")
+    ex = Experts(E, GD, GF)
+    assert ex._grouped(SimpleNamespace(device=torch.device("cuda", 0)), torch.bfloat16)
+    assert not ex._grouped(torch.zeros(1), torch.float32)
