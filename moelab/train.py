@@ -5,8 +5,8 @@ AdamW, linear warm-up + cosine decay, gradient clipping, gradient accumulation (
 balance statistics accumulate across micro-batches), on ``train.device`` (the CPU or a GPU,
 :mod:`moelab.device`) with optional bf16 autocast (the router stays fp32), periodic
 evaluation, metrics.jsonl + TensorBoard, atomic checkpoints (CPU tensors, so they resume on
-any device) and exact resume. The loop advances one :class:`TrainerState`, which also saves
-and restores itself.
+any device) and exact resume. The loop advances one :class:`moelab.state.TrainerState`, which
+also saves and restores itself.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from moelab.runconfig import (  # noqa: F401 - re-exported: moelab.train is the 
     preset_names,
 )
 from moelab.signals import Interrupted, StopFlag, stop_on_signals
+from moelab.state import TrainerState
 from moelab.step import (  # noqa: F401 - re-exported: the step is part of the trainer
     NonFiniteError,
     StepResult,
@@ -72,24 +73,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_state(dev: torch.device | None = None) -> dict[str, Any]:
-    """The RNG states a resume restores: torch's CPU generator, numpy, Python, and on a GPU
-    run the device's generator (``"cuda"``)."""
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        **device.rng_state(dev or torch.device("cpu")),
-    }
-
-
-def set_rng_state(state: dict[str, Any], dev: torch.device | None = None) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    device.set_rng_state(state, dev or torch.device("cpu"))
 
 
 def build_model(cfg: RunConfig, corpus: Corpus) -> tuple[RunConfig, MoELM]:
@@ -390,86 +373,3 @@ def _summary(st: TrainerState, io: _RunIO, last_eval: dict, tokens_per_step: int
     if st.world.is_main:
         (Path(io.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-# ----------------------------------------------------------------------------- trainer state
-
-
-@dataclass
-class TrainerState:
-    """Everything the loop advances and a checkpoint holds: the run's config, model,
-    optimizer, batcher and dead-expert trackers, the world and device it runs on, the
-    optimizer steps done and the corpus's data digest (checked on resume)."""
-
-    cfg: RunConfig
-    model: MoELM
-    opt: torch.optim.Optimizer
-    batcher: Batcher
-    trackers: list[metrics.DeadExpertTracker]
-    world: World
-    device: torch.device
-    step: int = 0
-    digest: str = ""
-
-    def state_dict(self) -> dict[str, Any]:
-        """The checkpoint: single-process layout, every tensor on the CPU (so that it loads on
-        any device; a CPU run's tensors are saved as they are)."""
-        w = self.world
-        return {
-            "model": _on_cpu(w.full_state_dict(self.model)),
-            "optimizer": _on_cpu(w.optimizer_state(self.opt, self.model)),
-            "batcher": self.batcher.state_dict(),
-            "trackers": [t.state_dict() for t in self.trackers],
-            "rng": w.gather_rng(rng_state(self.device)),
-            "step": self.step,
-            "config": to_dict(self.cfg),
-            "layout": {"world_size": w.world_size, "ep": self.cfg.parallel.ep},
-            "data_digest": self.digest,
-        }
-
-    def save(self, out: Path) -> None:
-        """Every rank checks the state is finite (so all stop together), rank 0 writes."""
-        state = self.state_dict()
-        checkpoint.check_finite(state, self.step)
-        if self.world.is_main:
-            checkpoint.save(out, state, self.step, keep=self.cfg.train.keep_checkpoints)
-        self.world.barrier()
-
-    def restore(self, out: Path, allow_change: tuple[str, ...] = ()) -> None:
-        """Load the latest checkpoint of ``out`` (saved on any device) into this state. Refuses
-        one written for another config or other data (:func:`moelab.runfolder.check_resume`,
-        :func:`moelab.runfolder.check_data`)."""
-        state = checkpoint.load(out)  # tensors on the CPU; loading copies them to the device
-        _check_layout(out, self.cfg, self.world, state.get("layout"))  # most specific first
-        runfolder.check_resume(out, state["config"], to_dict(self.cfg), allow=allow_change)
-        runfolder.check_data(out, state.get("data_digest"), self.digest)
-        self.world.load_full_state_dict(self.model, state["model"])
-        self.world.load_optimizer_state(self.opt, self.model, state["optimizer"])
-        self.batcher.load_state_dict(state["batcher"])
-        for t, s in zip(self.trackers, state["trackers"], strict=True):
-            t.load_state_dict(s)
-        set_rng_state(self.world.pick_rng(state["rng"]), self.device)
-        self.step = int(state["step"])
-
-
-def _on_cpu(obj: Any) -> Any:
-    """``obj`` with every tensor in it moved to the CPU (nested dicts and lists)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: _on_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_on_cpu(v) for v in obj)
-    return obj
-
-
-def _check_layout(out, cfg: RunConfig, world: World, saved: dict | None) -> None:
-    """Checkpoints hold the single-process layout, so any EP size loads (experts re-sharded);
-    with ``parallel.batch = "per_rank"`` the world size sets the batch and must not change."""
-    if saved is None or cfg.parallel.batch != "per_rank" or saved["world_size"] == world.world_size:
-        return
-    raise checkpoint.CheckpointError(
-        f"checkpoint in {str(out)!r} was written by {saved['world_size']} ranks with "
-        f"parallel.batch='per_rank' (batch of {saved['world_size']}x{cfg.train.batch_size} "
-        f"sequences); resume with {saved['world_size']} ranks or start a new --out folder"
-    )
