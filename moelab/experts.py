@@ -11,14 +11,13 @@ per expert, which costs seconds per step at E=64 on a CPU.
 
 On CUDA the experts run as grouped GEMMs instead (``torch._grouped_mm`` / ``F.grouped_mm``:
 one kernel per matmul for all experts, the segment ends given as a device tensor, so no host
-read of the split sizes): :class:`GroupedMMSwiGLU`, where torch has it and it runs for the
-dtype and shapes; else the path above. ``GROUPED_MM`` chooses: ``auto`` (CUDA only), ``on``
-(wherever it runs, e.g. the CPU in tests), ``off``.
+read of the split sizes): :class:`moelab.grouped.GroupedMMSwiGLU`, where torch has it and it
+runs for the dtype and shapes; else the path above. ``GROUPED_MM`` chooses: ``auto`` (CUDA
+only), ``on`` (wherever it runs, e.g. the CPU in tests), ``off``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Literal, NamedTuple
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelab.grouped import GroupedMMSwiGLU, grouped_mm_runs, offsets, swiglu_act
 from moelab.host import to_host
 
 GROUPED_MM: Literal["auto", "on", "off"] = "auto"
@@ -88,7 +88,7 @@ class Experts(nn.Module):
         dtype = _compute_dtype(x_SD)
         w13, w2 = self.w13_ED2F.to(dtype), self.w2_EFD.to(dtype)
         if self._grouped(x_SD, dtype):
-            return GroupedMMSwiGLU.apply(x_SD.to(dtype), w13, w2, _offsets(splits, x_SD.device))
+            return GroupedMMSwiGLU.apply(x_SD.to(dtype), w13, w2, offsets(splits, x_SD.device))
         splits = _host_splits(splits)
         if self.training and self.dropout > 0:
             return self.forward_split(x_SD.to(dtype), splits)
@@ -158,46 +158,6 @@ def _host_splits(splits: list[int] | Tensor) -> list[int]:
     return to_host(splits, "expert segment sizes") if isinstance(splits, Tensor) else splits
 
 
-def _offsets(splits: list[int] | Tensor, device: torch.device) -> Tensor:
-    """(E,) int32 end row of each expert's segment, on ``device`` (grouped GEMM's ``offs``)."""
-    counts_E = splits if isinstance(splits, Tensor) else torch.tensor(splits, device=device)
-    return torch.cumsum(counts_E.to(device), 0).to(torch.int32)
-
-
-def _grouped_mm_op():
-    """torch's grouped GEMM: ``F.grouped_mm`` where it exists, else ``torch._grouped_mm``,
-    else None."""
-    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def grouped_mm_runs(device: torch.device, dtype: torch.dtype, d_model: int, d_hidden: int) -> bool:
-    """Whether grouped GEMM runs here for experts of these sizes: torch has it, rows are
-    16-byte aligned (its kernels' rule), and a small probe of the three forms used (forward,
-    input gradient, weight gradient) runs on this device type and dtype."""
-    size = torch.empty((), dtype=dtype).element_size()
-    if _grouped_mm_op() is None or any(n * size % 16 for n in (d_model, d_hidden)):
-        return False
-    return _probe(device.type, dtype)
-
-
-@functools.cache
-def _probe(device_type: str, dtype: torch.dtype) -> bool:
-    """One small call of each form, with segment ends that are not multiples of anything and
-    an empty expert (as real routings have)."""
-    op, dev = _grouped_mm_op(), torch.device(device_type)
-    try:
-        x_SD = torch.ones(37, 16, device=dev, dtype=dtype)
-        w_EDF = torch.ones(3, 16, 16, device=dev, dtype=dtype)
-        offs = torch.tensor([5, 5, 37], device=dev, dtype=torch.int32)
-        with torch.autocast(device_type, enabled=False):
-            op(x_SD, w_EDF, offs=offs)
-            op(x_SD, w_EDF.transpose(1, 2), offs=offs)
-            op(x_SD.t(), x_SD, offs=offs)
-    except (RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the experts run in: autocast's if it is on (as ``x @ w`` would), else x's."""
     dev = x.device.type
@@ -242,7 +202,7 @@ class GroupedSwiGLU(torch.autograd.Function):
             x_SD = x_SD.contiguous()
             h13_S2F = x_SD.new_empty(S, w13_ED2F.shape[2])
             _mm_split(x_SD, w13_ED2F.unbind(0), splits, h13_S2F)
-            y_SD = _mm_split(_swiglu_act(h13_S2F), w2_EFD.unbind(0), splits, x_SD.new_empty(S, D))
+            y_SD = _mm_split(swiglu_act(h13_S2F), w2_EFD.unbind(0), splits, x_SD.new_empty(S, D))
         ctx.save_for_backward(x_SD, w13_ED2F, w2_EFD, h13_S2F)
         ctx.splits = splits
         return y_SD
@@ -480,52 +440,6 @@ class TokenSwiGLU(torch.autograd.Function):
                 dx_TD.index_add_(0, idx, dy_ND)
         dweight_S = dweight_R if row_S is None else dweight_R[row_S]
         return dx_TD, dw13_ED2F, dw2_EFD, None, dweight_S.to(ctx.weight_dtype), None
-
-
-class GroupedMMSwiGLU(torch.autograd.Function):
-    """SwiGLU experts on contiguous row segments as grouped GEMMs: (S, D) -> (S, D).
-
-    offs_E (E,) int32: the end row of each expert's segment (an empty expert repeats the
-    previous end). Forward, input and weight gradients are each one grouped GEMM per matmul
-    (the weight gradient in the 2-D x 2-D form, one (·, ·) block per expert, zeros for an
-    empty one); torch's own autograd formula is not used because it does not run on the CPU,
-    where this path is tested against the per-expert loop. Saved: x (S, D) and the fused
-    pre-activation (S, 2F), as in :class:`GroupedSwiGLU`.
-    """
-
-    @staticmethod
-    def forward(ctx, x_SD: Tensor, w13_ED2F: Tensor, w2_EFD: Tensor, offs_E: Tensor) -> Tensor:
-        gmm = _grouped_mm_op()
-        with torch.autocast(x_SD.device.type, enabled=False):
-            x_SD = x_SD.contiguous()
-            h13_S2F = gmm(x_SD, w13_ED2F, offs=offs_E)
-            y_SD = gmm(_swiglu_act(h13_S2F), w2_EFD, offs=offs_E)
-        ctx.save_for_backward(x_SD, w13_ED2F, w2_EFD, h13_S2F, offs_E)
-        return y_SD
-
-    @staticmethod
-    def backward(ctx, dy_SD: Tensor):
-        x_SD, w13_ED2F, w2_EFD, h13_S2F, offs_E = ctx.saved_tensors
-        gmm = _grouped_mm_op()
-        with torch.autocast(x_SD.device.type, enabled=False):
-            dy_SD = dy_SD.to(x_SD.dtype).contiguous()
-            gate_SF, up_SF = h13_S2F.chunk(2, dim=-1)
-            sig_SF = torch.sigmoid(gate_SF)
-            silu_SF = gate_SF * sig_SF
-            dw2_EFD = gmm((silu_SF * up_SF).t(), dy_SD, offs=offs_E)
-            dh_SF = gmm(dy_SD, w2_EFD.transpose(1, 2), offs=offs_E)
-            # d silu(g)/dg = sig(g)·(1 + g·(1 − sig(g)))
-            dgate_SF = dh_SF * up_SF * (sig_SF * (1 + gate_SF * (1 - sig_SF)))
-            dh13_S2F = torch.cat([dgate_SF, dh_SF * silu_SF], dim=-1)
-            dw13_ED2F = gmm(x_SD.t(), dh13_S2F, offs=offs_E)
-            dx_SD = gmm(dh13_S2F, w13_ED2F.transpose(1, 2), offs=offs_E)
-        return dx_SD, dw13_ED2F, dw2_EFD, None
-
-
-def _swiglu_act(h13_N2F: Tensor) -> Tensor:
-    """silu(gate)·up of a fused (N, 2F) pre-activation -> (N, F)."""
-    gate_NF, up_NF = h13_N2F.chunk(2, dim=-1)
-    return F.silu(gate_NF) * up_NF
 
 
 class SharedExperts(nn.Module):

@@ -327,7 +327,9 @@ def test_auto_takes_grouped_mm_for_cuda_tensors(monkeypatch):
     there (a stand-in tensor and probe: the branch is checked without a GPU)."""
     from types import SimpleNamespace
 
-    monkeypatch.setattr(experts_mod, "_probe", lambda device_type, dtype: device_type == "cuda")
+    from moelab import grouped
+
+    monkeypatch.setattr(grouped, "_probe", lambda device_type, dtype: device_type == "cuda")
     ex = Experts(E, GD, GF)
     assert ex._grouped(SimpleNamespace(device=torch.device("cuda", 0)), torch.bfloat16)
     assert not ex._grouped(torch.zeros(1), torch.float32)
