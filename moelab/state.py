@@ -47,7 +47,7 @@ def set_rng_state(state: dict[str, Any], dev: torch.device | None = None) -> Non
 class TrainerState:
     """Everything the loop advances and a checkpoint holds: the run's config, model,
     optimizer, batcher and dead-expert trackers, the world and device it runs on, the
-    optimizer steps done and the corpus's data digest (checked on resume)."""
+    optimizer steps done and the corpus's data digest (checked on resume unless None)."""
 
     cfg: RunConfig
     model: MoELM
@@ -57,7 +57,7 @@ class TrainerState:
     world: World
     device: torch.device
     step: int = 0
-    digest: str = ""
+    digest: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint: single-process layout, every tensor on the CPU (so that it loads on
@@ -90,7 +90,8 @@ class TrainerState:
         state = checkpoint.load(out)  # tensors on the CPU; loading copies them to the device
         check_layout(out, self.cfg, self.world, state.get("layout"))  # most specific first
         runfolder.check_resume(out, state["config"], to_dict(self.cfg), allow=allow_change)
-        runfolder.check_data(out, state.get("data_digest"), self.digest)
+        if self.digest is not None:
+            runfolder.check_data(out, state.get("data_digest"), self.digest)
         self.world.load_full_state_dict(self.model, state["model"])
         self.world.load_optimizer_state(self.opt, self.model, state["optimizer"])
         self.batcher.load_state_dict(state["batcher"])

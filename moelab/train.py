@@ -373,3 +373,11 @@ def _summary(st: TrainerState, io: _RunIO, last_eval: dict, tokens_per_step: int
     if st.world.is_main:
         (Path(io.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _restore(out, cfg, model, opt, batcher, trackers, world, digest=None, allow_change=()) -> int:
+    """Load the latest checkpoint of ``out`` into these objects; returns its step (the
+    :meth:`TrainerState.restore` of a state made of them, for callers that hold the parts)."""
+    st = TrainerState(cfg, model, opt, batcher, trackers, world, device.of(model), digest=digest)
+    st.restore(Path(out), tuple(allow_change))
+    return st.step
