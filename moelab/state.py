@@ -8,6 +8,7 @@ every tensor on the CPU, so that a run saved on a GPU resumes on the CPU and bac
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +63,11 @@ class TrainerState:
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint: single-process layout, every tensor on the CPU (so that it loads on
         any device; a CPU run's tensors are saved as they are)."""
-        w = self.world
+        w, cpu = self.world, self.device.type == "cpu"
+        model, opt = w.full_state_dict(self.model), w.optimizer_state(self.opt, self.model)
         return {
-            "model": _on_cpu(w.full_state_dict(self.model)),
-            "optimizer": _on_cpu(w.optimizer_state(self.opt, self.model)),
+            "model": model if cpu else _on_cpu(model),
+            "optimizer": opt if cpu else _on_cpu(opt),
             "batcher": self.batcher.state_dict(),
             "trackers": [t.state_dict() for t in self.trackers],
             "rng": w.gather_rng(rng_state(self.device)),
@@ -102,12 +104,16 @@ class TrainerState:
 
 
 def _on_cpu(obj: Any) -> Any:
-    """``obj`` with every tensor in it moved to the CPU (nested dicts and lists)."""
+    """``obj`` with every tensor in it moved to the CPU: nested dicts (their type and
+    attributes kept, e.g. a state dict's ``_metadata``), lists and tuples."""
     if isinstance(obj, torch.Tensor):
         return obj.cpu()
     if isinstance(obj, dict):
-        return {k: _on_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
+        out = copy.copy(obj)
+        for k, v in obj.items():
+            out[k] = _on_cpu(v)
+        return out
+    if type(obj) in (list, tuple):
         return type(obj)(_on_cpu(v) for v in obj)
     return obj
 
