@@ -54,12 +54,12 @@ curve() {
 }
 
 # 0. the tokenizer and token caches, once, before the runs that share them
-step data 60 "$PY" -c "import sys; from moelab.train import load_run_config
+step data 90 "$PY" -c "import sys; from moelab.train import load_run_config
 from moelab.data import load_corpus; load_corpus(load_run_config(sys.argv[1]).data)" "$PRESET"
 
 # 2a. the CPU reference curve, in the background while the GPU steps run
 curve cpu cpu fp32 "$CPU_THREADS"
-step tiny_cpu 400 "${CURVE[@]}" &
+step tiny_cpu 360 "${CURVE[@]}" &
 CPU_PID=$!
 
 # 1. the cuda tests (skipped without CUDA; the dry run collects a few files only)
