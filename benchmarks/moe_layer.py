@@ -37,11 +37,19 @@ memory children run without it.
 
 Usage: ``python benchmarks/moe_layer.py [--configs A B A_T256 A_T16384] [--rounds 5]
 [--malloc keep] [--out PATH]`` writes ``benchmarks/results/moe_layer.json``.
+
+On a device: ``--device cuda [--dtypes fp32 bf16] [--configs A B A_T256]`` times moelab, the
+dense floor, the per-expert loop and transformers' implementations there (each dtype through
+autocast, the router in fp32), per-candidate peak device memory of one step, and which expert
+kernel moelab ran (``grouped_mm`` or the per-expert path); outputs are checked against moelab's
+at fp32. ``--device cpu --configs toy`` runs the same code at a toy shape (the dry run of
+``scripts/device_check.sh``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -59,6 +67,7 @@ sys.path.insert(0, str(ROOT))
 
 import moelab  # noqa: E402
 from moelab import dispatch  # noqa: E402
+from moelab import experts as experts_mod  # noqa: E402
 from moelab.cli import enable_huge_pages  # noqa: E402
 from moelab.experts import swiglu  # noqa: E402
 
@@ -68,6 +77,10 @@ CONFIGS = {  # name: (T tokens, d model, E experts, k top-k, f expert hidden)
     "A_T256": (256, 512, 64, 8, 256),
     "A_T16384": (16384, 512, 64, 8, 256),
 }
+CPU_CONFIGS = list(CONFIGS)  # the CPU benchmark's default set
+CONFIGS["toy"] = (64, 32, 4, 2, 32)  # the device path's dry run on a CPU
+DEVICE_CONFIGS = ["A", "B", "A_T256"]
+DEVICE_GOALS = {"A": 1.3}  # bf16 on a GPU: moelab / dense (issue 17)
 GOALS = {"A": 1.2, "B": 1.0, "A_T256": 2.5}  # moelab / dense
 HF_SPEEDUP_GOAL = 1.5  # fastest transformers implementation / moelab, at A
 MEMORY_GOAL = 1.8  # moelab / dense peak activation memory
@@ -124,7 +137,7 @@ def hf_block(layer: moelab.MoELayer, impl: str) -> torch.nn.Module:
         block.gate.weight.copy_(layer.router.weight)
         block.experts.gate_up_proj.copy_(layer.experts.w13_ED2F.transpose(1, 2))
         block.experts.down_proj.copy_(layer.experts.w2_EFD.transpose(1, 2))
-    return block
+    return block.to(layer.router.weight.device)
 
 
 def loop_forward(layer: moelab.MoELayer, x: torch.Tensor) -> torch.Tensor:
@@ -543,7 +556,14 @@ def keep_freed_buffers() -> None:
 def main() -> None:
     enable_huge_pages()  # as the moelab command does
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS))
+    ap.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N: the device benchmark (see the module docstring); default: "
+        "the 2-thread CPU benchmark",
+    )
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' implementations")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/moe_layer.json"))
@@ -563,6 +583,10 @@ def main() -> None:
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child)))
         return
+    if args.device is not None:
+        device_main(args)
+        return
+    args.configs = args.configs or CPU_CONFIGS
     torch.set_num_threads(THREADS)
     if args.malloc == "keep":
         keep_freed_buffers()
@@ -580,6 +604,173 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["goals"], indent=2))
+
+
+# ----------------------------------------------------------------------------- on a device
+
+
+def _autocast(dev: torch.device, dtype: str):
+    return (
+        torch.autocast(dev.type, dtype=torch.bfloat16)
+        if dtype == "bf16"
+        else (contextlib.nullcontext())
+    )
+
+
+def device_fns(shape: tuple, impls: list[str], dev: torch.device, dtype: str) -> dict:
+    """name -> one forward+backward on ``dev`` under ``dtype`` (autocast for bf16)."""
+    T, d, E, k, f = shape
+    layer = moelab_layer(T, d, E, k, f).to(dev)
+    w13, w2 = (p.detach().to(dev).requires_grad_() for p in dense_params(d, k, f))
+    torch.manual_seed(2)
+    x = torch.randn(T, d, device=dev, requires_grad=True)
+    g = torch.randn(T, d, device=dev)
+
+    def run(fwd: Callable[[], torch.Tensor], params: list) -> Callable:
+        def step() -> None:
+            for p in params:
+                p.grad = None
+            x.grad = None
+            with _autocast(dev, dtype):
+                y = fwd()
+            y.backward(g.to(y.dtype))
+
+        return step
+
+    fns = {
+        "moelab": run(lambda: layer(x).output, list(layer.parameters())),
+        "dense": run(lambda: swiglu(x, w13, w2), [w13, w2]),
+        "loop": run(lambda: loop_forward(layer, x), list(layer.parameters())),
+    }
+    for impl in impls:
+        block = hf_block(layer, impl)
+        fns[f"hf_{impl}"] = run(
+            lambda b=block: b(x.unsqueeze(0)).squeeze(0), list(block.parameters())
+        )
+    return fns
+
+
+def _synced(dev: torch.device) -> Callable[[], float]:
+    """A clock that first waits for the device's queued work (kernels run asynchronously)."""
+
+    def clock() -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
+    return clock
+
+
+def _peak_bytes(fn: Callable, dev: torch.device) -> int | None:
+    """Device memory one more call allocates at its peak (None off CUDA)."""
+    if dev.type != "cuda":
+        return None
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    fn()
+    torch.cuda.synchronize(dev)
+    return torch.cuda.max_memory_allocated(dev) - base
+
+
+def _usable_hf(shape: tuple, impls: list[str], dev: torch.device, dtype: str) -> tuple:
+    """transformers' implementations that run here (checked against moelab at fp32, one
+    step at bf16), their errors against moelab, and why the others were skipped."""
+    T, d, E, k, f = shape
+    layer, x = moelab_layer(*shape).to(dev), torch.randn(T, d, device=dev)
+    usable, errors, skipped = [], {}, {}
+    for impl in impls:
+        if impl == "batched_mm" and T * k * 3 * d * f * 4 > BATCHED_MM_LIMIT:
+            skipped[f"hf_{impl}"] = "per-slot weight copies over the limit"
+            continue
+        try:
+            if dtype == "fp32":
+                errors[f"hf_{impl}"] = check_hf(layer, x, impl)
+            else:
+                device_fns(shape, [impl], dev, dtype)[f"hf_{impl}"]()
+            usable.append(impl)
+        except (ImportError, RuntimeError, ValueError, NotImplementedError, AssertionError) as e:
+            skipped[f"hf_{impl}"] = f"{type(e).__name__}: {str(e)[:160]}"
+    if dtype == "fp32":
+        errors["loop"] = check_loop(layer, x)
+    return usable, errors, skipped
+
+
+def bench_device(name: str, rounds: int, impls: list[str], dev: torch.device, dtype: str) -> dict:
+    """One shape on ``dev`` in ``dtype``: median seconds per step, per-round ratios to dense,
+    peak memory per candidate, the expert kernel moelab ran."""
+    shape = CONFIGS[name]
+    usable, errors, skipped = _usable_hf(shape, impls, dev, dtype)
+    fns = device_fns(shape, usable, dev, dtype)
+    times = interleaved(fns, rounds, warmup=2, clock=_synced(dev))
+    med = {n: statistics.median(t) for n, t in times.items()}
+    spread = {
+        n: quartiles([a / b for a, b in zip(t, times["dense"], strict=True)])
+        for n, t in times.items()
+    }
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    grouped = experts_mod.GROUPED_MM != "off" and experts_mod.grouped_mm_runs(
+        dev, torch_dtype, shape[1], shape[4]
+    )
+    out = {
+        "shape": dict(zip("T d E k f".split(), shape, strict=True)),
+        "dtype": dtype,
+        "moelab_experts_kernel": "grouped_mm" if grouped and dev.type == "cuda" else "per_expert",
+        "seconds_median": med,
+        "ratio_to_dense_median": {n: q[1] for n, q in spread.items()},
+        "ratio_to_dense_quartiles": spread,
+        "peak_bytes": {n: _peak_bytes(fn, dev) for n, fn in fns.items()},
+        "max_abs_error_vs_moelab": errors,
+        "hf_skipped": skipped,
+        "rounds": rounds,
+    }
+    hf = {n: v for n, v in med.items() if n.startswith("hf_")}
+    if hf:
+        fastest = min(hf, key=hf.get)
+        out["fastest_hf"] = fastest
+        out["fastest_hf_over_moelab"] = statistics.median(
+            a / b for a, b in zip(times[fastest], times["moelab"], strict=True)
+        )
+    return out
+
+
+def device_main(args: argparse.Namespace) -> None:
+    """The device benchmark: every config in every dtype, one JSON (see the docstring)."""
+    from moelab import device as device_mod
+
+    dev = device_mod.resolve(args.device, "--device")
+    impls = [] if args.no_hf else hf_implementations()
+    names = args.configs or DEVICE_CONFIGS
+    results: dict[str, dict] = {}
+    for dtype in args.dtypes:
+        for name in names:
+            r = bench_device(name, args.rounds, impls, dev, dtype)
+            results.setdefault(dtype, {})[name] = r
+            print(dtype, name, json.dumps(r["ratio_to_dense_median"]), flush=True)
+    info = {
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "grouped_mm": experts_mod.GROUPED_MM,
+    }
+    report = {"machine": info, "speed": results, "goals": _device_goals(results)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["goals"], indent=2))
+
+
+def _device_goals(results: dict) -> dict:
+    """Issue 17's goals at A in bf16: moelab/dense <= 1.3; no transformers kernel faster."""
+    goals = {}
+    for name, limit in DEVICE_GOALS.items():
+        r = results.get("bf16", {}).get(name)
+        if r is None:
+            continue
+        goals[f"{name} bf16: moelab/dense <= {limit}"] = r["ratio_to_dense_median"]["moelab"]
+        if "fastest_hf" in r:
+            goals[f"{name} bf16: {r['fastest_hf']}/moelab >= 1"] = r["fastest_hf_over_moelab"]
+    return goals
 
 
 def _goals(results: dict, mem: dict) -> dict:

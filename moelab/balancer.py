@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from moelab import balance as bal
 from moelab.config import BalanceConfig, ScoreFn
+from moelab.host import to_host
 from moelab.metrics import max_violation
 from moelab.routing import Routing
 
@@ -253,14 +254,24 @@ class Balancer(nn.Module):
         if self.quantile or self.thresholds:  # only then: the others keep their state keys
             self.register_buffer("price_sum", torch.zeros(num_experts))
             self.register_buffer("price_count", torch.zeros((), dtype=torch.int64))
-        if self.thresholds:  # 0 until the first estimate: route by top-k till then
-            self.register_buffer("threshold_ready", torch.zeros((), dtype=torch.int64))
         if self.relu_l1:  # ReMoE's live λ
             self.register_buffer("l1_coef", torch.tensor(cfg.l1_coef, dtype=torch.float32))
         if self.relu_l1 or self.null_control:  # the step's tokens: real experts a token
             self.register_buffer("step_tokens", torch.zeros((), dtype=torch.int64))
         if self.null_control:  # LongCat-Flash: the null experts' shared selection bias
             self.register_buffer("null_bias", torch.zeros(()))
+        self._steps: int | None = None  # ``progress`` on the host; None: read it once
+
+    def steps_done(self) -> int:
+        """``progress`` as a Python int: read from the buffer once (after building or loading),
+        then advanced by :meth:`end_step` without reading the device again."""
+        if self._steps is None:
+            self._steps = int(to_host(self.progress, "balancer progress"))
+        return self._steps
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._steps = None  # a loaded ``progress``: read again
 
     # ------------------------------------------------------------------ forward
 
@@ -292,9 +303,9 @@ class Balancer(nn.Module):
 
     def selection_bias(self) -> Tensor | None:
         """(E,) bias to add to the scores for selection only, or None when it is off (under
-        expert-threshold routing −τ, None before the first estimate)."""
+        expert-threshold routing −τ, None before the first optimizer step)."""
         if self.thresholds:
-            return self.bias if int(self.threshold_ready) else None
+            return self.bias if self.steps_done() > 0 else None
         return self.bias if self.bias_on else None
 
     def losses(self, x: BalanceInputs) -> dict[str, Tensor]:
@@ -348,7 +359,7 @@ class Balancer(nn.Module):
         b = self.cfg
         if b.bias_rate <= 0:
             return 0.0
-        return bal.bias_rate_at(int(self.progress), total_steps or 0, b.bias_rate, b.bias_schedule)
+        return bal.bias_rate_at(self.steps_done(), total_steps or 0, b.bias_rate, b.bias_schedule)
 
     @torch.no_grad()
     def end_step(self, total_steps: int | None = None) -> None:
@@ -357,30 +368,32 @@ class Balancer(nn.Module):
         on set the bias for the next), then reset the counts and advance ``progress``. A step
         with no training forward (counts all zero) changes nothing but ``progress``."""
         b, counts_E = self.cfg, self.step_counts
-        if int(counts_E.sum()) > 0:
-            if self.thresholds:
-                self._threshold_update()
-            elif self.quantile:
-                self._quantile_update()
-            elif b.bias_rate > 0:
-                new_E = bal.update_bias(
-                    self.bias,
-                    counts_E,
-                    self.rate_at(total_steps),
-                    b.bias_rule,
-                    center=b.bias_center,
-                )
-                self.bias.copy_(new_E)
-            if b.adaptive_target > 0:
-                self.aux_coef.fill_(self._adapted(float(max_violation(counts_E))))
-        if (self.relu_l1 or self.null_control) and int(self.step_tokens) > 0:
-            self._per_token_updates(float(counts_E.sum()) / int(self.step_tokens))
+        counted_1 = counts_E.sum() > 0  # 0-dim bool on the device: no host read for it
+        if self.thresholds:
+            self._threshold_update(counted_1)
+        elif self.quantile:
+            self._quantile_update(counted_1)
+        elif b.bias_rate > 0:
+            new_E = bal.update_bias(
+                self.bias, counts_E, self.rate_at(total_steps), b.bias_rule, center=b.bias_center
+            )
+            self.bias.copy_(torch.where(counted_1, new_E, self.bias))
+        if b.adaptive_target > 0 and to_host(counted_1, "any expert counts"):
+            self.aux_coef.fill_(self._adapted(float(to_host(max_violation(counts_E), "MaxVio"))))
+        if self.relu_l1 or self.null_control:
+            self._per_token_updates(counts_E)
         self.reset_step()
         self.progress += 1
+        self._steps = None if self._steps is None else self._steps + 1
 
-    def _per_token_updates(self, per_token: float) -> None:
-        """The controllers of the real experts a token (also when no token got one): ReMoE's
-        live λ and LongCat-Flash's null-expert bias."""
+    def _per_token_updates(self, counts_E: Tensor) -> None:
+        """The controllers of the real experts a token, from the step's slots per real token
+        (also when no token got an expert; nothing without a real token): ReMoE's live λ and
+        LongCat-Flash's null-expert bias."""
+        tokens = to_host(self.step_tokens, "step tokens")
+        if tokens <= 0:
+            return
+        per_token = to_host(counts_E.sum(), "step slots") / tokens
         b = self.cfg
         if self.relu_l1:
             new = bal.adapt_l1_coef(
@@ -390,26 +403,23 @@ class Balancer(nn.Module):
         if self.null_control:
             self.null_bias += b.null_rate * (per_token - b.null_target)
 
-    def _quantile_update(self) -> None:
-        """β ← the step's mean price estimate, mixed with the old β by ``quantile_ema``."""
-        n = int(self.price_count)
-        if n == 0:
-            return
-        est_E, ema = self.price_sum / n, self.cfg.quantile_ema
+    def _quantile_update(self, counted_1: Tensor) -> None:
+        """β ← the step's mean price estimate, mixed with the old β by ``quantile_ema`` (only
+        after a step that counted slots and estimated prices; no host read)."""
+        n_1 = self.price_count
+        est_E, ema = self.price_sum / n_1.clamp_min(1), self.cfg.quantile_ema
         prices_E = est_E if ema == 0 else ema * -self.bias + (1.0 - ema) * est_E
         bias_E = -prices_E
-        self.bias.copy_(bias_E - bias_E.mean() if self.cfg.bias_center else bias_E)
+        bias_E = bias_E - bias_E.mean() if self.cfg.bias_center else bias_E
+        self.bias.copy_(torch.where(counted_1 & (n_1 > 0), bias_E, self.bias))
 
-    def _threshold_update(self) -> None:
+    def _threshold_update(self, counted_1: Tensor) -> None:
         """τ ← the step's mean threshold estimate, mixed with the old τ by ``threshold_ema``
-        (the first estimate as it is)."""
-        n = int(self.price_count)
-        if n == 0:
-            return
-        est_E, ema = self.price_sum / n, float(self.threshold_ema)
-        tau_E = est_E if not int(self.threshold_ready) else ema * -self.bias + (1 - ema) * est_E
-        self.bias.copy_(-tau_E)
-        self.threshold_ready.fill_(1)
+        (the first step's estimate as it is; no host read)."""
+        n_1 = self.price_count
+        est_E, ema = self.price_sum / n_1.clamp_min(1), float(self.threshold_ema)
+        tau_E = est_E if self.steps_done() == 0 else ema * -self.bias + (1 - ema) * est_E
+        self.bias.copy_(torch.where(counted_1 & (n_1 > 0), -tau_E, self.bias))
 
     def _adapted(self, maxvio: float) -> float:
         b = self.cfg

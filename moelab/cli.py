@@ -56,6 +56,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default=None,
+        help="auto, cpu, cuda or cuda:N (default: the checkpoint's train.device; a checkpoint "
+        "saved on any device loads on any other)",
+    )
+
+
 def _config(args: argparse.Namespace):
     from moelab.train import load_run_config
 
@@ -101,7 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"--max-tokens {args.max_tokens} is out of range; allowed: 0 (all) or a positive "
             "integer"
         )
-    run = load_trained(args.checkpoint, args.data)
+    run = load_trained(args.checkpoint, args.data, device=args.device)
     from moelab.evaluate import evaluate
 
     res = evaluate(
@@ -129,7 +138,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--text holds bytes that are not UTF-8 (at character {exc.start}); give UTF-8 text"
         ) from None
-    run = load_trained(args.checkpoint, None)
+    run = load_trained(args.checkpoint, None, device=args.device)
     table = route_text(run, args.text)
     if args.json:
         print(json.dumps(table))
@@ -191,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a run folder or a ckpt-*.pt file")
     p.add_argument("--data", nargs="+", metavar="PATH", help="evaluate on other text")
     p.add_argument("--max-tokens", type=int, default=0, help="per domain (0 = all)")
+    _add_device_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -202,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="a run folder or a ckpt-*.pt file")
     p.add_argument("--text", required=True, help="the text to route")
+    _add_device_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_route)
 

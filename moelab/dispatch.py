@@ -26,6 +26,8 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
+from moelab.host import to_host
+
 DropPolicy = Literal["score", "position"]
 
 
@@ -47,7 +49,8 @@ class Plan:
     token_S: token index of each kept slot, sorted by expert (stable: token order inside).
     weight_S: gate weight of each kept slot (carries the router gradient).
     slot_S: index of each kept slot in the flattened (T·K) routing.
-    kept_E: kept slots per expert (the segment lengths), as a tensor and as ``splits``.
+    kept_E: kept slots per expert (the segment lengths); ``splits`` reads them to the host
+        on first use (the per-expert loop needs them, grouped GEMM takes ``kept_E`` itself).
     routed_E: valid slots per expert *before* drops (the load the router asked for).
     kept_TK: which slots were kept (False: dropped or masked out).
     capacity: C in force (0 = dropless).
@@ -59,8 +62,21 @@ class Plan:
     kept_E: Tensor
     routed_E: Tensor
     kept_TK: Tensor
-    splits: list[int]
     capacity: int
+    _splits: list[int] | None = None  # kept_E on the host, once read
+
+    @property
+    def splits(self) -> list[int]:
+        """Kept slots per expert as Python ints (one host read, then kept)."""
+        if self._splits is None:
+            object.__setattr__(self, "_splits", to_host(self.kept_E, "expert segment sizes"))
+        return self._splits
+
+    @property
+    def sizes(self) -> list[int] | Tensor:
+        """The segment sizes as they are at hand: ``splits`` once read, else ``kept_E`` (so a
+        consumer that needs no host values reads none)."""
+        return self._splits if self._splits is not None else self.kept_E
 
     @property
     def dropped(self) -> Tensor:
@@ -100,7 +116,7 @@ def plan(
     valid_S = None if mask_TK is None else mask_TK.reshape(-1)
     if routed_E is None:
         routed_E = _bincount(experts_S, valid_S, num_experts)
-    if isinstance(capacity, Tensor) or (capacity > 0 and bool((routed_E > capacity).any())):
+    if isinstance(capacity, Tensor) or (capacity > 0 and _over(routed_E, capacity)):
         keep_S = _within_capacity(experts_S, weights_TK, valid_S, num_experts, capacity, policy)
     else:
         keep_S = valid_S
@@ -118,9 +134,13 @@ def plan(
         kept_E=kept_E,
         routed_E=routed_E,
         kept_TK=kept_TK,
-        splits=kept_E.tolist(),
         capacity=capacity if isinstance(capacity, int) else -1,
     )
+
+
+def _over(routed_E: Tensor, capacity: int) -> bool:
+    """Whether any expert is asked for more than ``capacity`` slots (one host read)."""
+    return bool(to_host((routed_E > capacity).any(), "capacity overflow"))
 
 
 def _bincount(experts_S: Tensor, valid_S: Tensor | None, num_experts: int) -> Tensor:
@@ -208,7 +228,7 @@ def plan_with_reroute(
         mask_TK=mask_TK,
         routed_E=routed_E,
     )
-    if capacity == 0 or int(first.dropped) == 0:
+    if capacity == 0 or to_host(first.dropped, "dropped slots to re-route") == 0:
         return first
     dropped_TK = ~first.kept_TK if mask_TK is None else mask_TK & ~first.kept_TK
     taken_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, experts_TK, True)
@@ -287,5 +307,5 @@ class LocalDispatcher:
         return Load(routed_E, None, prices_E)
 
     def combine(self, x_TD: Tensor, p: Plan, experts: nn.Module, load: Load) -> Combined:
-        y_TD = experts.forward_tokens(x_TD, p.token_S, p.weight_S, p.splits)
+        y_TD = experts.forward_tokens(x_TD, p.token_S, p.weight_S, p.sizes)
         return Combined(y_TD, p.routed_E, p.kept_E)

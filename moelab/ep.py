@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from moelab import dispatch
 from moelab.errors import RunError
+from moelab.host import to_cpu
 
 
 class DistributedError(RunError):
@@ -83,9 +84,12 @@ def exchange_plan(kept_WE: Tensor, layout: Layout) -> Exchange:
     E = kept_WE.shape[1]
     El = E // P
     mine = layout.expert_slice(E)
+    # The all-to-all needs its split sizes on the host: one read per layer and forward under
+    # EP (moelab.host), the only one of the expert-parallel path.
+    kept_WE = to_cpu(kept_WE, "all-to-all split sizes")
     send = kept_WE[layout.rank].view(P, El).sum(1)  # (P,)
     from_src_PE = kept_WE[layout.ep_ranks][:, mine]  # (P, El) rows from each source, per expert
-    labels_R = torch.arange(El).repeat(P).repeat_interleave(from_src_PE.reshape(-1).cpu())
+    labels_R = torch.arange(El).repeat(P).repeat_interleave(from_src_PE.reshape(-1))
     order_R = torch.sort(labels_R, stable=True).indices
     return Exchange(
         send=send.tolist(),

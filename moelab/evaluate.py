@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from moelab import metrics
+from moelab import device, metrics
 from moelab.data import Corpus, val_batches
+from moelab.host import to_cpu
 from moelab.model import MoELM
 from moelab.world import LocalWorld, World
 
@@ -31,20 +32,30 @@ class EvalStats:
     seq_maxvio: Tensor = field(init=False)  # (2,) sum of per-sequence MaxVio, sequences·layers
     next_lEE: Tensor = field(init=False)  # (layers - 1, E, E) top-1 transitions to the next layer
 
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
     def __post_init__(self) -> None:
-        self.loss_sum_D = torch.zeros(self.num_domains, dtype=torch.float64)
-        self.tokens_D = torch.zeros(self.num_domains, dtype=torch.int64)
+        dev = self.device
+        self.loss_sum_D = torch.zeros(self.num_domains, dtype=torch.float64, device=dev)
+        self.tokens_D = torch.zeros(self.num_domains, dtype=torch.int64, device=dev)
         self.joint_lDE = torch.zeros(
-            self.num_layers, self.num_domains, self.num_experts, dtype=torch.int64
+            self.num_layers, self.num_domains, self.num_experts, dtype=torch.int64, device=dev
         )
-        self.seq_maxvio = torch.zeros(2, dtype=torch.float64)
+        self.seq_maxvio = torch.zeros(2, dtype=torch.float64, device=dev)
         pairs = max(self.num_layers - 1, 0)
-        self.next_lEE = torch.zeros(pairs, self.num_experts, self.num_experts, dtype=torch.int64)
+        self.next_lEE = torch.zeros(
+            pairs, self.num_experts, self.num_experts, dtype=torch.int64, device=dev
+        )
 
     def reduce(self, sum_: Callable[[Tensor], Tensor]) -> None:
         """Sum every statistic over ranks with ``sum_`` (in place), e.g. ``World.sum_``."""
         for t in (self.loss_sum_D, self.tokens_D, self.joint_lDE, self.seq_maxvio, self.next_lEE):
             sum_(t)
+
+    def to_host(self) -> None:
+        """Move every statistic to the CPU (one copy each, after the pass)."""
+        for name in ("loss_sum_D", "tokens_D", "joint_lDE", "seq_maxvio", "next_lEE"):
+            setattr(self, name, to_cpu(getattr(self, name), f"evaluation {name}"))
 
     @property
     def counts_lE(self) -> Tensor:
@@ -67,7 +78,9 @@ def evaluate(
     max_tokens: cap per domain (0 = the whole split). With a ``world`` of W ranks, rank r
     evaluates batches r, r + W, ... of each domain and the statistics are summed over ranks
     (same numbers as one process, W times less work each); a rank without a batch in a round
-    runs a discarded forward, so expert-parallel collectives stay in step. Returns a flat dict:
+    runs a discarded forward, so expert-parallel collectives stay in step. Batches move to the
+    model's device and the statistics accumulate there (read to the host once, at the end);
+    evaluation runs in fp32 whatever ``train.dtype``. Returns a flat dict:
     ``val_loss`` (token-weighted mean over training domains), ``val_loss/<domain>``,
     ``maxvio_global`` (mean over MoE layers of MaxVio of the counts summed over the split; Wang
     et al. 2024), ``maxvio_global_layers``, ``maxvio_seq`` (mean per-sequence MaxVio,
@@ -84,7 +97,8 @@ def evaluate(
     model.eval()
     layers = model.moe_layers
     E = layers[0].cfg.num_experts if layers else 1
-    stats = EvalStats(len(layers), E, len(corpus.domains))
+    dev = device.of(model)
+    stats = EvalStats(len(layers), E, len(corpus.domains), device=dev)
     world = world or LocalWorld()
     rank, size = world.rank, world.world_size
     for d, name in enumerate(corpus.domains):
@@ -94,13 +108,14 @@ def evaluate(
         for i in range(0, len(batches), size):  # one round: a batch per rank
             if i + rank < len(batches):
                 b = batches[i + rank]
-                _eval_batch(model, b.tokens, b.targets, d, stats)
+                _eval_batch(model, b.tokens.to(dev), b.targets.to(dev), d, stats)
             else:  # nothing left here: keep in step with the ranks' collectives
-                model(batches[i].tokens)
+                model(batches[i].tokens.to(dev))
     stats.reduce(world.sum_)
+    stats.to_host()
     out = _summarise(stats, corpus)
     if layers:  # every rank probes the same batch, so expert-parallel collectives stay in step
-        agree = routing_consistency(model, _probe(corpus, batch_size, seq_len))
+        agree = routing_consistency(model, _probe(corpus, batch_size, seq_len).to(dev))
         out |= {"routing_consistency": _mean(agree), "routing_consistency_layers": agree}
     model.train(was_training)
     return out
@@ -180,7 +195,7 @@ def _eval_batch(model: MoELM, tokens_BL: Tensor, targets_BL: Tensor, d: int, s: 
     out = model(tokens_BL)
     logits = out.logits.float().flatten(0, 1)
     loss = torch.nn.functional.cross_entropy(logits, targets_BL.flatten(), reduction="sum")
-    s.loss_sum_D[d] += float(loss)
+    s.loss_sum_D[d] += loss  # fp32 sum added in float64, as a Python float would be
     s.tokens_D[d] += targets_BL.numel()
     B, L = tokens_BL.shape
     for i, o in enumerate(out.moe):
@@ -188,7 +203,8 @@ def _eval_batch(model: MoELM, tokens_BL: Tensor, targets_BL: Tensor, d: int, s: 
         experts_BLK = o.experts.view(B, L, -1)
         mask_BLK = None if o.slot_mask is None else o.slot_mask.view(B, L, -1)
         seq = metrics.maxvio_per_sequence(experts_BLK, s.num_experts, mask_BL=mask_BLK)
-        s.seq_maxvio += torch.tensor([float(seq.sum()), seq.numel()], dtype=torch.float64)
+        s.seq_maxvio[0] += seq.sum()
+        s.seq_maxvio[1] += seq.numel()
     for i, (a, b) in enumerate(zip(out.moe, out.moe[1:], strict=False)):
         both_T = _top1_valid(a) & _top1_valid(b)
         s.next_lEE[i] += metrics.top1_transitions(

@@ -8,16 +8,27 @@ per expert on its contiguous segment of the permuted buffer (a loop over experts
 tokens). The stacks are ``unbind``-ed once per call and the buffer is ``split`` by counts:
 indexing ``w[e]`` or ``x[a:b]`` inside the loop makes autograd build a full-size zero gradient
 per expert, which costs seconds per step at E=64 on a CPU.
+
+On CUDA the experts run as grouped GEMMs instead (``torch._grouped_mm`` / ``F.grouped_mm``:
+one kernel per matmul for all experts, the segment ends given as a device tensor, so no host
+read of the split sizes): :class:`moelab.grouped.GroupedMMSwiGLU`, where torch has it and it
+runs for the dtype and shapes; else the path above. ``GROUPED_MM`` chooses: ``auto`` (CUDA
+only), ``on`` (wherever it runs, e.g. the CPU in tests), ``off``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moelab.grouped import GroupedMMSwiGLU, grouped_mm_runs, offsets, swiglu_act
+from moelab.host import to_host
+
+GROUPED_MM: Literal["auto", "on", "off"] = "auto"
 
 
 def swiglu(x_ND: Tensor, w13_D2F: Tensor, w2_FD: Tensor, dropout: float = 0.0) -> Tensor:
@@ -92,7 +103,7 @@ class Experts(nn.Module):
         """(E,) L2 norm of each expert's weight gradient; zeros before any backward."""
         grads = [getattr(self, n).grad for n in self.STACKED]
         if any(g is None for g in grads):
-            return torch.zeros(self.num_experts)
+            return torch.zeros(self.num_experts, device=self.w2_EFD.device)
         return sum(g.pow(2).flatten(1).sum(1) for g in grads).sqrt()
 
     def forward(self, x_SD: Tensor, splits: list[int]) -> Tensor:
@@ -103,21 +114,40 @@ class Experts(nn.Module):
         """
         dtype = _compute_dtype(x_SD)
         w13, w2 = self.w13_ED2F.to(dtype), self.w2_EFD.to(dtype)
+        if self._grouped(x_SD, dtype):
+            return GroupedMMSwiGLU.apply(x_SD.to(dtype), w13, w2, offsets(splits, x_SD.device))
+        splits = _host_splits(splits)
         if self.training and self.dropout > 0:
             return self.forward_split(x_SD.to(dtype), splits)
         return GroupedSwiGLU.apply(x_SD.to(dtype), w13, w2, splits)
 
+    def _grouped(self, x: Tensor, dtype: torch.dtype) -> bool:
+        """Whether this call runs as grouped GEMMs (:data:`GROUPED_MM`; never with expert
+        dropout in training, which keeps the autograd loop)."""
+        if GROUPED_MM == "off" or (GROUPED_MM == "auto" and x.device.type != "cuda"):
+            return False
+        if self.training and self.dropout > 0:
+            return False
+        return grouped_mm_runs(x.device, dtype, self.d_model, self.d_hidden)
+
     def forward_tokens(
-        self, x_TD: Tensor, token_S: Tensor, weight_S: Tensor, splits: list[int]
+        self, x_TD: Tensor, token_S: Tensor, weight_S: Tensor, splits: list[int] | Tensor
     ) -> Tensor:
         """Gather, run and combine in one step: y_t = Σ_s weight_s · expert_s(x_{token_s}).
 
         x_TD (T, D); token_S (S,) token of each slot, sorted by expert; weight_S (S,) gate
-        weights; splits: slots per expert. Returns (T, D). Equals
+        weights; splits: slots per expert, a list or an (E,) tensor (read to the host only
+        when the per-expert path runs). Returns (T, D). Grouped GEMMs where they run
+        (:meth:`_grouped`): gather, :class:`GroupedMMSwiGLU`, weighted ``index_add``. Equals
         ``unpermute(forward(permute(x)))`` but, as one :class:`TokenSwiGLU` node, saves only the
         (S, 2F) pre-activation for backward instead of three (S, D) buffers.
         """
         dtype = _compute_dtype(x_TD)
+        if self._grouped(x_TD, dtype):
+            y_SD = self.forward(x_TD.to(dtype).index_select(0, token_S), splits)
+            y_SD = y_SD * weight_S.to(dtype).unsqueeze(1)
+            return y_SD.new_zeros(x_TD.shape[0], y_SD.shape[1]).index_add(0, token_S, y_SD)
+        splits = _host_splits(splits)
         if self.training and self.dropout > 0:
             y_SD = self.forward_split(x_TD.to(dtype).index_select(0, token_S), splits)
             y_SD = y_SD * weight_S.to(dtype).unsqueeze(1)
@@ -148,6 +178,11 @@ class Experts(nn.Module):
                 y = swiglu(x_TD[tok], self.w13_ED2F[e], self.w2_EFD[e])
                 out_TD = out_TD.index_add(0, tok, y * weights_TK[tok, slot].unsqueeze(1))
         return out_TD
+
+
+def _host_splits(splits: list[int] | Tensor) -> list[int]:
+    """Split sizes as Python ints (one host read when given as a tensor)."""
+    return to_host(splits, "expert segment sizes") if isinstance(splits, Tensor) else splits
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -194,7 +229,7 @@ class GroupedSwiGLU(torch.autograd.Function):
             x_SD = x_SD.contiguous()
             h13_S2F = x_SD.new_empty(S, w13_ED2F.shape[2])
             _mm_split(x_SD, w13_ED2F.unbind(0), splits, h13_S2F)
-            y_SD = _mm_split(_swiglu_act(h13_S2F), w2_EFD.unbind(0), splits, x_SD.new_empty(S, D))
+            y_SD = _mm_split(swiglu_act(h13_S2F), w2_EFD.unbind(0), splits, x_SD.new_empty(S, D))
         ctx.save_for_backward(x_SD, w13_ED2F, w2_EFD, h13_S2F)
         ctx.splits = splits
         return y_SD
@@ -432,12 +467,6 @@ class TokenSwiGLU(torch.autograd.Function):
                 dx_TD.index_add_(0, idx, dy_ND)
         dweight_S = dweight_R if row_S is None else dweight_R[row_S]
         return dx_TD, dw13_ED2F, dw2_EFD, None, dweight_S.to(ctx.weight_dtype), None
-
-
-def _swiglu_act(h13_N2F: Tensor) -> Tensor:
-    """silu(gate)·up of a fused (N, 2F) pre-activation -> (N, F)."""
-    gate_NF, up_NF = h13_N2F.chunk(2, dim=-1)
-    return F.silu(gate_NF) * up_NF
 
 
 class SharedExperts(nn.Module):

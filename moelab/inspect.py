@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from moelab import checkpoint
+from moelab import device as dev_mod
 from moelab.data import Corpus, load_corpus
 from moelab.model import MoELM
 
@@ -24,8 +25,12 @@ class TrainedRun:
     step: int
 
 
-def load_trained(path: str | Path, data: list[str] | None = None) -> TrainedRun:
-    """Restore the model of a run folder or checkpoint file, in eval mode.
+def load_trained(
+    path: str | Path, data: list[str] | None = None, *, device: str | None = "cpu"
+) -> TrainedRun:
+    """Restore the model of a run folder or checkpoint file (saved on any device), in eval
+    mode, on ``device`` (a ``train.device`` value; None: the checkpoint's own
+    ``train.device``, as ``moelab eval`` and ``route`` do without ``--device``).
 
     data: evaluate on other text (the tokenizer is retrained only if the sources differ, so
     prefer the run's own data; other text changes the vocabulary and is refused).
@@ -34,6 +39,10 @@ def load_trained(path: str | Path, data: list[str] | None = None) -> TrainedRun:
 
     state = checkpoint.load(path)
     cfg = build_config(state["config"])
+    if device is None:
+        dev = dev_mod.resolve(cfg.train.device, "the checkpoint's train.device (see --device)")
+    else:
+        dev = dev_mod.resolve(device, "--device")
     corpus = load_corpus(cfg.data)
     if data:
         other = load_corpus(dataclasses.replace(cfg.data, sources=tuple(data)))
@@ -48,7 +57,7 @@ def load_trained(path: str | Path, data: list[str] | None = None) -> TrainedRun:
         raise checkpoint.CheckpointError(
             f"checkpoint {str(path)!r} does not match its config: {str(exc).splitlines()[0]}"
         ) from exc
-    model.eval()
+    model.to(dev).eval()
     return TrainedRun(cfg, model, corpus, int(state["step"]))
 
 
@@ -79,7 +88,7 @@ def route_text(run: TrainedRun, text: str) -> dict[str, Any]:
     if not ids:
         raise ValueError("--text is empty after tokenisation; give some text")
     ids = ids[: run.cfg.model.max_seq_len]
-    out = run.model(torch.tensor([ids]))
+    out = run.model(torch.tensor([ids], device=dev_mod.of(run.model)))
     return {
         "tokens": [run.corpus.decode([i]) for i in ids],
         "layers": [o.experts.tolist() for o in out.moe],

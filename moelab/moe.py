@@ -28,6 +28,7 @@ from moelab import default_outputs, dispatch, metrics
 from moelab.balancer import BalanceInputs, Balancer, in_recompute
 from moelab.config import MoEConfig
 from moelab.experts import Experts, SharedExperts
+from moelab.host import check_label, to_host
 from moelab.router import Router
 from moelab.routing import NonFiniteRouterError, Routing
 
@@ -120,7 +121,8 @@ class MoELayer(nn.Module):
         counts_E = dispatch.routed_counts(routing.experts, slot_mask_TK, self.cfg.num_experts)
         prices_E = self.balancer.price_estimate(routing.scores, mask_T) if self.training else None
         load = self.dispatcher.load(counts_E, prices_E)  # the computation batch (all data ranks)
-        cap = self._capacity(x_TD.shape[0] if mask_T is None else int(mask_T.sum()))
+        tokens = x_TD.shape[0] if mask_T is None else to_host(mask_T.sum(), "real tokens")
+        cap = self._capacity(tokens)
         seq_len = x.shape[-2] if x.dim() >= 3 else x_TD.shape[0]  # a 2-D x is one sequence
         losses = self.balancer.losses(
             BalanceInputs(
@@ -145,7 +147,6 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y_TD = y_TD + self._shared(x_TD, mask_T)
         if self.training:
-            tokens = x_TD.shape[0] if mask_T is None else int(mask_T.sum())
             ranks = 1 if load.routed_WE is None else load.routed_WE.shape[0]
             self.balancer.count(load.batch_E, load.prices_E, tokens * ranks)
         stats = self._stats(routing, slot_mask_TK, mask_T)
@@ -173,14 +174,17 @@ class MoELayer(nn.Module):
         return shared_TD
 
     def _route(self, x_TD: Tensor, token_ids_T: Tensor | None) -> Routing:
-        """The router's decision; NonFiniteRouterError naming this layer on NaN/inf logits."""
+        """The router's decision; NonFiniteRouterError naming this layer on NaN/inf logits.
+        Inside the trainer's step the logits check is deferred (:mod:`moelab.host`), recorded
+        under this layer's index, and the step raises the same error after reading it."""
         try:
-            return self.router(
-                x_TD,
-                bias=self._selection_bias(),
-                step=int(self.balancer.progress),
-                token_ids=token_ids_T,
-            )
+            with check_label(self.layer_index):
+                return self.router(
+                    x_TD,
+                    bias=self._selection_bias(),
+                    step=self.balancer.steps_done(),
+                    token_ids=token_ids_T,
+                )
         except NonFiniteRouterError as exc:
             raise NonFiniteRouterError(self.layer_index) from exc
 

@@ -33,19 +33,26 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moelab.ep import AllToAllDispatcher, Comm, Layout
+from moelab.host import to_host
 from moelab.moe import MoELayer
 
 # ----------------------------------------------------------------------------- the world
 
 
-def _init_process_group(timeout_s: float) -> bool:
-    """From the torchrun environment; gloo on CPU, NCCL for CUDA tensors. True if we did it."""
+def backend_for(device: torch.device) -> str:
+    """The process-group backend of a run on ``device``: gloo on the CPU; on CUDA, NCCL for
+    CUDA tensors and gloo for the few CPU ones (logged scalars, RNG states)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def _init_process_group(timeout_s: float, device: torch.device) -> bool:
+    """From the torchrun environment, for a run on ``device`` (:func:`backend_for`); True if
+    we did it."""
     if dist.is_initialized():
         return False
-    backend = "gloo"
-    if torch.cuda.is_available():
-        backend = "cpu:gloo,cuda:nccl"
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    backend = backend_for(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     timeout = timedelta(seconds=timeout_s)
     # torchrun shares its rendezvous store with the workers; after a restart the new workers
     # would read the dead attempt's gloo keys from it (pytorch/pytorch#135712). Each attempt
@@ -60,8 +67,8 @@ def _init_process_group(timeout_s: float) -> bool:
 class DistributedWorld:
     """The torch.distributed ``World``: EP × DP from the world size (see the module docstring)."""
 
-    def __init__(self, parallel_cfg: Any) -> None:
-        if _init_process_group(parallel_cfg.timeout_s):
+    def __init__(self, parallel_cfg: Any, device: torch.device | None = None) -> None:
+        if _init_process_group(parallel_cfg.timeout_s, device or torch.device("cpu")):
             atexit.register(_destroy)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.dp_rank, self.dp_size, self.is_main = self.rank, self.world_size, self.rank == 0
@@ -126,11 +133,12 @@ class DistributedWorld:
         dense, expert = self._split_params(model)
         W = self.world_size
         if dense:
-            has = torch.tensor([float(p.grad is not None) for p in dense])
+            has = torch.tensor([float(p.grad is not None) for p in dense], device=dense[0].device)
             flat = torch.cat([_grad_or_zeros(p).reshape(-1).float() for p in dense] + [has])
             self.comm.all_reduce(flat, "all_reduce of dense gradients")
             grads, has = flat[: -len(dense)], flat[-len(dense) :]
-            for p, g, h in zip(dense, _unflatten(grads, dense), has.tolist(), strict=True):
+            has_list = to_host(has, "which dense parameters have gradients")
+            for p, g, h in zip(dense, _unflatten(grads, dense), has_list, strict=True):
                 p.grad = g.div_(W).to(p.dtype) if h > 0 else None
         if expert:
             flat = torch.cat([_grad_or_zeros(p).reshape(-1).float() for p in expert])
@@ -145,14 +153,16 @@ class DistributedWorld:
         ``torch.nn.utils.clip_grad_norm_``; the same value on every rank."""
         dense, expert = self._split_params(model)
         dense = [p for p in dense if p.grad is not None]
+        expert = [p for p in expert if p.grad is not None]
         sq = torch.zeros(2, dtype=torch.float64)
-        sq[0] = sum(float(p.grad.float().norm()) ** 2 for p in dense)
-        sq[1] = sum(float(p.grad.float().norm()) ** 2 for p in expert if p.grad is not None)
+        norms = _grad_norms(dense + expert)  # one host read for all parameters
+        sq[0] = sum(n**2 for n in norms[: len(dense)])
+        sq[1] = sum(n**2 for n in norms[len(dense) :])
         self.comm.all_reduce(sq[1:], "all_reduce of the gradient norm", group=self.comm.ep_group)
         total = float(sq.sum().sqrt())
         if max_norm > 0:
             coef = min(1.0, max_norm / (total + 1e-6))
-            for p in dense + [p for p in expert if p.grad is not None]:
+            for p in dense + expert:
                 p.grad.mul_(coef)
         return total
 
@@ -287,6 +297,13 @@ def _check_placement(layer: MoELayer, ep: int, world_size: int) -> None:
             f"balance.num_devices={b.num_devices} must equal parallel.ep={ep} when the device "
             "or communication loss is on (experts are placed contiguously on the EP ranks)"
         )
+
+
+def _grad_norms(params: list[Tensor]) -> list[float]:
+    """The fp32 gradient norm of each parameter, read to the host at once."""
+    if not params:
+        return []
+    return to_host(torch.stack([p.grad.float().norm() for p in params]), "gradient norms")
 
 
 def _grad_or_zeros(p: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.config import ScoreFn, check_choice
+from moelab.host import all_finite
 
 # Score function name (``moelab.config.ScoreFn``) -> logits (T, E) -> scores (T, E).
 SCORE_FNS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -97,7 +98,7 @@ def check_inputs(logits_TE: Tensor, k: int, score: str, bias_E: Tensor | None) -
     check_choice("score", score, SCORES)
     if bias_E is not None and tuple(bias_E.shape) != (E,):
         raise ValueError(f"bias has shape {tuple(bias_E.shape)}; allowed: shape (num_experts={E},)")
-    if not torch.isfinite(logits_TE).all():  # one reduction; a host sync, as any check is
+    if not all_finite(logits_TE, "finite router logits"):  # a read, unless the step defers it
         raise NonFiniteRouterError()
 
 

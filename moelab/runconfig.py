@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from moelab.config import _check_literals, apply_overrides, check_range, from_dict, load_toml
 from moelab.data import DataConfig, absolute_path
+from moelab.device import check_spec
 from moelab.model import ModelConfig
 
 PRESETS = Path(__file__).parent / "presets"
@@ -41,6 +42,13 @@ class TrainConfig:
         pass instead of keeping them (``torch.utils.checkpoint``, non-reentrant): less memory,
         one more forward per block. The recompute counts nothing for the balancer (no doubled
         loss-free or global-aux counts, torchtitan#4772) and gives the same numbers.
+    device: where the run computes (:mod:`moelab.device`): ``auto`` (CUDA when available,
+        else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; under torchrun each rank takes its
+        ``LOCAL_RANK`` GPU. Asking for CUDA on a machine without it is an error at the start.
+    dtype: ``fp32``, or ``bf16``: autocast to bfloat16 on the run's device type (matmuls and
+        experts in bf16, the loss and balance statistics in fp32); the router stays fp32
+        unless ``model.moe.router.dtype`` says otherwise. fp32 is what the golden losses and
+        bit-exact resume are checked in.
     """
 
     _prefix = "train"
@@ -67,9 +75,11 @@ class TrainConfig:
     tensorboard: bool = True
     train_eval_gap: bool = False
     activation_checkpointing: bool = False
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         _check_literals(self)
+        check_spec(self.device, "train.device")
         for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
             check_range(f"train.{name}", getattr(self, name), lo=1)
         for name in (

@@ -46,6 +46,7 @@ RESUMABLE = frozenset(
         "train.ckpt_every",
         "train.keep_checkpoints",
         "train.threads",
+        "train.device",
         "train.tensorboard",
         "train.train_eval_gap",
         "train.nonfinite",

@@ -5,14 +5,15 @@ measured (``StepResult``). ``moelab.train`` runs it in its loop and re-exports t
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from moelab import device
 from moelab.errors import RunError
+from moelab.host import FiniteChecks, deferred_finite_checks, to_host
 from moelab.model import MoELM
 from moelab.routing import NonFiniteRouterError
 from moelab.runconfig import RunConfig, TrainConfig
@@ -35,7 +36,10 @@ class NonFiniteError(RunError):
 
 @dataclass
 class StepResult:
-    """What one optimizer step measured (detached)."""
+    """What one optimizer step measured (detached). ``loss``, ``aux`` and ``grad_norm`` are
+    read to the host every step (they decide whether the step is applied); the per-layer
+    statistics stay tensors on the run's device until the logger reads them (``dropped``,
+    ``z``: one host read each, on logged steps only)."""
 
     loss: float
     aux: float
@@ -43,8 +47,8 @@ class StepResult:
     skipped: bool
     micro_counts: list[list[Tensor]]  # [micro][layer] (E,) counts
     kept: list[Tensor]  # [layer] (E,) kept slots over the step
-    dropped: int
-    z: list[float]
+    dropped_micro: list[Tensor]  # [micro] 0-dim dropped slots summed over layers
+    z_micro: list[Tensor]  # [micro] (layers,) z of the logits
     expert_grad_norms: list[Tensor]
     moe_stats: list[list[dict[str, Tensor]]] = field(default_factory=list)  # [micro][layer]
     nonfinite: str = ""  # what was not finite when ``skipped``
@@ -53,6 +57,73 @@ class StepResult:
     def step_counts(self) -> list[Tensor]:
         """[layer] (E,) slots routed per expert, summed over the step's micro-batches."""
         return [sum(mc[i] for mc in self.micro_counts) for i in range(len(self.kept))]
+
+    @property
+    def dropped(self) -> int:
+        """Slots dropped over the step, all layers (one host read)."""
+        if not self.dropped_micro:
+            return 0
+        return int(to_host(torch.stack(self.dropped_micro).sum(), "dropped slots"))
+
+    @property
+    def z(self) -> list[float]:
+        """[layer] z of the logits, the mean over micro-batches (one host read)."""
+        if not self.z_micro:
+            return []
+        n, rows = len(self.z_micro), to_host(torch.stack(self.z_micro), "z of the logits")
+        z = [v / n for v in rows[0]]
+        for row in rows[1:]:  # summed in micro-batch order, as logged before
+            z = [a + v / n for a, v in zip(z, row, strict=True)]
+        return z
+
+
+@dataclass
+class _Micro:
+    """What the micro-batches of one step leave, as tensors on the run's device."""
+
+    losses: list[Tensor] = field(default_factory=list)  # [micro] 0-dim LM loss
+    auxes: list[Tensor] = field(default_factory=list)  # [micro] 0-dim weighted balance loss
+    counts: list[list[Tensor]] = field(default_factory=list)
+    stats: list[list[dict[str, Tensor]]] = field(default_factory=list)
+    kept: list[Tensor] | None = None
+    dropped: list[Tensor] = field(default_factory=list)
+    z: list[Tensor] = field(default_factory=list)
+
+    def add(self, out) -> None:
+        """Keep one micro-batch's (detached) loss, aux and per-layer statistics."""
+        self.losses.append(out.loss.detach())
+        self.auxes.append(out.aux.detach())
+        self.counts.append([o.counts for o in out.moe])
+        self.stats.append([o.stats for o in out.moe])
+        k_now = [o.kept for o in out.moe]
+        if self.kept is not None:
+            k_now = [a + b for a, b in zip(self.kept, k_now, strict=True)]
+        self.kept = k_now
+        if out.moe:
+            self.dropped.append(torch.stack([o.dropped for o in out.moe]).sum())
+            self.z.append(torch.stack([o.stats["z"] for o in out.moe]))
+
+    def read_losses(self, checks: FiniteChecks) -> tuple[list[float], float, float]:
+        """One host read: the micro-batch losses, the step's mean loss and aux (summed in Python
+        in micro-batch order, the numbers the trainer always logged) and the deferred router
+        checks (NonFiniteRouterError naming the first layer whose logits were not finite)."""
+        flags = [f.float() for _, f in checks.flags]
+        vals = to_host(torch.stack([*self.losses, *self.auxes, *flags]).float(), "step losses")
+        n = len(self.losses)
+        failed = checks.failed([v == 1.0 for v in vals[2 * n :]])
+        if failed:
+            raise NonFiniteRouterError(failed[0])
+        loss_sum = aux_sum = 0.0
+        for loss, aux in zip(vals[:n], vals[n : 2 * n], strict=True):
+            loss_sum += loss / n
+            aux_sum += aux / n
+        return vals[:n], loss_sum, aux_sum
+
+    def result(self, loss: float, aux: float, gnorm: float, egn: list, gap) -> StepResult:
+        return StepResult(
+            loss, aux, gnorm, False, self.counts, self.kept or [], self.dropped, self.z, egn,
+            self.stats, train_eval_gap=gap,
+        )  # fmt: skip
 
 
 def train_step(
@@ -66,28 +137,20 @@ def train_step(
     measure_gap: bool = False,
 ) -> StepResult:
     """Forward/backward over the micro-batches, clip, step; balance state updated after.
+    Batches move to the model's device; ``train.dtype = "bf16"`` autocasts on its type.
     ``measure_gap``: also measure ``train_eval_gap`` (before the update; the trainer asks on
-    logged steps when ``train.train_eval_gap`` is on)."""
-    n = len(micro)
-    loss_sum = aux_sum = 0.0
-    micro_counts, kept, dropped, z, stats, losses = [], None, 0, None, [], []
-    for mb in micro:
-        try:
-            with _autocast(cfg.train.dtype):
-                out = model(mb.tokens, mb.targets)
-        except NonFiniteRouterError as exc:
-            return _nonfinite(model, opt, cfg, step, exc.what)
-        ((out.loss + out.aux) / n).backward()
-        losses.append(float(out.loss.detach()))
-        loss_sum += losses[-1] / n
-        aux_sum += float(out.aux.detach()) / n
-        micro_counts.append([o.counts for o in out.moe])
-        stats.append([o.stats for o in out.moe])
-        k_now = [o.kept for o in out.moe]
-        kept = k_now if kept is None else [a + b for a, b in zip(kept, k_now, strict=True)]
-        dropped += sum(int(o.dropped) for o in out.moe)
-        z_now = [float(o.stats["z"]) / n for o in out.moe]
-        z = z_now if z is None else [a + b for a, b in zip(z, z_now, strict=True)]
+    logged steps when ``train.train_eval_gap`` is on). Two host reads per step: the losses
+    and the gradient norm (:mod:`moelab.host`)."""
+    acc = _Micro()
+    try:
+        with deferred_finite_checks() as checks:
+            for mb in micro:
+                out = _forward(model, mb, cfg)
+                ((out.loss + out.aux) / len(micro)).backward()
+                acc.add(out)
+        losses, loss_sum, aux_sum = acc.read_losses(checks)
+    except NonFiniteRouterError as exc:
+        return _nonfinite(model, opt, cfg, step, exc.what)
     gap = _train_eval_gap(model, micro[0], losses[0], cfg, world) if measure_gap else None
     world.sync_grads(model)
     egn = [layer.experts.grad_norm() for layer in model.moe_layers]
@@ -102,19 +165,14 @@ def train_step(
     opt.step()
     model.end_step(cfg.train.steps)
     opt.zero_grad(set_to_none=True)
-    return StepResult(
-        loss_sum,
-        aux_sum,
-        gnorm,
-        False,
-        micro_counts,
-        kept or [],
-        dropped,
-        z or [],
-        egn,
-        stats,
-        train_eval_gap=gap,
-    )
+    return acc.result(loss_sum, aux_sum, gnorm, egn, gap)
+
+
+def _forward(model: MoELM, mb, cfg: RunConfig):
+    """The model on micro-batch ``mb``, moved to the model's device, under ``train.dtype``."""
+    dev = device.of(model)
+    with device.autocast(cfg.train.dtype, dev):
+        return model(mb.tokens.to(dev, non_blocking=True), mb.targets.to(dev, non_blocking=True))
 
 
 @torch.no_grad()
@@ -123,11 +181,10 @@ def _train_eval_gap(model: MoELM, mb, train_loss: float, cfg: RunConfig, world: 
     averaged over ranks. The eval forward draws no random numbers and updates no state."""
     model.eval()
     try:
-        with _autocast(cfg.train.dtype):
-            out = model(mb.tokens, mb.targets)
+        out = _forward(model, mb, cfg)
     finally:
         model.train()
-    return world.mean(float(out.loss) - train_loss)
+    return world.mean(float(to_host(out.loss, "train/eval gap loss")) - train_loss)
 
 
 def _nonfinite(model: MoELM, opt: torch.optim.Optimizer, cfg: RunConfig, step: int, what: str):
@@ -139,10 +196,4 @@ def _nonfinite(model: MoELM, opt: torch.optim.Optimizer, cfg: RunConfig, step: i
         )
     model.reset_step()
     opt.zero_grad(set_to_none=True)
-    return StepResult(math.nan, math.nan, math.nan, True, [], [], 0, [], [], nonfinite=what)
-
-
-def _autocast(dtype: str):
-    if dtype == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return StepResult(math.nan, math.nan, math.nan, True, [], [], [], [], [], nonfinite=what)

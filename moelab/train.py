@@ -2,8 +2,11 @@
 One optimizer step (micro-batches, clipping, the LR schedule) is in :mod:`moelab.step`.
 
 AdamW, linear warm-up + cosine decay, gradient clipping, gradient accumulation (global-scope
-balance statistics accumulate across micro-batches), optional bf16 autocast (the router stays
-fp32), periodic evaluation, metrics.jsonl + TensorBoard, atomic checkpoints and exact resume.
+balance statistics accumulate across micro-batches), on ``train.device`` (the CPU or a GPU,
+:mod:`moelab.device`) with optional bf16 autocast (the router stays fp32), periodic
+evaluation, metrics.jsonl + TensorBoard, atomic checkpoints (CPU tensors, so they resume on
+any device) and exact resume. The loop advances one :class:`moelab.state.TrainerState`, which
+also saves and restores itself.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from moelab import checkpoint, metrics, runfolder
+from moelab import checkpoint, device, host, metrics, runfolder
 from moelab.config import to_dict
 from moelab.data import Batcher, Corpus, load_corpus
 from moelab.evaluate import check_evaluable, evaluate
@@ -39,6 +43,7 @@ from moelab.runconfig import (  # noqa: F401 - re-exported: moelab.train is the 
     preset_names,
 )
 from moelab.signals import Interrupted, StopFlag, stop_on_signals
+from moelab.state import TrainerState
 from moelab.step import (  # noqa: F401 - re-exported: the step is part of the trainer
     NonFiniteError,
     StepResult,
@@ -68,20 +73,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
 
 
 def build_model(cfg: RunConfig, corpus: Corpus) -> tuple[RunConfig, MoELM]:
@@ -149,7 +140,9 @@ def train(
     out = Path(out_dir)
     if max_steps is not None and (isinstance(max_steps, bool) or max_steps < 1):
         raise ValueError(f"--max-steps {max_steps!r} is out of range; allowed: an integer >= 1")
-    world = make_world(cfg.parallel) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else LocalWorld()
+    dev = device.resolve(cfg.train.device)
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world = make_world(cfg.parallel, dev) if multi else LocalWorld()
     runfolder.check_world(cfg.parallel.ep, world.world_size)
     if world.is_main:
         runfolder.check_writable(out)
@@ -160,18 +153,48 @@ def train(
             resume = False
         elif not resume and world.is_main:
             runfolder.check_new_run(out, overwrite=overwrite)
-        return _train(cfg, out, world, resume, max_steps, progress, on_step, tuple(allow_change))
+        args = (resume, max_steps, progress, on_step, tuple(allow_change))
+        return _train(cfg, out, world, dev, *args)
 
 
-def _train(cfg, out, world, resume, max_steps, progress, on_step, allow_change) -> dict[str, Any]:
+def _train(cfg, out, world, dev, resume, max_steps, progress, on_step, allow_change) -> dict:
     """The body of :func:`train`, run while holding the folder's lock."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     corpus = load_corpus(cfg.data)
     check_evaluable(corpus, seq_len=cfg.data.seq_len)  # before any step, not at the end
+    st = _build_state(cfg, corpus, world, dev)
+    if resume:
+        st.restore(out, allow_change)
+    else:
+        seed_everything(st.cfg.train.seed + 1 + world.rank)
+    start, stop = st.step, min(cfg.train.steps, max_steps or cfg.train.steps)
+    if resume and stop <= start:
+        return _nothing_to_train(out, start, stop)
+    log = MetricsLog(
+        out,
+        enabled=world.is_main,
+        tensorboard=cfg.train.tensorboard,
+        truncate_after=start if resume else 0,
+    )
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(st.cfg), indent=2))
+    hooks = [h for h in (on_step, _injected_crash()) if h is not None]
+    try:
+        with stop_on_signals() as flag:
+            return _loop(st, _RunIO(corpus, log, out, stop, progress, hooks, flag))
+    finally:
+        log.close()
+
+
+def _build_state(cfg: RunConfig, corpus: Corpus, world: World, dev: torch.device) -> TrainerState:
+    """A fresh trainer state at step 0: the model built on ``dev`` and prepared for ``world``,
+    its optimizer, the batcher and one dead-expert tracker per MoE layer."""
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     cfg, model = build_model(cfg, corpus)
-    model = world.prepare(model, cfg)
-    opt = make_optimizer(model, cfg.train)
+    model = world.prepare(model.to(dev), cfg)
     batcher = Batcher(
         corpus,
         batch_size=_global_batch(cfg, world),
@@ -184,31 +207,8 @@ def _train(cfg, out, world, resume, max_steps, progress, on_step, allow_change) 
         metrics.DeadExpertTracker(layer.cfg.num_experts, top_k=layer.cfg.top_k)
         for layer in model.moe_layers
     ]
-    state = (cfg, model, opt, batcher, trackers, world)
-    start = _restore(out, *state, corpus.digest, allow_change) if resume else 0
-    if not resume:
-        seed_everything(cfg.train.seed + 1 + world.rank)
-    stop = min(cfg.train.steps, max_steps or cfg.train.steps)
-    if resume and stop <= start:
-        return _nothing_to_train(out, start, stop)
-    log = MetricsLog(
-        out,
-        enabled=world.is_main,
-        tensorboard=cfg.train.tensorboard,
-        truncate_after=start if resume else 0,
-    )
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    hooks = [h for h in (on_step, _injected_crash()) if h is not None]
-    try:
-        with stop_on_signals() as flag:
-            return _loop(
-                cfg, model, opt, batcher, corpus, trackers, world, log, out, start, stop,
-                progress, hooks, flag, corpus.digest,
-            )  # fmt: skip
-    finally:
-        log.close()
+    opt = make_optimizer(model, cfg.train)
+    return TrainerState(cfg, model, opt, batcher, trackers, world, dev, digest=corpus.digest)
 
 
 def _nothing_to_train(out: Path, start: int, stop: int) -> dict[str, Any]:
@@ -250,71 +250,95 @@ def _global_batch(cfg: RunConfig, world: World) -> int:
     return cfg.train.batch_size
 
 
-def _loop(
-    cfg, model, opt, batcher, corpus, trackers, world, log, out, start, stop, progress, hooks,
-    flag: StopFlag, digest: str,
-) -> dict[str, Any]:  # fmt: skip
+@dataclass
+class _RunIO:
+    """What the loop writes to and listens to, besides the trainer state: the corpus (for
+    evaluation), the metrics log, the run folder, the step to stop at, the progress bar
+    switch, the step hooks and the stop-signal flag."""
+
+    corpus: Corpus
+    log: MetricsLog
+    out: Path
+    stop: int
+    progress: bool
+    hooks: list[StepHook]
+    flag: StopFlag
+
+
+def _loop(st: TrainerState, io: _RunIO) -> dict[str, Any]:
+    """Train ``st`` from ``st.step`` to ``io.stop``: one optimizer step, its row, evaluation
+    and checkpoint when due; a stop signal saves the step and raises ``Interrupted``."""
+    cfg, world, start = st.cfg, st.world, st.step
     tokens_per_step = (
         cfg.train.batch_size
         * cfg.data.seq_len
         * (world.dp_size if cfg.parallel.batch == "per_rank" else 1)
     )
-    bar = _progress(start, stop, progress and world.is_main)
+    bar = _progress(start, io.stop, io.progress and world.is_main)
     t0, last_eval = time.perf_counter(), {}
-    for step in range(start, stop):
-        batch = batcher.batch_at(
+    while st.step < io.stop:
+        step, done = st.step, st.step + 1
+        batch = st.batcher.batch_at(
             step if cfg.parallel.batch == "global" else step * world.dp_size + world.dp_rank
         )
-        batcher.step = step + 1
-        for hook in hooks:
-            hook(step + 1, model)
-        done = step + 1
-        logged = done % cfg.train.log_every == 0 or done == 1 or done == stop
+        st.batcher.step = done
+        for hook in io.hooks:
+            hook(done, st.model)
+        logged = done % cfg.train.log_every == 0 or done == 1 or done == io.stop
         gap = cfg.train.train_eval_gap and logged
-        r = train_step(
-            model, opt, _micro_batches(batch, cfg, world), cfg, world, step, measure_gap=gap
-        )
-        if r.skipped:
-            log.write({"step": done, "skipped": True, "nonfinite": r.nonfinite})
-        else:
-            for tr, c in zip(trackers, r.step_counts(), strict=True):
-                tr.update(c)
+        micro = _micro_batches(batch, cfg, world)
+        r = train_step(st.model, st.opt, micro, cfg, world, step, measure_gap=gap)
+        st.step = done
+        _track(st, r, io.log)
         if not r.skipped and logged:
-            elapsed = time.perf_counter() - t0
-            row = step_row(
-                done,
-                r,
-                model,
-                trackers,
-                lr_at(step, cfg.train),
-                tokens_per_step * done,
-                tokens_per_step * (done - start) / elapsed,
-            )
-            row |= world.extra_stats(r, model)
-            log.write(row)
+            tok_s = tokens_per_step * (done - start) / (time.perf_counter() - t0)
+            row = _row(st, r, tokens_per_step, tok_s)
+            io.log.write(row)
             bar.set_postfix(loss=f"{r.loss:.3f}", maxvio=f"{row.get('maxvio_batch', 0):.2f}")
-        if _due(done, cfg.train.eval_every, stop):
-            last_eval = evaluate(
-                model,
-                corpus,
-                batch_size=cfg.train.batch_size,
-                seq_len=cfg.data.seq_len,
-                max_tokens=cfg.train.eval_max_tokens,
-                world=world,
-            )
-            log.write({"step": done, **last_eval})
-        saved = _due(done, cfg.train.ckpt_every, stop)
+        if _due(done, cfg.train.eval_every, io.stop):
+            last_eval = _evaluate(st, io.corpus)
+            io.log.write({"step": done, **last_eval})
+        saved = _due(done, cfg.train.ckpt_every, io.stop)
         if saved:
-            _save(out, cfg, model, opt, batcher, trackers, world, done, digest)
+            st.save(io.out)
         bar.update(1)
-        if done < stop and _stop_requested(flag, world):
+        if done < io.stop and _stop_requested(io.flag, world):
             if not saved:
-                _save(out, cfg, model, opt, batcher, trackers, world, done, digest)
+                st.save(io.out)
             bar.close()
-            raise Interrupted(flag.signum or signal.SIGTERM, done, out)
+            raise Interrupted(io.flag.signum or signal.SIGTERM, done, io.out)
     bar.close()
-    return _summary(
-        cfg, model, last_eval, stop, tokens_per_step, time.perf_counter() - t0, out, world
+    return _summary(st, io, last_eval, tokens_per_step, time.perf_counter() - t0)
+
+
+def _track(st: TrainerState, r: StepResult, log: MetricsLog) -> None:
+    """A skipped step's row, or the step's counts into the dead-expert trackers (one copy of
+    every layer's counts to the host)."""
+    if r.skipped:
+        log.write({"step": st.step, "skipped": True, "nonfinite": r.nonfinite})
+        return
+    if st.trackers:
+        counts_LE = host.to_cpu(torch.stack(r.step_counts()), "step counts")
+        for tr, c in zip(st.trackers, counts_LE, strict=True):
+            tr.update(c)
+
+
+def _row(st: TrainerState, r: StepResult, tokens_per_step: int, tok_s: float) -> dict:
+    """The logged row of the step just done (the one place per-layer values reach the host)."""
+    done = st.step
+    lr = lr_at(done - 1, st.cfg.train)
+    row = step_row(done, r, st.model, st.trackers, lr, tokens_per_step * done, tok_s)
+    return row | st.world.extra_stats(r, st.model)
+
+
+def _evaluate(st: TrainerState, corpus: Corpus) -> dict[str, Any]:
+    return evaluate(
+        st.model,
+        corpus,
+        batch_size=st.cfg.train.batch_size,
+        seq_len=st.cfg.data.seq_len,
+        max_tokens=st.cfg.train.eval_max_tokens,
+        world=st.world,
     )
 
 
@@ -334,70 +358,27 @@ def _progress(start: int, stop: int, enabled: bool):
     return tqdm(total=stop, initial=start, disable=not enabled, desc="train", dynamic_ncols=True)
 
 
-def _summary(cfg, model, last_eval, stop, tokens_per_step, elapsed, out, world) -> dict:
-    params = model.count_params()
+def _summary(st: TrainerState, io: _RunIO, last_eval: dict, tokens_per_step: int, elapsed):
+    """summary.json (rank 0 writes it): steps, tokens, parameters, seconds, the device the
+    run computed on, and the last evaluation."""
+    params = st.model.count_params()
     summary = {
-        "steps": stop,
-        "tokens": tokens_per_step * stop,
+        "steps": io.stop,
+        "tokens": tokens_per_step * io.stop,
         "params": params["total"],
         "active_params": params["active"],
         "seconds": elapsed,
+        "device": str(st.device),
         **last_eval,
     }
-    if world.is_main:
-        (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    if st.world.is_main:
+        (Path(io.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _save(out, cfg, model, opt, batcher, trackers, world, step, digest: str = "") -> None:
-    """Full (single-process layout) state; every rank checks it is finite, rank 0 writes."""
-    state = {
-        "model": world.full_state_dict(model),
-        "optimizer": world.optimizer_state(opt, model),
-        "batcher": batcher.state_dict(),
-        "trackers": [t.state_dict() for t in trackers],
-        "rng": world.gather_rng(rng_state()),
-        "step": step,
-        "config": to_dict(cfg),
-        "layout": {"world_size": world.world_size, "ep": cfg.parallel.ep},
-        "data_digest": digest,
-    }
-    checkpoint.check_finite(state, step)  # on every rank, so that all of them stop together
-    if world.is_main:
-        checkpoint.save(out, state, step, keep=cfg.train.keep_checkpoints)
-    world.barrier()
-
-
-def _restore(
-    out, cfg, model, opt, batcher, trackers, world, digest: str | None = None, allow_change=()
-) -> int:
-    """Load the latest checkpoint of ``out`` into the run's state; returns its step. Refuses
-    one written for another config or (given the corpus ``digest``) other data
-    (:func:`moelab.runfolder.check_resume`, :func:`moelab.runfolder.check_data`)."""
-    state = checkpoint.load(out)
-    _check_layout(out, cfg, world, state.get("layout"))  # the more specific message first
-    runfolder.check_resume(out, state["config"], to_dict(cfg), allow=allow_change)
-    if digest is not None:
-        runfolder.check_data(out, state.get("data_digest"), digest)
-    world.load_full_state_dict(model, state["model"])
-    world.load_optimizer_state(opt, model, state["optimizer"])
-    batcher.load_state_dict(state["batcher"])
-    for t, s in zip(trackers, state["trackers"], strict=True):
-        t.load_state_dict(s)
-    set_rng_state(world.pick_rng(state["rng"]))
-    return int(state["step"])
-
-
-def _check_layout(out, cfg: RunConfig, world: World, saved: dict | None) -> None:
-    """Checkpoints hold the single-process layout, so any EP size loads (experts re-sharded);
-    with ``parallel.batch = "per_rank"`` the world size sets the batch and must not change."""
-    if saved is None or cfg.parallel.batch != "per_rank" or saved["world_size"] == world.world_size:
-        return
-    raise checkpoint.CheckpointError(
-        f"checkpoint in {str(out)!r} was written by {saved['world_size']} ranks with "
-        f"parallel.batch='per_rank' (batch of {saved['world_size']}x{cfg.train.batch_size} "
-        f"sequences); resume with {saved['world_size']} ranks or start a new --out folder"
-    )
+def _restore(out, cfg, model, opt, batcher, trackers, world, digest=None, allow_change=()) -> int:
+    """Load the latest checkpoint of ``out`` into these objects; returns its step (the
+    :meth:`TrainerState.restore` of a state made of them, for callers that hold the parts)."""
+    st = TrainerState(cfg, model, opt, batcher, trackers, world, device.of(model), digest=digest)
+    st.restore(Path(out), tuple(allow_change))
+    return st.step

@@ -9,6 +9,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from moelab.host import to_host
+
 
 class World(Protocol):
     """What the trainer needs from a process layout."""
@@ -53,11 +55,13 @@ class LocalWorld:
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
         if max_norm <= 0:
-            return (
-                float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
-            )
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
+            norm = torch.norm(torch.stack([p.grad.norm() for p in params]))
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
+        return float(to_host(norm, "gradient norm"))
 
     def mean(self, x: float) -> float:
         return x
@@ -91,8 +95,9 @@ class LocalWorld:
         return {}
 
 
-def make_world(parallel_cfg: Any) -> World:
-    """The torch.distributed world (under torchrun: WORLD_SIZE > 1)."""
+def make_world(parallel_cfg: Any, device: torch.device | None = None) -> World:
+    """The torch.distributed world (under torchrun: WORLD_SIZE > 1) for a run on ``device``
+    (gloo for the CPU, NCCL for CUDA)."""
     from moelab import parallel
 
-    return parallel.DistributedWorld(parallel_cfg)
+    return parallel.DistributedWorld(parallel_cfg, device)

@@ -196,3 +196,26 @@ def test_import_has_no_environment_side_effect_and_the_command_turns_on_huge_pag
     env["THP_MEM_ALLOC_ENABLE"] = "0"  # the user's choice is kept
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip().splitlines()[-1] == "0"
+
+
+def test_eval_and_route_take_a_device(tmp_path):
+    """eval / route load a checkpoint on ``--device`` (default: its train.device); a device
+    that is not there, or a bad spelling, is one line naming the option."""
+    out = tmp_path / "run"
+    run("train", "--config", MICRO, "--out", str(out), "--max-steps", "1", "--quiet",
+        "--set", "train.eval_every=0", "--set", "train.device='cpu'")  # fmt: skip
+    res = json.loads(
+        run("eval", str(out), "--json", "--max-tokens", "256", "--device", "cpu").stdout
+    )
+    assert res["val_loss"] > 0
+    line = _error(run("route", str(out), "--text", "In the", "--device", "gpu", check=False))
+    assert line.startswith("moelab route: error: --device='gpu' is not allowed")
+    if not torch_cuda():
+        line = _error(run("eval", str(out), "--device", "cuda", check=False))
+        assert "--device='cuda' but CUDA is not available" in line
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

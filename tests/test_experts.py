@@ -240,3 +240,96 @@ def test_one_cpu_thread_keeps_the_per_expert_loop():
     chunks, first_E = experts_mod._layout([3, 2, 3, 2], 4, pad=False)
     assert first_E is None and all(c.width == 0 for c in chunks)
     assert [c.width for c in experts_mod._layout([3, 2, 3, 2], 4)[0]] == [3, 3]
+
+
+# ----------------------------------------------------------------------------- grouped GEMM
+
+GD, GF = 16, 32  # 16-byte aligned rows in fp32 and bf16: grouped GEMM can run
+
+
+def _grouped_case(device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Experts (E=6, D=16, F=32) and a routing of 12 tokens with one expert left empty."""
+    torch.manual_seed(3)
+    ex = Experts(E, GD, GF).to(device)
+    T, K = 12, 2
+    x = torch.randn(T, GD, device=device, requires_grad=True)
+    w_TK = torch.rand(T, K, device=device, requires_grad=True)
+    experts_TK = torch.stack([torch.randperm(E - 1)[:K] for _ in range(T)]).to(device)
+    return ex, x, w_TK, experts_TK, dispatch.plan(experts_TK, w_TK, E)
+
+
+def _grouped_vs_loop(ex, x, w_TK, experts_TK, p, dtype, monkeypatch):
+    """(grouped outputs and grads of x, w, w13, w2), (the per-expert loop's, in fp32)."""
+    g = torch.randn_like(x)
+    ws = (x, w_TK, ex.w13_ED2F, ex.w2_EFD)
+    monkeypatch.setattr(experts_mod, "GROUPED_MM", "on")
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        y = ex.forward_tokens(x, p.token_S, p.weight_S, p.kept_E)
+    ref = ex.forward_loop(x, experts_TK, w_TK)
+    return (y.float(), *grads(y.float(), g, *ws)), (ref, *grads(ref, g, *ws))
+
+
+def test_grouped_mm_path_equals_the_per_expert_loop(monkeypatch):
+    """With GROUPED_MM="on" (CPU: torch 2.13 runs grouped GEMM there, though not its autograd
+    formula), forward_tokens runs GroupedMMSwiGLU and equals forward_loop in outputs and in
+    the gradients of x, gate weights and both weight stacks, an empty expert included (its
+    weight gradient is zero)."""
+    ex, x, w_TK, experts_TK, p = _grouped_case()
+    got, want = _grouped_vs_loop(ex, x, w_TK, experts_TK, p, torch.float32, monkeypatch)
+    assert ex._grouped(x, torch.float32)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert int(got[3][E - 1].abs().sum() + got[4][E - 1].abs().sum()) == 0
+
+
+def test_grouped_mm_forward_takes_split_lists_too(monkeypatch):
+    """Experts.forward (the EP path's call, split sizes as a list) on grouped GEMM equals the
+    per-expert GroupedSwiGLU."""
+    ex, x, _, _, p = _grouped_case()
+    x_SD = dispatch.permute(x, p)
+    want = ex(x_SD, p.splits)
+    monkeypatch.setattr(experts_mod, "GROUPED_MM", "on")
+    torch.testing.assert_close(ex(x_SD, p.splits), want, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_mm_runs_only_where_it_can(monkeypatch):
+    """auto: CUDA only; off: never; on: where torch runs it for the dtype and 16-byte aligned
+    rows (D=10 fp32 is not); never with expert dropout in training (the autograd loop)."""
+    ex, x, *_ = _grouped_case()
+    assert not ex._grouped(x, torch.float32)  # auto on the CPU
+    monkeypatch.setattr(experts_mod, "GROUPED_MM", "on")
+    assert ex._grouped(x, torch.float32)
+    assert not experts()._grouped(torch.zeros(2, D), torch.float32)  # D=10: rows not aligned
+    assert not experts_mod.grouped_mm_runs(torch.device("cpu"), torch.float64, 16, 32)
+    dropping = Experts(E, GD, GF, dropout=0.1)
+    assert not dropping._grouped(x, torch.float32)
+    assert dropping.eval()._grouped(x, torch.float32)
+    monkeypatch.setattr(experts_mod, "GROUPED_MM", "off")
+    assert not ex._grouped(x, torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_on_cuda_equals_the_per_expert_loop(dtype, monkeypatch):
+    """On CUDA (GROUPED_MM="auto" takes grouped GEMM where it runs; bf16 must), outputs and
+    gradients equal the fp32 per-expert loop: to 1e-4 in fp32, to 3e-2 in bf16."""
+    ex, x, w_TK, experts_TK, p = _grouped_case("cuda")
+    if dtype == torch.bfloat16:
+        assert experts_mod.grouped_mm_runs(x.device, dtype, GD, GF)
+    got, want = _grouped_vs_loop(ex, x, w_TK, experts_TK, p, dtype, monkeypatch)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_auto_takes_grouped_mm_for_cuda_tensors(monkeypatch):
+    """GROUPED_MM="auto" chooses grouped GEMM for a tensor on CUDA when the probe says it runs
+    there (a stand-in tensor and probe: the branch is checked without a GPU)."""
+    from types import SimpleNamespace
+
+    from moelab import grouped
+
+    monkeypatch.setattr(grouped, "_probe", lambda device_type, dtype: device_type == "cuda")
+    ex = Experts(E, GD, GF)
+    assert ex._grouped(SimpleNamespace(device=torch.device("cuda", 0)), torch.bfloat16)
+    assert not ex._grouped(torch.zeros(1), torch.float32)

@@ -373,3 +373,11 @@ def test_training_under_ep2_matches_one_process_and_checkpoints_cross_layouts(mi
     # The EP=2 checkpoint (single-process layout) resumes in one process.
     train(cfg1, ep_out, resume=True, max_steps=steps, progress=False)
     torch.testing.assert_close(_losses(ep_out), one, rtol=1e-4, atol=0)
+
+
+def test_the_backend_follows_the_run_device():
+    """gloo for a CPU run; on CUDA, NCCL for CUDA tensors and gloo for the CPU ones."""
+    from moelab.parallel import backend_for
+
+    assert backend_for(torch.device("cpu")) == "gloo"
+    assert backend_for(torch.device("cuda", 1)) == "cpu:gloo,cuda:nccl"

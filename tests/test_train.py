@@ -332,3 +332,60 @@ def test_default_outputs_train_end_to_end_and_checkpoint_their_averages(micro_cf
     state = torch.load(next(tmp_path.glob("ckpt-*.pt")), weights_only=False)
     model = state["model"] if "model" in state else state
     assert any(k.endswith("default_ED") for k in model)
+
+
+def test_the_trainer_state_saves_on_the_cpu_and_restores_exactly(micro_cfg, tmp_path):
+    """TrainerState.save writes every tensor on the CPU; restore into a fresh state gives the
+    same weights, optimizer moments, batcher position and step (the state the loop, save and
+    resume share)."""
+    from moelab import checkpoint
+    from moelab.train import _build_state
+    from moelab.world import LocalWorld
+
+    cfg = micro_cfg("train.steps=2", "train.eval_every=0", "train.ckpt_every=2")
+    train(cfg, tmp_path, progress=False)
+    state = checkpoint.load(tmp_path)
+    tensors = [*state["model"].values()]
+    tensors += [t for s in state["optimizer"]["state"].values() for t in s.values()]
+    assert all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
+    corpus = load_corpus(cfg.data)
+    st = _build_state(cfg, corpus, LocalWorld(), torch.device("cpu"))
+    st.restore(tmp_path)
+    assert st.step == 2 and st.batcher.step == state["batcher"]["step"]
+    for k, v in st.model.state_dict().items():
+        assert torch.equal(v, state["model"][k]), k
+    again = st.state_dict()
+    for idx, s in state["optimizer"]["state"].items():
+        for key, t in s.items():
+            assert torch.equal(again["optimizer"]["state"][idx][key], t), (idx, key)
+
+
+def _losses(folder) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_rows(folder / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("first, then", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_a_checkpoint_moves_between_cuda_and_the_cpu(micro_cfg, tmp_path, first, then):
+    """4 steps on one device, a checkpoint, 4 more on the other (train.device may change on
+    resume) log the losses of 8 steps on the CPU to rtol 1e-4 (fp32; the devices' kernels
+    differ in the last bits). Resumed on its own device the run matches its uninterrupted
+    twin: exactly on the CPU, to rtol 1e-5 on CUDA (its atomic index_add sums in no fixed
+    order, so two CUDA runs need not agree in the last bit either)."""
+    sets = ("train.steps=8", "train.eval_every=0", "train.log_every=1")
+    cpu = micro_cfg(*sets, "train.device='cpu'")
+    train(cpu, tmp_path / "ref", progress=False)
+    train(micro_cfg(*sets, f"train.device='{first}'"), tmp_path / "x", max_steps=4, progress=False)
+    train(micro_cfg(*sets, f"train.device='{then}'"), tmp_path / "x", resume=True, progress=False)
+    ref, moved = _losses(tmp_path / "ref"), _losses(tmp_path / "x")
+    assert sorted(moved) == list(range(1, 9))
+    for step, loss in ref.items():
+        assert moved[step] == pytest.approx(loss, rel=1e-4), step
+    same = micro_cfg(*sets, f"train.device='{first}'")
+    train(same, tmp_path / "full", progress=False)
+    train(same, tmp_path / "part", max_steps=4, progress=False)
+    train(same, tmp_path / "part", resume=True, progress=False)
+    full, part = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert sorted(part) == sorted(full)
+    for step, loss in full.items():
+        assert part[step] == pytest.approx(loss, rel=0 if first == "cpu" else 1e-5), step

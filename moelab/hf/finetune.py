@@ -193,7 +193,7 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--freeze-router", action="store_true", help="no gradient to router weights")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens read per --data path")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument(
         "--set",
         dest="overrides",

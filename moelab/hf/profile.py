@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab import metrics
+from moelab.device import resolve as resolve_device
 from moelab.hf.routers import RouterSite, capture_routing, find_routers, model_inputs
 from moelab.hf.status import balancing_status, summary
 from moelab.hf.text import batches, domain_stream, load_domains, model_tokenizer
@@ -81,13 +82,14 @@ def load_model(name_or_path: str, *, device: str = "cpu", dtype: str = "auto") -
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not allowed; choose one of {list(DTYPES)}")
-    check_device(device)
+    check_device(None if device == "auto" else device)
+    dev = resolve_device(device, "--device")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     classes = [_config_class(name_or_path)] + [getattr(transformers, a) for a in AUTO_CLASSES]
     first = None
     for cls in (c for c in classes if c is not None):
         try:
-            return cls.from_pretrained(name_or_path, dtype=torch_dtype).to(device)
+            return cls.from_pretrained(name_or_path, dtype=torch_dtype).to(dev)
         except (OSError, ValueError, KeyError) as exc:
             first = first or exc
     text = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
@@ -95,7 +97,9 @@ def load_model(name_or_path: str, *, device: str = "cpu", dtype: str = "auto") -
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The device a command without ``--device`` uses: ``auto`` (:mod:`moelab.device`: CUDA
+    when available, under torchrun this rank's ``LOCAL_RANK`` GPU)."""
+    return "auto"
 
 
 # ----------------------------------------------------------------------------- accumulation
@@ -389,7 +393,7 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rare-frac", type=float, default=0.1, help="rare: load ≤ this × fair share")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=run_profile)

@@ -81,7 +81,9 @@ def current() -> dict[str, Any]:
     process; the micro run takes a few seconds)."""
     from moelab.train import build_config, train
 
-    cfg = build_config(json.loads(json.dumps(MICRO)), SETS)
+    # On the CPU always: the platform it names is a CPU's, and a GPU's kernels differ in the
+    # last bits (every cached run would look stale on a GPU machine and fresh on a CPU one).
+    cfg = build_config(json.loads(json.dumps(MICRO)), [*SETS, "train.device='cpu'"])
     threads = torch.get_num_threads()
     try:
         with tempfile.TemporaryDirectory(prefix="moelab-fp-") as tmp:
