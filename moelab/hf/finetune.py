@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -106,7 +105,7 @@ def finetune(
     handle = attach(net, balance, from_folder=model, total_steps=cfg.steps)
     handle.freeze_routers(cfg.freeze_router)
     for line in handle.describe():
-        print(f"moelab finetune: {line}", file=sys.stderr)
+        print(f"moelab finetune: {line}")  # what is active: a note, not an error (stdout)
     domains = load_domains(data)
     tokenize = model_tokenizer(model, net.config.vocab_size)
     stream = torch.cat([domain_stream(d, tokenize, cfg.max_tokens) for d in domains])
