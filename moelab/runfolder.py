@@ -60,8 +60,8 @@ RESUMABLE = frozenset(
 # ----------------------------------------------------------------------------- folder checks
 
 
-def check_writable(out: Path) -> None:
-    """Fail before any work if the run folder cannot be created or written."""
+def check_writable(out: Path, what: str = "the run folder ") -> None:
+    """Fail before any work if the folder ``out`` cannot be created or written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -69,8 +69,7 @@ def check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise ValueError(
-            f"cannot write to the run folder {str(out)!r} ({exc.strerror or exc}); "
-            "give a writable --out"
+            f"cannot write to {what}{str(out)!r} ({exc.strerror or exc}); give a writable --out"
         ) from exc
 
 
@@ -111,15 +110,7 @@ def check_output_folder(
         )
     if not create:
         return out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(
-            f"cannot write to {str(out)!r} ({exc.strerror or exc}); give a writable --out"
-        ) from exc
+    check_writable(out, "")
     return out
 
 

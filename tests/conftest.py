@@ -34,3 +34,13 @@ def micro_cfg():
     from moelab.train import load_run_config
 
     return lambda *overrides: load_run_config(str(MICRO), list(overrides))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny models gain nothing from threads; on a busy
+    machine they only contend); the thread count is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,13 +17,7 @@ from moelab.hf.tiny import family_model  # noqa: E402
 L, N = 16, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy machine they only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Seen(transformers.TrainerCallback):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,14 +17,7 @@ from moelab.hf.profile import load_model  # noqa: E402
 from moelab.hf.status import balancing_status  # noqa: E402
 from moelab.hf.tiny import family_model  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy machine they only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_softmax_family_with_hf_aux_on():
