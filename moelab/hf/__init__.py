@@ -12,8 +12,9 @@
   (``LlamaForCausalLM`` when dense), or a one-line refusal naming what Mixtral cannot express.
 
 CLI wiring: ``add_profile_parser(subparsers)`` / ``add_finetune_parser(subparsers)`` add the
-subcommands and set ``func`` to :func:`run_profile` / :func:`run_finetune`; :func:`main` runs
-them as ``python -m moelab.hf {profile,finetune} ...``. See docs/hf.md.
+subcommands and set ``func`` to :func:`run_profile` / :func:`run_finetune`; ``moelab profile``
+and ``moelab finetune`` run them (``python -m moelab.hf ...`` is the same command). See
+docs/hf.md.
 """
 
 from __future__ import annotations
@@ -75,17 +76,11 @@ def __getattr__(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m moelab.hf {profile,finetune} ...``; errors print one line and return 2."""
-    parser = argparse.ArgumentParser(prog="moelab", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_profile_parser(sub)
-    add_finetune_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FloatingPointError) as exc:
-        print(f"moelab {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    """``python -m moelab.hf {profile,finetune} ...``: the ``moelab`` command itself (one parser,
+    one error handler: a failure is one line, ``--debug`` for the traceback)."""
+    from moelab.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 def profile_main(argv: list[str]) -> int:

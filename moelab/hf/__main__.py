@@ -1,4 +1,4 @@
-"""``python -m moelab.hf {profile,finetune} ...`` until moelab.cli wires the subcommands."""
+"""``python -m moelab.hf {profile,finetune} ...``: the same as ``moelab profile|finetune ...``."""
 
 import sys
 
