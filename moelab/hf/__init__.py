@@ -19,9 +19,6 @@ docs/hf.md.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 from moelab.hf.attach import STATE_FILE, BalanceHandle, StepStats, attach, disable_model_aux
 from moelab.hf.export import add_export_parser, export_problems, export_to_hf, run_export
 from moelab.hf.finetune import (
