@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m pytest -q -m "not slow" "$@"
+python -m pytest -q -m "not slow and not sweep" "$@"
 if [ "${MOELAB_SLOW:-0}" = "1" ]; then
   python -m pytest -q -m slow "$@"
 fi
