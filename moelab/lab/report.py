@@ -242,6 +242,11 @@ def findings_markdown(found) -> str:
             if c.get("kind") == "sanity":
                 continue
             lines.append(f"  - `{c['check']}`: {_outcome_text(c)}")
+    ran = {folder for folder, _, _ in found}
+    for name in experiment_names():  # in the suite, never run: say so too
+        if name not in ran:
+            exp = load_experiment(name)
+            lines.append(f"- **{exp.number}. {exp.title}**: not yet run.")
     return "\n".join(lines)
 
 
