@@ -343,11 +343,14 @@ class LabStopped(Interrupted):
 
 
 def _worker_init(stop) -> None:
-    """Pool worker start-up: remember the stop Event; ignore Ctrl-C while idle (a training
-    run installs its own handlers; the parent forwards the stop as SIGTERM)."""
+    """Pool worker start-up: remember the stop Event; ignore Ctrl-C and SIGTERM while idle (a
+    training run installs its own handlers, which finish the step and save; the parent
+    forwards the stop as SIGTERM). A worker forked after the stop would otherwise run the
+    parent's handler, inherited by the fork, and print its traceback."""
     global _STOP
     _STOP = stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _pool_job(cfg, snapshots: int, nproc: int):
