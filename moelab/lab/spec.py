@@ -244,12 +244,7 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
     missing = [k for k in required if k not in d]
     if missing:
         raise ValueError(f"{path.name}: missing {missing} (an experiment needs {required})")
-    hints = typing.get_type_hints(Experiment)
-    for key, value in d.items():
-        if not _fits(hints[key], value):
-            raise ValueError(
-                f"{path.name}: {key}={value!r} is not allowed; expected {_name(hints[key])}"
-            )
+    _check_types(Experiment, d, path.name)
     exp = Experiment(**d, checks=checks, decisive=decisive, options=opts, path=path)
     unknown = [v for v in exp.quick_variants if v not in exp.variants]
     if unknown:
@@ -278,13 +273,19 @@ def _table(cls: type, data: Any, where: str) -> Any:
     missing = [k for k in required if k not in data]
     if missing:
         raise ValueError(f"{where}: missing {missing}")
+    _check_types(cls, data, where)
+    return cls(**data)
+
+
+def _check_types(cls: type, data: dict[str, Any], where: str) -> None:
+    """Every value of ``data`` of the type its field of ``cls`` declares, else one
+    ``ValueError`` naming ``where``, the key and the expected type."""
     hints = typing.get_type_hints(cls)
     for key, value in data.items():
         if not _fits(hints[key], value):
             raise ValueError(
                 f"{where}: {key}={value!r} is not allowed; expected {_name(hints[key])}"
             )
-    return cls(**data)
 
 
 def _name(hint: Any) -> str:
