@@ -28,7 +28,8 @@ SIZES = [2**k for k in range(10, 25, 2)]  # bytes sent by each rank: 1 KiB .. 16
 
 def _setup(steps: int, ep: int, world):
     from moelab.data import Batcher, load_corpus
-    from moelab.train import build_model, load_run_config, make_optimizer
+    from moelab.runconfig import load_run_config
+    from moelab.train import build_model, make_optimizer
 
     cfg = load_run_config("tiny", [f"parallel.ep={ep}", "train.tensorboard=false"])
     corpus = load_corpus(cfg.data)
@@ -39,7 +40,8 @@ def _setup(steps: int, ep: int, world):
 
 
 def _step_times(cfg, model, opt, batcher, world, steps: int) -> list[float]:
-    from moelab.train import _micro_batches, train_step
+    from moelab.step import train_step
+    from moelab.train import _micro_batches
 
     times = []
     for step in range(steps + 1):  # the first step warms up
@@ -100,7 +102,7 @@ def _worker(rank: int, port: int, steps: int, q) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     from moelab.parallel import DistributedWorld
-    from moelab.train import ParallelConfig
+    from moelab.runconfig import ParallelConfig
 
     res = {}
     for ep in (2, 1):

@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from moelab import device as device_mod  # noqa: E402
 from moelab.logs import read_rows  # noqa: E402
-from moelab.train import load_run_config, train  # noqa: E402
+from moelab.runconfig import load_run_config  # noqa: E402
+from moelab.train import train  # noqa: E402
 
 TOLERANCE = {"fp32": 0.01, "bf16": 0.02}  # |Δloss| / loss at the last step, against the ref
 

@@ -18,7 +18,9 @@ import torch
 
 from moelab.cli import enable_huge_pages
 from moelab.data import Batcher, load_corpus
-from moelab.train import build_model, load_run_config, make_optimizer, train_step
+from moelab.runconfig import load_run_config
+from moelab.step import train_step
+from moelab.train import build_model, make_optimizer
 from moelab.world import LocalWorld
 
 

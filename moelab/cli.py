@@ -66,7 +66,7 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from moelab.train import load_run_config
+    from moelab.runconfig import load_run_config
 
     overrides = list(args.overrides)
     if getattr(args, "data", None):
@@ -152,7 +152,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from moelab.train import PRESETS, preset_names
+    from moelab.runconfig import PRESETS, preset_names
 
     for name in preset_names():
         first = (PRESETS / f"{name}.toml").read_text().splitlines()[0].lstrip("# ")

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moelab.config import to_dict
-from moelab.train import RunConfig, load_run_config, train
+from moelab.runconfig import RunConfig, load_run_config
+from moelab.train import train
 
 DENSE_PRESET = "dense-tiny"
 REQUEST_FILE = "demo_request.json"

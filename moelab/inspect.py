@@ -35,7 +35,7 @@ def load_trained(
     data: evaluate on other text (the tokenizer is retrained only if the sources differ, so
     prefer the run's own data; other text changes the vocabulary and is refused).
     """
-    from moelab.train import build_config
+    from moelab.runconfig import build_config
 
     state = checkpoint.load(path)
     cfg = build_config(state["config"])

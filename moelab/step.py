@@ -1,6 +1,6 @@
 """One optimizer step of the trainer: forward/backward over the micro-batches (gradient
 accumulation), gradient sync and clipping, the LR schedule, the update, and what the step
-measured (``StepResult``). ``moelab.train`` runs it in its loop and re-exports these names.
+measured (``StepResult``). ``moelab.train`` runs it in its loop.
 """
 
 from __future__ import annotations

@@ -32,24 +32,10 @@ from moelab.data import Batcher, Corpus, load_corpus
 from moelab.evaluate import check_evaluable, evaluate
 from moelab.logs import MetricsLog, step_row
 from moelab.model import MoELM
-from moelab.runconfig import (  # noqa: F401 - re-exported: moelab.train is the public entry
-    PRESETS,
-    ParallelConfig,
-    RunConfig,
-    TrainConfig,
-    build_config,
-    load_config_dict,
-    load_run_config,
-    preset_names,
-)
+from moelab.runconfig import RunConfig, TrainConfig
 from moelab.signals import Interrupted, StopFlag, stop_on_signals
 from moelab.state import TrainerState
-from moelab.step import (  # noqa: F401 - re-exported: the step is part of the trainer
-    NonFiniteError,
-    StepResult,
-    lr_at,
-    train_step,
-)
+from moelab.step import StepResult, lr_at, train_step
 from moelab.world import LocalWorld, World, make_world
 
 # ----------------------------------------------------------------------------- setup

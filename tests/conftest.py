@@ -31,7 +31,7 @@ def _cache(tmp_path_factory):
 @pytest.fixture
 def micro_cfg():
     """A function building the micro RunConfig with ``--set`` style overrides."""
-    from moelab.train import load_run_config
+    from moelab.runconfig import load_run_config
 
     return lambda *overrides: load_run_config(str(MICRO), list(overrides))
 

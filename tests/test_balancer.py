@@ -179,7 +179,7 @@ def test_a_bias_on_a_method_that_ignores_it_is_refused(method):
     with pytest.raises(ValueError, match="balance.bias_rate.*router.method") as info:
         moelab.MoELayer(cfg)
     assert "\n" not in str(info.value)
-    from moelab.train import build_config
+    from moelab.runconfig import build_config
 
     sets = [f"model.moe.router.method='{method}'", "model.moe.balance.bias_rate=0.001"]
     with pytest.raises(ValueError, match="balance.bias_rate.*router.method"):

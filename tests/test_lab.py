@@ -437,7 +437,8 @@ def test_leakage_reports_synthetic_nats_per_char_against_the_bound(tmp_path):
     from pathlib import Path
 
     from moelab.lab import analysis
-    from moelab.train import load_run_config, train
+    from moelab.runconfig import load_run_config
+    from moelab.train import train
 
     micro = Path(__file__).parent / "fixtures" / "micro.toml"
     sets = ["train.steps=3", "train.eval_every=0", "train.log_every=1",
@@ -454,7 +455,7 @@ def test_run_key_ignores_defaults_and_a_hit_checks_the_config(tmp_path):
     """The cache key hashes only non-default fields (so a field added with a default keeps
     every key), and a cached folder counts only if its config.json is the requested config."""
     from moelab.lab import runner
-    from moelab.train import build_config, load_config_dict
+    from moelab.runconfig import build_config, load_config_dict
 
     base = load_config_dict("tiny")
     cfg = build_config(base, ["train.steps=5"])

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from moelab import cli
 from moelab.config import to_dict
 from moelab.lab.spec import EXPERIMENTS
-from moelab.train import RunConfig, build_model, load_run_config
+from moelab.runconfig import RunConfig, load_run_config
+from moelab.train import build_model
 
 MICRO = str(Path(__file__).parent / "fixtures" / "micro.toml")
 TRACE_FORMAT = "moelab-routing-trace/1"

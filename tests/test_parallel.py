@@ -61,7 +61,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 def _ep_layer_worker(rank: int, ep: int, capacity: float, aux_scope: str, steps: int) -> dict:
     """One forward/backward on this rank's shard, grads synced; then ``steps`` bias updates."""
     from moelab.parallel import DistributedWorld
-    from moelab.train import ParallelConfig
+    from moelab.runconfig import ParallelConfig
 
     cfg = _layer_cfg(capacity, aux_scope)
     world = DistributedWorld(ParallelConfig(ep=ep, timeout_s=30))
@@ -177,7 +177,7 @@ def _composition_worker(rank: int) -> dict:
     """After prepare: what the layer is made of (no class swap, no side-channel attributes)."""
     from moelab.ep import AllToAllDispatcher
     from moelab.parallel import DistributedWorld
-    from moelab.train import ParallelConfig
+    from moelab.runconfig import ParallelConfig
 
     cfg = _layer_cfg(0.0, "global")
     world = DistributedWorld(ParallelConfig(ep=2, timeout_s=30))
@@ -205,7 +205,7 @@ def test_prepare_composes_the_ep_dispatcher_into_a_plain_layer():
 def _quantile_worker(rank: int) -> torch.Tensor:
     """One Quantile Balancing step under EP=2: the bias after end_step."""
     from moelab.parallel import DistributedWorld
-    from moelab.train import ParallelConfig
+    from moelab.runconfig import ParallelConfig
 
     cfg = dataclasses.replace(_layer_cfg(0.0, "micro"), balance=BalanceConfig(bias_rule="quantile"))
     world = DistributedWorld(ParallelConfig(ep=2, timeout_s=30))
@@ -239,7 +239,7 @@ def test_quantile_prices_are_averaged_over_the_data_ranks():
 def _refusal_worker(rank: int) -> list[str]:
     """Three bad starts in a row; every rank must refuse each with the same clear message."""
     from moelab.parallel import DistributedWorld
-    from moelab.train import ParallelConfig
+    from moelab.runconfig import ParallelConfig
 
     messages = []
     try:
@@ -274,7 +274,7 @@ def test_bad_layouts_and_mismatched_configs_are_refused_at_start():
 def _failing_peer_worker(rank: int, mode: str) -> float:
     """Rank 1 dies (exits) or hangs (sleeps); rank 0 runs collectives and reports the error."""
     from moelab.parallel import DistributedWorld
-    from moelab.train import ParallelConfig
+    from moelab.runconfig import ParallelConfig
 
     world = DistributedWorld(ParallelConfig(ep=2, timeout_s=5))
     world.barrier()
@@ -311,7 +311,8 @@ def test_dead_or_hung_peer_fails_with_a_clear_error_within_the_timeout(mode):
 
 
 def _train_worker(rank: int, cfg_dict: dict, out: str, steps: int) -> list[float]:
-    from moelab.train import build_config, train
+    from moelab.runconfig import build_config
+    from moelab.train import train
 
     train(build_config(cfg_dict), out, max_steps=steps, progress=False)
     return []

@@ -38,7 +38,9 @@ from ranks import spawn, values
 from moelab import checkpoint
 from moelab.checkpoint import CheckpointError
 from moelab.logs import read_rows
-from moelab.train import NonFiniteError, load_run_config, train
+from moelab.runconfig import load_run_config
+from moelab.step import NonFiniteError
+from moelab.train import train
 
 MICRO = Path(__file__).parent / "fixtures" / "micro.toml"
 GOLDEN = Path(__file__).parent / "golden" / "micro_losses.json"

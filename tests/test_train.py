@@ -11,12 +11,8 @@ import torch
 
 from moelab.data import load_corpus
 from moelab.logs import read_rows
-from moelab.train import (
-    build_model,
-    load_run_config,
-    preset_names,
-    train,
-)
+from moelab.runconfig import load_run_config, preset_names
+from moelab.train import build_model, train
 
 
 def test_short_run_loss_falls_and_logs_are_complete(micro_cfg, tmp_path):

@@ -23,8 +23,8 @@ from moelab.inspect import load_trained
 from moelab.lab import plots
 from moelab.lab.runner import collect, route_stream, run_computation_batch, val_stream
 from moelab.logs import read_rows
+from moelab.runconfig import build_config
 from moelab.runs import sampling_maxvio
-from moelab.train import build_config
 
 Runs = dict[str, list[Path]]
 

@@ -79,7 +79,8 @@ def platform_id() -> dict[str, str]:
 def current() -> dict[str, Any]:
     """Today's fingerprint: ``{"digest", "losses", "counts", "platform"}`` (computed once per
     process; the micro run takes a few seconds)."""
-    from moelab.train import build_config, train
+    from moelab.runconfig import build_config
+    from moelab.train import train
 
     # On the CPU always: the platform it names is a CPU's, and a GPU's kernels differ in the
     # last bits (every cached run would look stale on a GPU machine and fresh on a CPU one).

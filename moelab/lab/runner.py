@@ -33,7 +33,8 @@ from moelab.config import to_dict
 from moelab.inspect import load_trained
 from moelab.lab import fingerprint, stats
 from moelab.logs import read_rows
-from moelab.train import RunConfig, build_config, train
+from moelab.runconfig import RunConfig, build_config
+from moelab.train import train
 
 CACHE = Path("runs/lab/cache")
 

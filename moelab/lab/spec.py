@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from moelab.config import load_toml
 from moelab.lab import stats
-from moelab.train import RunConfig, build_config, load_config_dict
+from moelab.runconfig import RunConfig, build_config, load_config_dict
 
 # The suite ships with the package (package data), so an installed moelab finds it too; any
 # other experiment file is given by its path (``moelab lab run path/to/mine.toml``).
