@@ -493,6 +493,11 @@ class MoEConfig:
         check_range("moe.d_shared", self.d_shared, lo=0)
         check_range("moe.expert_dropout", self.expert_dropout, lo=0, hi=1, hi_open=True)
         check_range("moe.init_std", self.init_std, lo=0)
+        self._check_router()
+        self._check_balance_needs()
+
+    def _check_router(self) -> None:
+        """Group-limited routing fits the experts; top-1 with renormalised weights is warned."""
         r = self.router
         if self.num_experts % r.num_groups:
             raise ValueError(
@@ -511,8 +516,12 @@ class MoEConfig:
                 "moe.top_k=1 with router.normalize=true: each token's gate weight is exactly 1, "
                 "so the router gets no gradient from the LM loss (only from balance terms); "
                 "set router.normalize=false to scale the expert output by p_i as Switch does",
-                stacklevel=2,
+                stacklevel=3,
             )
+
+    def _check_balance_needs(self) -> None:
+        """Balance terms that need a particular router (learned noise, ReLU gates) or layout."""
+        r = self.router
         if self.balance.load_coef > 0 and r.noise != "learned":
             raise ValueError(
                 "balance.load_coef > 0 (Shazeer's smooth load loss) needs "

@@ -10,7 +10,6 @@ trains what is missing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -147,39 +146,3 @@ def _intro(preset: str, steps: int, quick: bool, seed: int, total_s: float) -> s
         f"Training took {total_s:.0f} s of wall time in all (runs of earlier invocations "
         "included)."
     )
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    html, md = run_demo(
-        args.out,
-        steps=args.steps if args.steps else (3 if args.quick else DEFAULT_STEPS),
-        quick=args.quick,
-        preset=args.config,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
-    print(f"report: {html}\n        {md}")
-    return 0
-
-
-def add_demo_parser(subparsers) -> None:
-    """Add ``moelab demo`` to the CLI (plugin hook used by moelab.cli)."""
-    p = subparsers.add_parser(
-        "demo",
-        help="train no-balancing / aux-loss / loss-free / dense and write a report",
-        description="Train the same small MoE without balancing, with the Switch aux loss "
-        "and with loss-free bias balancing, plus the dense twin; write OUT/report.html "
-        "(self-contained) and OUT/report.md with plots. Finished runs are skipped on rerun.",
-    )
-    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=0,
-        help=f"optimizer steps per run (default {DEFAULT_STEPS}; --quick: 3)",
-    )
-    p.add_argument("--quick", action="store_true", help="a few tiny steps each (tests, CI)")
-    p.add_argument("--config", default="tiny", help="MoE preset or TOML (default: tiny)")
-    p.add_argument("--seed", type=int, default=0, help="seed shared by all runs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)

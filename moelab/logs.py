@@ -7,9 +7,12 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moelab import metrics
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class MetricsLog:
@@ -107,16 +110,23 @@ def step_row(step: int, r, model, trackers, lr: float, tokens: int, tok_s: float
     layers = model.moe_layers
     if not layers:
         return row
+    counts = r.step_counts()
+    row |= _load_stats(r, counts, layers, trackers)
+    row |= _routing_stats(r.moe_stats, len(layers))
+    return row | _router_stats(layers, counts)
+
+
+def _load_stats(r, counts: list[Tensor], layers, trackers) -> dict[str, Any]:
+    """Per-layer load of the step's counts (E,) and micro-batch counts, and balancer state."""
     n_micro = len(r.micro_counts)
     mv = [
         sum(float(metrics.max_violation(mc[i])) for mc in r.micro_counts) / n_micro
         for i in range(len(layers))
     ]
-    counts = r.step_counts()
     balance = [layer.balancer.stats() for layer in layers]
     total_slots = sum(int(c.sum()) for c in counts)
     mv_step = [float(metrics.max_violation(c)) for c in counts]
-    row |= {
+    row = {
         "maxvio_batch": sum(mv) / len(mv),
         "maxvio_batch_layers": mv,
         "maxvio_step": sum(mv_step) / len(mv_step),
@@ -133,18 +143,23 @@ def step_row(step: int, r, model, trackers, lr: float, tokens: int, tok_s: float
         "expert_grad_norm_layers": [[round(float(g), 6) for g in e] for e in r.expert_grad_norms],
     }
     row["dead"] = sum(row["dead_layers"])
-    row |= _routing_stats(r.moe_stats, len(layers))
-    sims = [metrics.router_similarity(layer.router.weight) for layer in layers]
-    row["router_cos_mean_layers"] = [s.mean for s in sims]
-    row["router_cos_max_layers"] = [s.max for s in sims]
-    quarter = [max(1, layer.cfg.num_experts // 4) for layer in layers]
-    row["top_quarter_share_layers"] = [
-        float(metrics.top_n_share(c, n)) for c, n in zip(counts, quarter, strict=True)
-    ]
     for key in ("l1_coef", "null_bias"):
         if key in balance[0]:
             row[f"{key}_layers"] = [b[key] for b in balance]
     return row
+
+
+def _router_stats(layers, counts: list[Tensor]) -> dict[str, Any]:
+    """Router weight similarity (cosine between experts' rows) and the top-quarter load share."""
+    sims = [metrics.router_similarity(layer.router.weight) for layer in layers]
+    quarter = [max(1, layer.cfg.num_experts // 4) for layer in layers]
+    return {
+        "router_cos_mean_layers": [s.mean for s in sims],
+        "router_cos_max_layers": [s.max for s in sims],
+        "top_quarter_share_layers": [
+            float(metrics.top_n_share(c, n)) for c, n in zip(counts, quarter, strict=True)
+        ],
+    }
 
 
 def _routing_stats(moe_stats: list, n_layers: int) -> dict[str, Any]:

@@ -23,7 +23,6 @@ come from ``save_traces`` (or ``--from-run RUN``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -411,64 +410,55 @@ def _plot(rows: list[EPResult], path: Path) -> None:
     plt.close(fig)
 
 
-def add_simulate_ep_parser(subparsers: argparse._SubParsersAction) -> None:
-    """``moelab simulate-ep TRACE --out DIR``."""
-    p = subparsers.add_parser(
-        "simulate-ep",
-        help="simulate expert parallelism (1-256 devices) on saved routing traces",
-        description="Per-device load, MaxVio, straggler factor and all-to-all bytes for EP "
-        "sizes 1..256, contiguous vs rebalanced (EPLB-style) placement.",
-    )
-    p.add_argument("trace", help="routing trace file (.pt from save_traces / --from-run)")
-    p.add_argument("--out", required=True, help="folder for simulate_ep.{md,json,png}")
-    p.add_argument(
-        "--from-run", metavar="RUN", help="first trace this run folder or checkpoint into TRACE"
-    )
-    p.add_argument("--tokens", type=int, default=8192, help="tokens to trace (--from-run)")
-    p.add_argument(
-        "--ep-sizes",
-        default=",".join(map(str, DEFAULT_EP_SIZES)),
-        help="comma-separated device counts (default 1..256, powers of two)",
-    )
-    p.add_argument("--redundant", type=int, default=1, help="extra replicas per device")
-    p.add_argument("--bytes-per-elt", type=int, default=2, help="activation bytes (bf16: 2)")
-    p.set_defaults(func=cmd_simulate_ep)
-
-
 SIMULATE_EP_FILES = ("simulate_ep.json", "simulate_ep.md", "simulate_ep.png")
 
 
-def _check_args(args: argparse.Namespace) -> tuple[int, ...]:
-    """The EP sizes of ``--ep-sizes``; every numeric flag and ``--out`` checked before work."""
+def check_options(
+    trace: str,
+    out: str,
+    *,
+    ep_sizes: str,
+    redundant: int,
+    tokens: int,
+    bytes_per_elt: int,
+    from_run: str | None,
+) -> tuple[int, ...]:
+    """The EP sizes of ``ep_sizes`` ("1,2,4"); every option and ``out`` checked before work."""
     from moelab.runfolder import check_output_folder
 
     try:
-        sizes = tuple(int(s) for s in args.ep_sizes.split(","))
+        sizes = tuple(int(s) for s in ep_sizes.split(","))
     except ValueError:
-        raise ValueError(f"--ep-sizes={args.ep_sizes!r}: give integers like 1,2,4") from None
-    if not sizes or min(sizes) < 1 or args.redundant < 0 or args.tokens < 1:
+        raise ValueError(f"--ep-sizes={ep_sizes!r}: give integers like 1,2,4") from None
+    if not sizes or min(sizes) < 1 or redundant < 0 or tokens < 1:
         raise ValueError("--ep-sizes must be >= 1, --redundant >= 0 and --tokens >= 1")
-    if args.bytes_per_elt < 1:
-        raise ValueError(f"--bytes-per-elt {args.bytes_per_elt} is out of range; allowed: >= 1")
-    if args.from_run and Path(args.trace).exists():  # re-tracing replaces only a trace
-        load_traces(args.trace)
-    if not args.from_run and not Path(args.trace).is_file():
-        load_traces(args.trace)  # the missing input is named before the output is checked
-    check_output_folder(args.out, "simulate-ep", SIMULATE_EP_FILES, keep=(args.trace,))
+    if bytes_per_elt < 1:
+        raise ValueError(f"--bytes-per-elt {bytes_per_elt} is out of range; allowed: >= 1")
+    if from_run and Path(trace).exists():  # re-tracing replaces only a trace
+        load_traces(trace)
+    if not from_run and not Path(trace).is_file():
+        load_traces(trace)  # the missing input is named before the output is checked
+    check_output_folder(out, "simulate-ep", SIMULATE_EP_FILES, keep=(trace,))
     return sizes
 
 
-def cmd_simulate_ep(args: argparse.Namespace) -> int:
-    sizes = _check_args(args)
-    trace = (
-        save_traces(args.from_run, args.trace, tokens=args.tokens)
-        if args.from_run
-        else load_traces(args.trace)
-    )
-    rows = simulate_ep(trace, sizes, rebalance=False, bytes_per_elt=args.bytes_per_elt)
+def simulate_to_folder(
+    trace: str,
+    out: str,
+    sizes: tuple[int, ...],
+    *,
+    redundant: int = 1,
+    bytes_per_elt: int = 2,
+    from_run: str | None = None,
+    tokens: int = 8192,
+) -> Path:
+    """``moelab simulate-ep``: contiguous and rebalanced placement at every EP size in ``sizes``
+    (tracing ``from_run`` into ``trace`` first when given) -> ``out/simulate_ep.{md,json,png}``;
+    returns the Markdown file."""
+    routing = save_traces(from_run, trace, tokens=tokens) if from_run else load_traces(trace)
+    rows = simulate_ep(routing, sizes, rebalance=False, bytes_per_elt=bytes_per_elt)
     rows += simulate_ep(
-        trace, sizes, rebalance=True, redundant=args.redundant, bytes_per_elt=args.bytes_per_elt
+        routing, sizes, rebalance=True, redundant=redundant, bytes_per_elt=bytes_per_elt
     )
-    write_report(rows, args.out, trace)
-    print((Path(args.out) / "simulate_ep.md").read_text())
-    return 0
+    write_report(rows, out, routing)
+    return Path(out) / "simulate_ep.md"

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from moelab.lab import add_lab_parser
+from moelab.cli import build_parser
 from moelab.lab.spec import (
     EXPERIMENTS,
     VERDICTS,
@@ -24,9 +24,7 @@ REQUIRED = {"name", "claim", "verdict", "measured", "paper", "batch_tokens",
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    add_lab_parser(p.add_subparsers(dest="cmd"))
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def test_list_shows_every_experiment(capsys):

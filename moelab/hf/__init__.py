@@ -11,24 +11,16 @@
 - :func:`export_to_hf` / ``moelab export``: a trained moelab LM as ``MixtralForCausalLM``
   (``LlamaForCausalLM`` when dense), or a one-line refusal naming what Mixtral cannot express.
 
-CLI wiring: ``add_profile_parser(subparsers)`` / ``add_finetune_parser(subparsers)`` add the
-subcommands and set ``func`` to :func:`run_profile` / :func:`run_finetune`; ``moelab profile``
-and ``moelab finetune`` run them (``python -m moelab.hf ...`` is the same command). See
-docs/hf.md.
+The command line (``moelab profile|finetune|export``) is defined in :mod:`moelab.cli`;
+``python -m moelab.hf ...`` is the same command. See docs/hf.md.
 """
 
 from __future__ import annotations
 
 from moelab.hf.attach import STATE_FILE, BalanceHandle, StepStats, attach, disable_model_aux
-from moelab.hf.export import add_export_parser, export_problems, export_to_hf, run_export
-from moelab.hf.finetune import (
-    FinetuneConfig,
-    add_finetune_parser,
-    balance_from_overrides,
-    finetune,
-    run_finetune,
-)
-from moelab.hf.profile import add_profile_parser, load_model, profile, profile_model, run_profile
+from moelab.hf.export import export_problems, export_run, export_to_hf
+from moelab.hf.finetune import FinetuneConfig, balance_from_overrides, finetune
+from moelab.hf.profile import load_model, profile, profile_model
 from moelab.hf.routers import NoMoERouterError, RouterSite, capture_routing, find_routers, select
 
 __all__ = [
@@ -39,14 +31,12 @@ __all__ = [
     "NoMoERouterError",
     "RouterSite",
     "StepStats",
-    "add_export_parser",
-    "add_finetune_parser",
-    "add_profile_parser",
     "attach",
     "balance_from_overrides",
     "capture_routing",
     "disable_model_aux",
     "export_problems",
+    "export_run",
     "export_to_hf",
     "find_routers",
     "finetune",
@@ -56,9 +46,6 @@ __all__ = [
     "profile_model",
     "profile_main",
     "finetune_main",
-    "run_export",
-    "run_finetune",
-    "run_profile",
     "select",
 ]
 

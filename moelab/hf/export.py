@@ -23,7 +23,6 @@ What Mixtral cannot express is refused with one line naming every difference
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +56,12 @@ def export_problems(model: MoELM) -> list[str]:
             f"{cfg.first_dense}, model.moe_every={cfg.moe_every}); Mixtral has an MoE FFN in "
             "every layer"
         )
-    m = cfg.moe
-    r = m.router
+    return problems + _router_problems(cfg.moe.router) + _moe_problems(cfg.moe, model)
+
+
+def _router_problems(r) -> list[str]:
+    """Router settings Mixtral's plain softmax top-k linear gate cannot express."""
+    problems: list[str] = []
     if r.method != "topk":
         problems.append(f"router.method={r.method!r}; Mixtral routes by token-choice top-k only")
     if r.score != "softmax":
@@ -75,15 +78,22 @@ def export_problems(model: MoELM) -> list[str]:
     ):
         if value != off:
             problems.append(f"router.{name}={value!r}; Mixtral's router is a plain linear gate")
-    if m.null_experts:
-        problems.append(f"moe.null_experts={m.null_experts}; Mixtral has no null experts")
-    if m.hash_layers:
-        problems.append(f"moe.hash_layers={m.hash_layers}; Mixtral has no hash-routed layers")
     if r.num_groups > 1 and r.topk_groups < r.num_groups:
         problems.append(
             f"group-limited routing (router.num_groups={r.num_groups}, router.topk_groups="
             f"{r.topk_groups}); Mixtral picks the top-k over all experts"
         )
+    return problems
+
+
+def _moe_problems(m, model: MoELM) -> list[str]:
+    """MoE-layer features (null, hash, shared experts, inference dropping, a live selection
+    bias) that Mixtral has no counterpart for."""
+    problems: list[str] = []
+    if m.null_experts:
+        problems.append(f"moe.null_experts={m.null_experts}; Mixtral has no null experts")
+    if m.hash_layers:
+        problems.append(f"moe.hash_layers={m.hash_layers}; Mixtral has no hash-routed layers")
     if m.num_shared:
         problems.append(
             f"{m.num_shared} shared expert(s) (moe.num_shared); Mixtral has no shared experts"
@@ -301,33 +311,18 @@ def export_to_hf(model_or_run_folder: Any, out_dir: str | Path, *, verify: bool 
     return out
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``export`` to a CLI's subparsers; the parser's default ``func`` is run_export."""
-    p = subparsers.add_parser(
-        "export", help="export a trained run as a transformers model (Mixtral / Llama)"
-    )
-    p.add_argument("run", help="run folder (its latest checkpoint) or a ckpt-*.pt file")
-    p.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
-    p.add_argument("--no-verify", action="store_true", help="skip the logits check before writing")
-    p.set_defaults(func=run_export)
-    return p
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """Run ``moelab export`` from parsed arguments; prints what was written, returns 0."""
+def export_run(run: str, out: str, *, verify: bool = True) -> str:
+    """``moelab export``: a run folder or checkpoint -> ``out`` (checked first); returns the
+    one summary line (step, parameters, architecture, folder)."""
     from transformers.utils import logging as hf_logging
 
     from moelab.inspect import load_trained
     from moelab.runfolder import check_model_folder
 
     hf_logging.disable_progress_bar()  # keep the CLI's output to the one summary line
-    check_model_folder(args.out, "export")
-    run = load_trained(args.run)
-    out = export_to_hf(run, args.out, verify=not args.no_verify)
-    arch = "MixtralForCausalLM" if run.model.cfg.moe is not None else "LlamaForCausalLM"
-    n = sum(p.numel() for p in run.model.parameters())
-    print(f"exported step {run.step} ({n} parameters) as {arch} -> {out}")
-    return 0
+    check_model_folder(out, "export")
+    trained = load_trained(run)
+    path = export_to_hf(trained, out, verify=verify)
+    arch = "MixtralForCausalLM" if trained.model.cfg.moe is not None else "LlamaForCausalLM"
+    n = sum(p.numel() for p in trained.model.parameters())
+    return f"exported step {trained.step} ({n} parameters) as {arch} -> {path}"

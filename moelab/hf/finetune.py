@@ -12,7 +12,6 @@ Shape legend: B sequences, L sequence length.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -101,144 +100,80 @@ def finetune(
     balance = balance or balance_from_overrides([])
     torch.manual_seed(cfg.seed)
     net = load_model(model, device=device or default_device(), dtype="float32")
-    dev = next(net.parameters()).device
     handle = attach(net, balance, from_folder=model, total_steps=cfg.steps)
     handle.freeze_routers(cfg.freeze_router)
     for line in handle.describe():
         print(f"moelab finetune: {line}")  # what is active: a note, not an error (stdout)
-    domains = load_domains(data)
     tokenize = model_tokenizer(model, net.config.vocab_size)
-    stream = torch.cat([domain_stream(d, tokenize, cfg.max_tokens) for d in domains])
+    stream = torch.cat([domain_stream(d, tokenize, cfg.max_tokens) for d in load_domains(data)])
     windows = random_windows(stream, cfg.seq_len, cfg.batch_size, cfg.seed)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(
-        out / "finetune_config.json",
-        {
-            "model": str(model),
-            "data": [str(p) for p in data],
-            "finetune": asdict(cfg),
-            "balance": to_dict(balance),
-        },
-    )
-    rows, tokens = [], 0
+    settings = {"model": str(model), "data": [str(p) for p in data], "finetune": asdict(cfg)}
+    write_json(out / "finetune_config.json", settings | {"balance": to_dict(balance)})
+    rows: list[dict[str, Any]] = []
     net.train()
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as log:
         for step in range(cfg.steps):
-            t0 = time.perf_counter()
-            lm_sum = aux_sum = 0.0
-            for _ in range(cfg.grad_accum):
-                ids_BL = next(windows).to(dev)
-                lm_loss = net(input_ids=ids_BL, labels=ids_BL, use_cache=False).loss
-                if lm_loss is None:
-                    raise ValueError(
-                        f"{type(net).__name__} returns no LM loss; finetune needs a causal-LM, "
-                        "seq2seq or image-text-to-text checkpoint"
-                    )
-                aux = handle.aux_loss()
-                ((lm_loss + aux) / cfg.grad_accum).backward()
-                lm_sum += lm_loss.item()
-                aux_sum += aux.item()
-                tokens += ids_BL.numel()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            stats = handle.end_step()
-            row = {
-                "step": step + 1,
-                "loss": lm_sum / cfg.grad_accum,
-                "aux_loss": aux_sum / cfg.grad_accum,
-                "maxvio": stats.maxvio,
-                "maxvio_layers": stats.maxvio_layers,
-                "bias_rate": stats.bias_rate,
-                "aux_coef": stats.aux_coef,
-                "tokens": tokens,
-                "step_s": time.perf_counter() - t0,
-            }
+            row = {"step": step + 1} | _step(net, handle, opt, params, windows, cfg)
+            row["tokens"] += rows[-1]["tokens"] if rows else 0  # cumulative
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(f"step {step + 1}: loss is {row['loss']}; lower --lr")
             log.write(json.dumps(row) + "\n")
             log.flush()
             rows.append(row)
+    _save(net, handle, model, out)
+    return rows
+
+
+def _step(net, handle, opt, params, windows: Iterator[Tensor], cfg: FinetuneConfig) -> dict:
+    """One optimizer step of ``cfg.grad_accum`` micro-batches (LM loss + moelab balance loss,
+    then the balancer's end of step); its metric row without the step number."""
+    t0 = time.perf_counter()
+    dev = next(net.parameters()).device
+    lm_sum = aux_sum = 0.0
+    tokens = 0
+    for _ in range(cfg.grad_accum):
+        ids_BL = next(windows).to(dev)
+        lm_loss = net(input_ids=ids_BL, labels=ids_BL, use_cache=False).loss
+        if lm_loss is None:
+            raise ValueError(
+                f"{type(net).__name__} returns no LM loss; finetune needs a causal-LM, "
+                "seq2seq or image-text-to-text checkpoint"
+            )
+        aux = handle.aux_loss()
+        ((lm_loss + aux) / cfg.grad_accum).backward()
+        lm_sum += lm_loss.item()
+        aux_sum += aux.item()
+        tokens += ids_BL.numel()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    stats = handle.end_step()
+    return {
+        "loss": lm_sum / cfg.grad_accum,
+        "aux_loss": aux_sum / cfg.grad_accum,
+        "maxvio": stats.maxvio,
+        "maxvio_layers": stats.maxvio_layers,
+        "bias_rate": stats.bias_rate,
+        "aux_coef": stats.aux_coef,
+        "tokens": tokens,
+        "step_s": time.perf_counter() - t0,
+    }
+
+
+def _save(net, handle, model: str, out: Path) -> None:
+    """The fine-tuned model (its own aux-loss settings restored), its tokenizer if it has one,
+    and the balance state, into ``out``."""
     handle.detach()  # the saved config keeps the model's own aux-loss settings
     net.save_pretrained(out)
     tokenizer = load_hf_tokenizer(model)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     handle.save(out)
-    return rows
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_finetune_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``finetune`` to a CLI's subparsers; the parser's default ``func`` is run_finetune."""
-    d = FinetuneConfig()
-    p = subparsers.add_parser("finetune", help="fine-tune a transformers MoE model, moelab balance")
-    p.add_argument("model", help="folder saved with save_pretrained (or a hub name when online)")
-    p.add_argument("--data", nargs="+", required=True, help="text files/folders")
-    p.add_argument("--out", required=True, help="output folder (model, balance state, metrics)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 = off")
-    p.add_argument("--freeze-router", action="store_true", help="no gradient to router weights")
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens read per --data path")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="balance.KEY=VALUE",
-        help=f"balance setting (defaults {DEFAULT_BALANCE}), e.g. --set balance.bias_rate=1e-3",
-    )
-    p.set_defaults(func=run_finetune)
-    return p
 
 
 FINETUNE_FILES = (STATE_FILE, "finetune_config.json", "metrics.jsonl")
-
-
-def run_finetune(args: argparse.Namespace) -> int:
-    """Run ``moelab finetune`` from parsed arguments; prints the first and last step, returns 0."""
-    from moelab.hf.profile import check_device
-    from moelab.runfolder import check_model_folder
-
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise ValueError(f"--max-tokens {args.max_tokens} is out of range; allowed: >= 1")
-    check_device(args.device)
-    cfg = FinetuneConfig(
-        steps=args.steps,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        grad_accum=args.grad_accum,
-        grad_clip=args.grad_clip,
-        freeze_router=args.freeze_router,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-    )
-    balance = balance_from_overrides(args.overrides)
-    check_model_folder(args.out, "finetune", FINETUNE_FILES)
-    rows = finetune(
-        args.model,
-        args.data,
-        args.out,
-        cfg=cfg,
-        balance=balance,
-        device=args.device,
-    )
-    for row in (rows[0], rows[-1]):
-        print(f"step {row['step']:5d}  loss {row['loss']:.4f}  maxvio {row['maxvio']:.3f}")
-    print(f"saved model + {STATE_FILE} -> {args.out}")
-    return 0

@@ -11,7 +11,6 @@ Shape legend: T tokens, K top-k, E experts, D domains, N layers, B sequences, L 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -380,65 +379,42 @@ def profile(
     return result
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- checks
 
 
-def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``profile`` to a CLI's subparsers; the parser's default ``func`` is run_profile."""
-    p = subparsers.add_parser("profile", help="profile the routers of a transformers MoE model")
-    p.add_argument("model", help="folder saved with save_pretrained (or a hub name when online)")
-    p.add_argument("--data", nargs="+", required=True, help="text files/folders, one domain each")
-    p.add_argument("--out", required=True, help="output folder for profile.json and plots")
-    p.add_argument("--max-tokens", type=int, default=None, help="token budget over all domains")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rare-frac", type=float, default=0.1, help="rare: load ≤ this × fair share")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    p.add_argument("--no-plots", action="store_true")
-    p.set_defaults(func=run_profile)
-    return p
-
-
-def check_profile_args(args: argparse.Namespace) -> None:
-    """Every ``moelab profile`` flag and ``--out`` checked before the model is loaded."""
+def check_profile_options(
+    out: str,
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_tokens: int | None,
+    rare_frac: float,
+    dtype: str,
+    device: str | None,
+) -> None:
+    """Every ``moelab profile`` option and ``out`` checked before the model is loaded."""
     from moelab.config import check_range
     from moelab.runfolder import check_output_folder
 
-    for flag in ("seq_len", "batch_size") + (
-        ("max_tokens",) if args.max_tokens is not None else ()
-    ):
-        if getattr(args, flag) < 1:
-            name = "--" + flag.replace("_", "-")
-            raise ValueError(f"{name} {getattr(args, flag)} is out of range; allowed: >= 1")
-    check_range("--rare-frac", args.rare_frac, lo=0, hi=1)
-    if args.dtype not in DTYPES:
-        raise ValueError(f"--dtype {args.dtype!r} is not allowed; choose one of {list(DTYPES)}")
-    check_device(args.device)
-    check_output_folder(args.out, "profile", PROFILE_FILES)
+    sizes = {"--seq-len": seq_len, "--batch-size": batch_size}
+    if max_tokens is not None:
+        sizes["--max-tokens"] = max_tokens
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} {value} is out of range; allowed: >= 1")
+    check_range("--rare-frac", rare_frac, lo=0, hi=1)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not allowed; choose one of {list(DTYPES)}")
+    check_device(device)
+    check_output_folder(out, "profile", PROFILE_FILES)
 
 
-def run_profile(args: argparse.Namespace) -> int:
-    """Run ``moelab profile`` from parsed arguments; prints a per-layer summary, returns 0."""
-    check_profile_args(args)
-    result = profile(
-        args.model,
-        args.data,
-        args.out,
-        max_tokens=args.max_tokens,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        rare_frac=args.rare_frac,
-        device=args.device,
-        dtype=args.dtype,
-        plots=not args.no_plots,
-    )
-    print(f"{result['tokens']} tokens, {result['tokens_per_s']:.0f} tokens/s -> {args.out}")
-    for line in summary(result["balancing"]):
-        print(line)
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """A profile's balancing status and one line per router layer, for the CLI."""
+    lines = summary(result["balancing"])
     for lay in result["layers"]:
-        print(
+        lines.append(
             f"layer {lay['layer']:3d}  maxvio {lay['maxvio']:.3f}  cv {lay['cv']:.3f}  "
             f"dead {len(lay['dead_experts'])}  rare {len(lay['rare_experts'])}"
         )
-    return 0
+    return lines

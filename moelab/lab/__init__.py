@@ -1,14 +1,14 @@
-"""``moelab lab``: run the experiment suite (``moelab/lab/experiments/*.toml``) and report it.
+"""The lab: run the experiment suite (``moelab/lab/experiments/*.toml``) and report it.
 
-``lab run NAME [--quick] [--seeds N] [--out DIR]`` trains every variant through
-``moelab.train.train``, runs the experiment's analysis, applies its verdict checks and writes
-``result.json`` + PNGs; ``lab list`` lists experiments; ``lab report`` writes one HTML page
-and ``results/README.md`` from every ``results/*/result.json``.
+:func:`run_suite` (``moelab lab run NAME [--quick|--decisive] [--seeds N] [--out DIR]``) trains
+every variant through ``moelab.train.train``, runs the experiment's analysis, applies its
+verdict checks and writes ``result.json`` + PNGs; ``lab list`` lists experiments; ``lab report``
+(:func:`moelab.lab.report.write_report`) writes one HTML page and ``results/README.md`` from
+every ``results/*/result.json``. The command line itself is in :mod:`moelab.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from moelab.errors import RunError
-from moelab.lab.spec import VERDICTS, Experiment, decide, experiment_names, load_experiment
+from moelab.lab.spec import VERDICTS, Experiment, decide, load_experiment
 from moelab.runfolder import check_output_folder
 from moelab.signals import Interrupted
 
-__all__ = ["add_lab_parser", "run_experiment", "decide", "VERDICTS"]
+__all__ = ["run_suite", "run_experiment", "decide", "VERDICTS"]
 
 
 def run_experiment(
@@ -396,7 +396,7 @@ def _stop_pool_on_signals(pool, stop) -> Iterator[_PoolStop]:
             signal.signal(s, h)
 
 
-def rescore(exp: Experiment, path: Path) -> dict[str, Any]:
+def rescore_result(exp: Experiment, path: Path) -> dict[str, Any]:
     """Re-apply the experiment's checks to the numbers of an existing result.json."""
     res = json.loads(path.read_text())
     for m in res["measured"].values():  # results from before the noise model: population SDs
@@ -413,17 +413,35 @@ def rescore(exp: Experiment, path: Path) -> dict[str, Any]:
     return res
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """``lab run``; SIGINT / SIGTERM end it with one line (:class:`LabStopped`), the runs
-    finished so far cached and result.json as it was or complete (written atomically)."""
+def run_suite(
+    names: list[str],
+    *,
+    jobs: int = 1,
+    quick: bool = False,
+    decisive: bool = False,
+    seeds: int | None = None,
+    out: str | None = None,
+    variants: str | None = None,
+    cached_only: bool = False,
+    rescore: bool = False,
+    pretrain_only: bool = False,
+    threads: int = 0,
+) -> None:
+    """``moelab lab run``: train (in ``jobs`` processes), analyse and judge the experiments
+    ``names`` (suite names or .toml paths), printing each verdict and its checks.
+
+    SIGINT / SIGTERM end it with :class:`LabStopped` (one line in the CLI), the runs finished
+    so far cached and result.json as it was or complete (written atomically)."""
 
     def on_term(signum, frame) -> None:  # outside a training run (which has its own)
         raise LabStopped(signum)
 
+    opts = dict(jobs=jobs, quick=quick, decisive=decisive, seeds=seeds, out=out)
+    opts |= dict(variants=variants, cached_only=cached_only, rescore=rescore, threads=threads)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_term) if main else None
     try:
-        return _cmd_run(args)
+        _run_suite(names, pretrain_only=pretrain_only, **opts)
     except LabStopped:
         raise
     except Interrupted as exc:  # a training run in this process stopped after its step
@@ -435,118 +453,61 @@ def cmd_run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    if args.seeds is not None and args.seeds < 1:
-        raise ValueError(f"--seeds={args.seeds}: allowed: an integer >= 1")
-    if args.jobs < 1:
-        raise ValueError(f"--jobs={args.jobs}: allowed: an integer >= 1")
-    if args.quick and args.decisive:
+def _check_suite_options(seeds: int | None, jobs: int, quick: bool, decisive: bool) -> None:
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"--seeds={seeds}: allowed: an integer >= 1")
+    if jobs < 1:
+        raise ValueError(f"--jobs={jobs}: allowed: an integer >= 1")
+    if quick and decisive:
         raise ValueError("--quick and --decisive exclude each other; give one")
-    exps = [load_experiment(n) for n in args.names]
-    if args.threads:  # part of each run's config, hence of its cache key
-        exps = [replace(e, common=[*e.common, f"train.threads={args.threads}"]) for e in exps]
-    if args.rescore:
+
+
+def _run_suite(
+    names: list[str],
+    *,
+    jobs: int,
+    quick: bool,
+    decisive: bool,
+    seeds: int | None,
+    out: str | None,
+    variants: str | None,
+    cached_only: bool,
+    rescore: bool,
+    pretrain_only: bool,
+    threads: int,
+) -> None:
+    _check_suite_options(seeds, jobs, quick, decisive)
+    exps = [load_experiment(n) for n in names]
+    if threads:  # part of each run's config, hence of its cache key
+        exps = [replace(e, common=[*e.common, f"train.threads={threads}"]) for e in exps]
+    if rescore:
         for exp in exps:
-            out = Path(args.out or f"results/{exp.name}")
-            if not (out / "result.json").exists():
-                raise ValueError(f"--rescore: no {out / 'result.json'} to re-apply the checks to")
-            print(f"{exp.name}: {rescore(exp, out / 'result.json')['verdict']}")
-        return 0
-    if args.out and len(exps) > 1:
+            path = Path(out or f"results/{exp.name}") / "result.json"
+            if not path.exists():
+                raise ValueError(f"--rescore: no {path} to re-apply the checks to")
+            print(f"{exp.name}: {rescore_result(exp, path)['verdict']}")
+        return
+    if out and len(exps) > 1:
         raise ValueError("--out needs a single experiment name")
-    jobs = [(e, _variants(e, args.variants, args.quick)) for e in exps]
-    for exp in exps:  # a result folder holds result.json and plots only: refuse another one
-        out = Path(args.out or default_out(exp, args.quick, args.decisive))
-        check_output_folder(out, "lab run", ("result.json", "*.png"), create=False)
-    if args.jobs > 1 or args.pretrain_only:
-        pretrain(
-            jobs, quick=args.quick, seeds=args.seeds, workers=args.jobs, decisive=args.decisive
-        )
-    if args.pretrain_only:
-        return 0
-    for exp, variants in jobs:
-        out = Path(args.out or default_out(exp, args.quick, args.decisive))
+    plan = [(e, _variants(e, variants, quick)) for e in exps]
+    folders = {e.name: Path(out or default_out(e, quick, decisive)) for e in exps}
+    for folder in folders.values():  # a result folder holds result.json and plots only
+        check_output_folder(folder, "lab run", ("result.json", "*.png"), create=False)
+    if jobs > 1 or pretrain_only:
+        pretrain(plan, quick=quick, seeds=seeds, workers=jobs, decisive=decisive)
+    if pretrain_only:
+        return
+    for exp, chosen in plan:
+        folder = folders[exp.name]
         res = run_experiment(
             exp,
-            out,
-            quick=args.quick,
-            seeds=args.seeds,
-            variants=variants,
-            cached_only=args.cached_only,
-            decisive=args.decisive,
+            folder,
+            quick=quick,
+            seeds=seeds,
+            variants=chosen,
+            cached_only=cached_only,
+            decisive=decisive,
         )
-        print(f"{exp.name}: {res['verdict']} ({res['wall_seconds']} s) -> {out / 'result.json'}")
+        print(f"{exp.name}: {res['verdict']} ({res['wall_seconds']} s) -> {folder / 'result.json'}")
         for c in res["checks"]:
             print(f"  [{'x' if c['passed'] else ' '}] {c['check']}: {c['lhs']} vs {c['bound']}")
-    return 0
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    for name in experiment_names():
-        exp = load_experiment(name)
-        print(f"{exp.number:>3}  {name:<22} {exp.title}")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from moelab.lab.report import write_report
-
-    paths = write_report(Path(args.results))
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
-
-
-def add_lab_parser(subparsers) -> None:
-    """Add ``lab`` with ``run``, ``list`` and ``report`` to the moelab CLI."""
-    p = subparsers.add_parser("lab", help="run the experiment suite and report it")
-    sub = p.add_subparsers(dest="lab_cmd", required=True)
-    r = sub.add_parser("run", help="run experiments of the suite (see `lab list`) or TOML files")
-    r.add_argument(
-        "names", nargs="+", metavar="NAME", help="experiment name(s) (`lab list`) or .toml paths"
-    )
-    r.add_argument(
-        "--jobs", type=int, default=1, help="train the runs in this many parallel processes"
-    )
-    r.add_argument("--quick", action="store_true", help="CI-sized smoke version (~1 min)")
-    r.add_argument(
-        "--decisive",
-        action="store_true",
-        help="train at the experiment's [decisive] size, where its claim can show (the only "
-        "size whose checks decide a verdict; -> results/NAME)",
-    )
-    r.add_argument(
-        "--seeds",
-        type=int,
-        default=None,
-        help="seeds per variant (default: the file's; its [decisive] seeds with --decisive)",
-    )
-    r.add_argument(
-        "--out",
-        default=None,
-        help="output folder (default results/NAME with --decisive, results/NAME-quick with "
-        "--quick, else results/NAME-short)",
-    )
-    r.add_argument(
-        "--variants", default=None, help="'all', 'reduced' (the file's reduced set) or a,b,c"
-    )
-    r.add_argument(
-        "--cached-only", action="store_true", help="analyse only the runs already trained"
-    )
-    r.add_argument(
-        "--rescore", action="store_true", help="re-apply the checks to an existing result.json"
-    )
-    r.add_argument("--pretrain-only", action="store_true", help="train the runs, no analysis")
-    r.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="set train.threads of every run (default: the file's); with --jobs N give "
-        "CPUs / N: oversubscribed OpenMP threads run several times slower. Part of each "
-        "run's config, so analyse with the same value",
-    )
-    r.set_defaults(func=cmd_run)
-    ls = sub.add_parser("list", help="list the experiments")
-    ls.set_defaults(func=cmd_list)
-    rep = sub.add_parser("report", help="HTML page + results/README.md from results/*")
-    rep.add_argument("--results", default="results")
-    rep.set_defaults(func=cmd_report)
