@@ -336,3 +336,44 @@ def test_attach_runs_a_moelab_balancer_per_layer():
     stats = handle.end_step()
     assert stats.aux_coef_layers == pytest.approx([0.02, 0.005])
     assert handle.state_dict()["aux_coef_layers"] == pytest.approx([0.02, 0.005])
+
+
+def _checkpointed_steps(mode: str, steps: int = 2) -> list[tuple[float, torch.Tensor, list]]:
+    """Two training steps of tiny Qwen3-MoE with moelab's global aux loss and loss-free bias,
+    gradient checkpointing ``mode`` (off / non_reentrant / reentrant): per step the aux loss,
+    layer 0's router gradient and the step's counts per layer."""
+    model = tiny_model("qwen3_moe").train()
+    if mode != "off":
+        kw = {"use_reentrant": mode == "reentrant"}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    handle = attach(model, BalanceConfig(aux_coef=1e-2, aux_scope="global", bias_rate=1e-3))
+    ids_BL = token_stream(B).view(B, L)
+    out = []
+    for _ in range(steps):
+        loss = model(input_ids=ids_BL, labels=ids_BL, use_cache=False).loss
+        aux = handle.aux_loss()
+        (loss + aux).backward()
+        grad = model.model.layers[0].mlp.gate.weight.grad.clone()
+        counts = [b.step_counts.clone() for b in handle.balancers]
+        model.zero_grad()
+        handle.end_step()
+        out.append((aux.item(), grad, counts))
+    return out
+
+
+def test_gradient_checkpointing_keeps_the_balance_losses_and_counts_once():
+    """transformers' non-reentrant gradient checkpointing changes nothing moelab computes: the
+    aux loss, the router gradient and the step counts (each token counted once, not again in
+    the backward's recompute) equal those without checkpointing, over two steps (the second
+    under the bias the first set). Reentrant checkpointing, whose first forward runs without
+    autograd (the aux loss would be a silent 0), is refused with one line naming the fix."""
+    plain, checkpointed = _checkpointed_steps("off"), _checkpointed_steps("non_reentrant")
+    for a, b in zip(plain, checkpointed, strict=True):
+        (aux_a, grad_a, counts_a), (aux_b, grad_b, counts_b) = a, b
+        assert aux_a > 0 and aux_b == pytest.approx(aux_a, rel=1e-6)
+        torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-8)
+        for ca, cb in zip(counts_a, counts_b, strict=True):
+            assert torch.equal(ca, cb) and int(ca.sum()) == B * L * K
+    with pytest.raises(ValueError, match="use_reentrant=True.*'use_reentrant': False") as err:
+        _checkpointed_steps("reentrant", steps=1)
+    assert "\n" not in str(err.value)

@@ -27,6 +27,7 @@ Shape legend: T tokens, E experts, K top-k, B sequences, L sequence length, N Mo
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,8 +179,11 @@ class BalanceHandle:
     # ------------------------------------------------------------------ forward path
 
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Start of a model forward: forget the last losses, note (B, L) for sequence scope."""
+        """Start of a model forward: forget the last losses, note (B, L) for sequence scope;
+        refuse a training forward whose balance losses reentrant checkpointing would lose."""
         self._last = {}
+        if module.training and torch.is_grad_enabled() and any(b.terms for b in self.balancers):
+            check_checkpointing(module)
         x = kwargs.get("input_ids", args[0] if args else None)
         x = kwargs.get("inputs_embeds") if x is None else x
         self._seq_shape = tuple(x.shape[:2]) if x is not None and x.dim() >= 2 else None
@@ -386,6 +390,24 @@ class BalanceHandle:
             if self._old_aux["router_aux_loss_coef"] is not None:
                 self.model.router_aux_loss_coef = self._old_aux["router_aux_loss_coef"]
         self.attached = False
+
+
+def check_checkpointing(model: nn.Module) -> None:
+    """Refuse transformers' gradient checkpointing with ``use_reentrant=True``: its first
+    forward of each layer runs without autograd, so a balance loss taken from the router's
+    output carries no gradient (moelab's aux loss would be a silent 0) and only the backward's
+    recompute sees one, too late. Non-reentrant checkpointing (transformers' default since
+    v5) records the losses in the forward and counts once (the recompute counts nothing)."""
+    for m in model.modules():
+        fn = getattr(m, "_gradient_checkpointing_func", None)
+        on = getattr(m, "gradient_checkpointing", False)
+        if on and isinstance(fn, functools.partial) and fn.keywords.get("use_reentrant", True):
+            raise ValueError(
+                f"{type(model).__name__} uses gradient checkpointing with use_reentrant=True, "
+                "under which moelab's balance losses get no gradient; enable it with "
+                "gradient_checkpointing_kwargs={'use_reentrant': False} "
+                "(TrainingArguments.gradient_checkpointing_kwargs)"
+            )
 
 
 def attach(
