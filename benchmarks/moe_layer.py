@@ -150,34 +150,12 @@ def loop_forward(layer: moelab.MoELayer, x: torch.Tensor) -> torch.Tensor:
 
 
 def step_fns(T: int, d: int, E: int, k: int, f: int, impls: list[str]) -> dict[str, Callable]:
-    """name -> a function running one forward+backward (grads dropped before each)."""
-    layer = moelab_layer(T, d, E, k, f)
-    w13, w2 = dense_params(d, k, f)
-    torch.manual_seed(2)
-    x = torch.randn(T, d, requires_grad=True)
-    g = torch.randn(T, d)
-
-    def run(fwd: Callable[[], torch.Tensor], params: list[torch.nn.Parameter]) -> Callable:
-        def step() -> None:
-            for p in params:
-                p.grad = None
-            x.grad = None
-            fwd().backward(g)
-
-        return step
-
-    fns = {
-        "moelab": run(lambda: layer(x).output, list(layer.parameters())),
-        "dense": run(lambda: swiglu(x, w13, w2), [w13, w2]),
-        "loop": run(lambda: loop_forward(layer, x), list(layer.parameters())),
-    }
-    for impl in impls:
-        block = hf_block(layer, impl)
-        fns[f"hf_{impl}"] = run(
-            lambda b=block: b(x.unsqueeze(0)).squeeze(0), list(block.parameters())
-        )
+    """name -> a function running one forward+backward on the CPU in fp32 (grads dropped
+    before each): :func:`device_fns`' candidates plus the matmul floors, and ``_layer`` /
+    ``_x`` for the checks and the breakdown."""
+    fns, layer, x, w13, w2 = _candidates((T, d, E, k, f), impls, torch.device("cpu"), "fp32")
     fns.update(matmul_floors(layer, x, w13, w2))
-    fns["_layer"], fns["_x"] = layer, x  # for checks and the breakdown
+    fns["_layer"], fns["_x"] = layer, x
     return fns
 
 
@@ -619,6 +597,13 @@ def _autocast(dev: torch.device, dtype: str):
 
 def device_fns(shape: tuple, impls: list[str], dev: torch.device, dtype: str) -> dict:
     """name -> one forward+backward on ``dev`` under ``dtype`` (autocast for bf16)."""
+    return _candidates(shape, impls, dev, dtype)[0]
+
+
+def _candidates(shape: tuple, impls: list[str], dev: torch.device, dtype: str) -> tuple:
+    """(name -> one forward+backward step, the moelab layer, the input x (T, d), the dense
+    floor's w13 and w2): moelab, dense, loop and each transformers implementation in
+    ``impls``, on ``dev`` under ``dtype``, the gradients dropped before each step."""
     T, d, E, k, f = shape
     layer = moelab_layer(T, d, E, k, f).to(dev)
     w13, w2 = (p.detach().to(dev).requires_grad_() for p in dense_params(d, k, f))
@@ -647,7 +632,7 @@ def device_fns(shape: tuple, impls: list[str], dev: torch.device, dtype: str) ->
         fns[f"hf_{impl}"] = run(
             lambda b=block: b(x.unsqueeze(0)).squeeze(0), list(block.parameters())
         )
-    return fns
+    return fns, layer, x, w13, w2
 
 
 def _synced(dev: torch.device) -> Callable[[], float]:
