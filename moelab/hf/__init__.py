@@ -20,8 +20,9 @@ from __future__ import annotations
 from moelab.hf.attach import STATE_FILE, BalanceHandle, StepStats, attach, disable_model_aux
 from moelab.hf.export import export_problems, export_run, export_to_hf
 from moelab.hf.finetune import FinetuneConfig, balance_from_overrides, finetune
+from moelab.hf.outputs import select
 from moelab.hf.profile import load_model, profile, profile_model
-from moelab.hf.routers import NoMoERouterError, RouterSite, capture_routing, find_routers, select
+from moelab.hf.routers import NoMoERouterError, RouterSite, capture_routing, find_routers
 
 __all__ = [
     "STATE_FILE",

@@ -8,7 +8,7 @@ weights of the chosen ones, and goes where the family allows:
   router call (slot = its value at attach + the bias), so the model's own forward routes with
   it and ``save_pretrained`` carries it: plain transformers loads the balanced routing;
 - any other router's forward is wrapped (on the instance; ``detach`` restores it): its own
-  forward runs, then :func:`moelab.hf.routers.select` re-selects with the family's rule plus the
+  forward runs, then :func:`moelab.hf.outputs.select` re-selects with the family's rule plus the
   bias and the output's weights / experts are replaced (bit-identical at zero bias).
 
 Routers whose selection is fixed (DeepSeek-V4's hash layers) are left alone; a router with no
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from moelab import metrics
 from moelab.balancer import TERMS, BalanceInputs, Balancer
 from moelab.config import BalanceConfig, from_dict, to_dict
+from moelab.hf import outputs as ho
 from moelab.hf import routers as hr
 from moelab.hf.routers import RouterSite, find_routers
 from moelab.hf.status import balancing_status, summary
@@ -193,7 +194,7 @@ class BalanceHandle:
 
         def write(module: nn.Module, args: tuple) -> None:
             with torch.no_grad():
-                hr.write_slot(self.sites[i], self._slot0[i], self.balancers[i].bias)
+                ho.write_slot(self.sites[i], self._slot0[i], self.balancers[i].bias)
 
         return write
 
@@ -202,9 +203,9 @@ class BalanceHandle:
         site = self.sites[i]
 
         def record(module: nn.Module, args: tuple, output: object) -> None:
-            logits_TC = hr.recorded_scores(site, output)
-            experts_TK = hr.experts_of(site, output, logits_TC)
-            self._observe(i, logits_TC, hr.weights_of(site, output), experts_TK, module.training)
+            logits_TC = ho.recorded_scores(site, output)
+            experts_TK = ho.experts_of(site, output, logits_TC)
+            self._observe(i, logits_TC, ho.weights_of(site, output), experts_TK, module.training)
 
         return record
 
@@ -216,10 +217,10 @@ class BalanceHandle:
 
         def forward(*args, **kwargs):
             output = own(*args, **kwargs)
-            logits_TC = hr.recorded_scores(site, output)
-            weights_TK, experts_TK = hr.select(site, logits_TC, self.balancers[i].bias)
+            logits_TC = ho.recorded_scores(site, output)
+            weights_TK, experts_TK = ho.select(site, logits_TC, self.balancers[i].bias)
             self._observe(i, logits_TC, weights_TK, experts_TK, site.module.training)
-            return hr.replace_choice(site, output, weights_TK, experts_TK)
+            return ho.replace_choice(site, output, weights_TK, experts_TK)
 
         return forward
 
@@ -253,7 +254,7 @@ class BalanceHandle:
             routing = Routing(logits_TE, scores_TE, weights_TK, experts_TK.clamp(max=E - 1))
             self._record_losses(i, routing, counts_E, training)
         if training:
-            self._count(i, hr.scores_of(site, logits_TC), counts_E)
+            self._count(i, ho.scores_of(site, logits_TC), counts_E)
 
     def _count(self, i: int, scores_TE: Tensor, counts_E: Tensor) -> None:
         """Training forward: counts (and, under Quantile Balancing, the price estimate from the

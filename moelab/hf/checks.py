@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.config import BalanceConfig
+from moelab.hf import outputs as ho
 from moelab.hf import routers as hr
 from moelab.hf.attach import attach
 from moelab.hf.profile import profile_model
@@ -82,7 +83,7 @@ def experts_calls(
 
         def on_router(m, args, output, i=i, site=site):
             if tokens_seen is not None:
-                tokens_seen[i] += hr.recorded_scores(site, output).shape[0]
+                tokens_seen[i] += ho.recorded_scores(site, output).shape[0]
             got = _dispatch_counts(site, output)
             if got is not None:
                 into[i] += got.cpu().long()

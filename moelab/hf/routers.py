@@ -25,19 +25,7 @@ from torch import Tensor, nn
 
 from moelab.hf import rules as R
 from moelab.hf.families import Family, lookup
-from moelab.hf.outputs import (  # noqa: F401  (re-exported: the public API of this module)
-    _pick,
-    _tensors,
-    experts_of,
-    own_bias,
-    recorded_scores,
-    replace_choice,
-    rule_select,
-    scores_of,
-    select,
-    weights_of,
-    write_slot,
-)
+from moelab.hf.outputs import _pick, _tensors, experts_of, own_bias, recorded_scores
 
 SUPPORTED = "every MoE family of transformers with an `experts` module (docs/hf.md)"
 ROUTER_NAMES = ("gate", "router")
