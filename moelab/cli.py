@@ -535,6 +535,14 @@ def enable_huge_pages() -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
+def _stdout_closed() -> int:
+    """Exit status 141 (128 + SIGPIPE, as a shell reports a pipe writer cut off), with stdout
+    pointed at /dev/null so that the interpreter's final flush raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one ``moelab`` command; every failure ends in one line on stderr (``--debug``: the
     traceback as well): exit 2 for bad input or a failed run, 1 for an internal error,
@@ -548,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"moelab {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # the reader left (`moelab lab list | head`): stop quietly
+        return _stdout_closed()
     except USER_ERRORS as exc:
         if debug:
             traceback.print_exc()

@@ -31,6 +31,20 @@ def test_every_command_has_help(cmd):
     assert "usage: moelab" in out
 
 
+def test_a_closed_pipe_ends_the_command_quietly():
+    """``moelab lab list | head -0``: the reader closed stdout before the first line; the
+    command stops with status 141 (128 + SIGPIPE) and nothing on stderr, not an "error"."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moelab", "lab", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    proc.stdout.close()  # before the interpreter has even imported moelab
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and err == ""
+
+
 def test_train_route_eval_round_trip(tmp_path):
     """train writes metrics.jsonl with step/loss rows and eval rows with val_loss and
     maxvio_global; route and eval read the checkpoint back."""
