@@ -77,3 +77,15 @@ def test_short_results_are_not_findings(tmp_path):
     found = report.load_results(root)
     text = report.findings_markdown(found)
     assert "not yet run at its decisive size" in text and "✓" not in text
+
+
+def test_a_2_se_outcome_whose_ci_holds_the_bound_says_so():
+    """A check decided by the 2-SE rule whose t-based 95 % CI still includes 0 (few seeds)
+    is marked as such wherever its outcome is printed; one whose CI excludes 0 is not, and an
+    inconclusive one needs no mark."""
+    weak = dict(CHECK, outcome="fails", delta=0.09, ci95=[-0.03, 0.21])
+    assert report.ci_caveat(weak) == " (by 2 SE; its 95 % CI includes 0)"
+    assert report.ci_caveat(CHECK) == ""
+    assert report.ci_caveat(dict(weak, outcome="inconclusive")) == ""
+    assert "95 % CI includes 0" in report._outcome_text(weak)
+    assert "95 % CI includes 0" in report._check_cells(weak, "collapse")[2]

@@ -128,8 +128,18 @@ def checks_markdown(res: dict[str, Any], folder: str) -> list[str]:
     return [*head, *rows]
 
 
+def ci_caveat(c: dict[str, Any]) -> str:
+    """' (by 2 SE; its 95 % CI includes 0)' for a decided check whose t-based CI still holds
+    the bound: with few seeds (df = 2: t = 4.30) the 2-SE rule decides more than the CI does,
+    and the reader should see that such an outcome is the weaker kind; else ''."""
+    ci = c.get("ci95")
+    if c.get("outcome") in ("holds", "fails") and ci and ci[0] < 0 < ci[1]:
+        return " (by 2 SE; its 95 % CI includes 0)"
+    return ""
+
+
 def _check_cells(c: dict[str, Any], folder: str) -> list[str]:
-    out = OUTCOME.get(c.get("outcome", ""), "?")
+    out = OUTCOME.get(c.get("outcome", ""), "?") + ci_caveat(c)
     if c.get("note"):
         out += " (too short)" if c["note"].startswith("too short") else f" ({c['note']})"
     elif c.get("raw_outcome") not in (None, c.get("outcome")):
@@ -267,6 +277,7 @@ def _outcome_text(c: dict[str, Any]) -> str:
         text += f" [{c['ci95'][0]:+.3g}, {c['ci95'][1]:+.3g}]"
     if c.get("mde") is not None:
         text += f", MDE {c['mde']:.3g}"
+    text += ci_caveat(c)
     return text + (f" — {c['note']}" if c.get("note") else "")
 
 
