@@ -22,7 +22,8 @@ import time
 CHILD = """
 import json, sys, torch
 from moelab.lab import fingerprint as f
-from moelab.train import build_config, train
+from moelab.runconfig import build_config
+from moelab.train import train
 import copy, tempfile
 from pathlib import Path
 from moelab.logs import read_rows

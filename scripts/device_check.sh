@@ -54,7 +54,7 @@ curve() {
 }
 
 # 0. the tokenizer and token caches, once, before the runs that share them
-step data 90 "$PY" -c "import sys; from moelab.train import load_run_config
+step data 90 "$PY" -c "import sys; from moelab.runconfig import load_run_config
 from moelab.data import load_corpus; load_corpus(load_run_config(sys.argv[1]).data)" "$PRESET"
 
 # 2a. the CPU reference curve, in the background while the GPU steps run
