@@ -512,3 +512,62 @@ def test_sigterm_stops_a_parallel_lab_run_and_its_workers(tmp_path):
     left = subprocess.run(["pgrep", "-f", str(exp)], capture_output=True, text=True).stdout
     assert not left.strip(), f"workers still running: {left}"  # zombies have no cmdline
     assert len(list(cache.iterdir())) == 2  # the third run never started
+
+
+@pytest.mark.parametrize("snapshots", [0, 3])
+def test_a_lab_run_cut_off_by_a_signal_resumes_to_the_uninterrupted_numbers(
+    tmp_path, monkeypatch, capsys, snapshots
+):
+    """A cached run stopped by SIGTERM (a session's end) continues from its checkpoint on the
+    next `lab run` instead of restarting, and ends with the numbers (and routing snapshots) of
+    one uninterrupted run; a run started by code with another fingerprint is not resumed."""
+    import os
+    import signal
+
+    import torch
+
+    from moelab.lab import runner
+    from moelab.runconfig import build_config, load_config_dict
+    from moelab.signals import Interrupted
+
+    shrink = ["train.steps=6", "model.n_layers=1", "train.batch_size=4", "data.seq_len=32",
+              "train.eval_max_tokens=512", "train.log_every=1", "train.warmup_steps=1",
+              "train.threads=1", "train.tensorboard=false", "train.eval_every=0"]  # fmt: skip
+    cfg = build_config(load_config_dict("tiny"), shrink)
+    whole = runner.train_cached(cfg, snapshots=snapshots, cache=tmp_path / "whole")
+    real = runner.train
+
+    def cut_at_3(*args, **kw):
+        def hook(step, model):
+            if step == 3:  # inside the second of three segments
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return real(*args, **kw, on_step=hook)
+
+    monkeypatch.setattr(runner, "train", cut_at_3)
+    with pytest.raises(Interrupted):
+        runner.train_cached(cfg, snapshots=snapshots, cache=tmp_path / "cut")
+    monkeypatch.setattr(runner, "train", real)
+    out = runner.train_cached(cfg, snapshots=snapshots, cache=tmp_path / "cut")
+    assert "resuming it" in capsys.readouterr().out
+    assert not list((tmp_path / "cut").glob("*.stale-*"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    key = ("step", "loss", "aux_loss")
+    assert [[r.get(k) for k in key] for r in rows] == [[r.get(k) for k in key] for r in want]
+    if snapshots:
+        a, b = torch.load(out / "snapshots.pt"), torch.load(whole / "snapshots.pt")
+        assert a["steps"] == b["steps"] == [2, 4, 6]
+        pairs = zip(a["experts"], b["experts"], strict=True)
+        assert all(torch.equal(x, y) for s, t in pairs for x, y in zip(s, t, strict=True))
+        assert not (out / "snapshots.partial.pt").exists()
+    # a cut-off run whose fingerprint differs from today's is moved aside and retrained
+    monkeypatch.setattr(runner, "train", cut_at_3)
+    with pytest.raises(Interrupted):
+        runner.train_cached(cfg, snapshots=snapshots, cache=tmp_path / "other")
+    monkeypatch.setattr(runner, "train", real)
+    from moelab.lab import fingerprint
+
+    monkeypatch.setattr(fingerprint, "current", lambda: dict(fingerprint.read(out), digest="x"))
+    runner.train_cached(cfg, snapshots=snapshots, cache=tmp_path / "other")
+    assert len(list((tmp_path / "other").glob("*.stale-*"))) == 1

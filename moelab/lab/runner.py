@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moelab import metrics
+from moelab import checkpoint, metrics
 from moelab.config import to_dict
 from moelab.inspect import load_trained
 from moelab.lab import fingerprint, stats
@@ -127,8 +127,12 @@ def is_cached(
 ) -> bool:
     """A finished run of ``cfg`` exists and was trained by code that computes today's numbers."""
     out = (cache or CACHE) / run_key(cfg, snapshots, nproc)
-    done = (out / "summary.json").exists() and (not snapshots or (out / "snapshots.pt").exists())
-    return done and not is_stale(out) and same_config(out, cfg)
+    return is_done(out, snapshots) and not is_stale(out) and same_config(out, cfg)
+
+
+def is_done(out: Path, snapshots: int = 0) -> bool:
+    """``out`` holds a finished run (and its routing snapshots, where it takes any)."""
+    return (out / "summary.json").exists() and (not snapshots or (out / "snapshots.pt").exists())
 
 
 def has_stale(
@@ -143,7 +147,9 @@ def train_cached(
     cfg: RunConfig, *, snapshots: int = 0, cache: Path | None = None, nproc: int = 1
 ) -> Path:
     """Train ``cfg`` unless an identical finished run with today's fingerprint exists; returns
-    the run folder. A folder from code with another fingerprint is moved aside and retrained.
+    the run folder. An unfinished single-process run of the same config, started by code with
+    today's fingerprint, resumes from its latest checkpoint (exact resume: the same numbers as
+    one uninterrupted run); any other folder there is moved aside and retrained.
 
     ``nproc`` > 1 trains under torchrun with that many processes (``parallel`` decides the
     layout, e.g. ``parallel.batch = "per_rank"``: more ranks, larger computation batch)."""
@@ -151,33 +157,62 @@ def train_cached(
     out = cache / run_key(cfg, snapshots, nproc)
     if is_cached(cfg, snapshots, cache, nproc):
         return out
-    if out.exists():
+    fp = fingerprint.current()  # before training: the code that trains is today's code
+    resume = is_resumable(out, cfg, snapshots, nproc)
+    if resume:
+        print(f"[lab] {out}: unfinished run of today's numerics; resuming it")
+    elif out.exists():
         old = out.with_name(out.name + f".stale-{time.strftime('%Y%m%d-%H%M%S')}")
         print(f"[lab] {out}: other numerics fingerprint or unfinished; kept as {old.name}")
         out.rename(old)
-    fp = fingerprint.current()  # before training: the code that trains is today's code
-    _train(cfg, out, snapshots, nproc)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint.write(out, fp)  # first, so that a run cut off later can resume
+    _train(cfg, out, snapshots, nproc, resume)
     (out / "code.txt").write_text(code_hash() + "\n")
-    fingerprint.write(out, fp)
     return out
 
 
-def _train(cfg: RunConfig, out: Path, snapshots: int, nproc: int) -> None:
-    """Train ``cfg`` into ``out``: under torchrun, in one go, or in ``snapshots`` segments."""
+def is_resumable(out: Path, cfg: RunConfig, snapshots: int = 0, nproc: int = 1) -> bool:
+    """``out`` holds an unfinished single-process run of ``cfg`` whose recorded fingerprint
+    (written when it started) matches today's code: it can continue instead of restarting."""
+    return (
+        out.is_dir()
+        and not is_done(out, snapshots)
+        and nproc == 1
+        and checkpoint.latest(out) is not None
+        and same_config(out, cfg)
+        and not is_stale(out)
+    )
+
+
+def _train(cfg: RunConfig, out: Path, snapshots: int, nproc: int, resume: bool = False) -> None:
+    """Train ``cfg`` into ``out``: under torchrun, in one go, or in ``snapshots`` segments;
+    ``resume`` continues an unfinished single-process run from its latest checkpoint."""
     if nproc > 1:
         if snapshots:
             raise ValueError("lab: snapshots are not supported for torchrun (nproc > 1) runs")
         torchrun_train(cfg, out, nproc)
     elif not snapshots:
-        train(cfg, out, progress=False)
+        train(cfg, out, resume=resume, progress=False)
     else:
-        steps = _snapshot_steps(cfg.train.steps, snapshots)
-        snaps = []
-        for i, stop in enumerate(steps):
-            train(cfg, out, resume=i > 0, max_steps=stop, progress=False)
-            run = load_trained(out)
-            snaps.append([e for e, _ in route_stream(run.model, val_stream(run.corpus, cfg))])
-        torch.save({"steps": steps, "experts": snaps}, out / "snapshots.pt")
+        _train_segments(cfg, out, _snapshot_steps(cfg.train.steps, snapshots), resume)
+
+
+def _train_segments(cfg: RunConfig, out: Path, steps: list[int], resume: bool) -> None:
+    """Train up to each step of ``steps`` in turn and route the validation stream after each;
+    writes ``snapshots.pt``. The snapshots so far are kept in ``snapshots.partial.pt`` after
+    every segment, so that a resumed run skips the segments it has routed already."""
+    partial = out / "snapshots.partial.pt"
+    snaps = torch.load(partial)["experts"] if resume and partial.exists() else []
+    for i, stop in enumerate(steps):
+        if i < len(snaps):
+            continue
+        train(cfg, out, resume=resume or i > 0, max_steps=stop, progress=False)
+        run = load_trained(out)
+        snaps.append([e for e, _ in route_stream(run.model, val_stream(run.corpus, cfg))])
+        torch.save({"steps": steps[: len(snaps)], "experts": snaps}, partial)
+    torch.save({"steps": steps, "experts": snaps}, out / "snapshots.pt")
+    partial.unlink()
 
 
 def torchrun_train(cfg: RunConfig, out: Path, nproc: int) -> None:
