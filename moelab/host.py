@@ -22,10 +22,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -70,26 +72,24 @@ def to_cpu(t: Tensor, what: str = "") -> Tensor:
     return t.cpu()
 
 
-@contextlib.contextmanager
-def count_reads() -> Iterator[ReadCounter]:
+def count_reads() -> contextlib.AbstractContextManager[ReadCounter]:
     """Count the :func:`to_host` / :func:`to_cpu` calls made inside the block."""
-    counter = ReadCounter()
-    _COUNTERS.append(counter)
-    try:
-        yield counter
-    finally:
-        _COUNTERS.remove(counter)
+    return _registered(_COUNTERS, ReadCounter())
+
+
+def deferred_finite_checks() -> contextlib.AbstractContextManager[FiniteChecks]:
+    """Inside the block :func:`all_finite` records its checks here instead of reading them."""
+    return _registered(_DEFERRED, FiniteChecks())
 
 
 @contextlib.contextmanager
-def deferred_finite_checks() -> Iterator[FiniteChecks]:
-    """Inside the block :func:`all_finite` records its checks here instead of reading them."""
-    checks = FiniteChecks()
-    _DEFERRED.append(checks)
+def _registered(stack: list[_T], item: _T) -> Iterator[_T]:
+    """Push ``item`` on ``stack`` for the block (nested blocks stack up), then remove it."""
+    stack.append(item)
     try:
-        yield checks
+        yield item
     finally:
-        _DEFERRED.remove(checks)
+        stack.remove(item)
 
 
 def deferring() -> bool:
