@@ -330,13 +330,14 @@ _STOP = None  # in a pool worker: the Event the parent sets when the lab is told
 
 class LabStopped(Interrupted):
     """``lab run`` stopped on SIGINT / SIGTERM (exit status 130 / 143). Finished runs stay in
-    the cache; an unfinished one is moved aside and retrained by the next ``lab run``."""
+    the cache; the next ``lab run`` resumes an unfinished one from its checkpoint (see
+    :func:`moelab.lab.runner.train_cached`)."""
 
     def __init__(self, signum: int) -> None:
         RunError.__init__(
             self,
-            f"stopped by {signal.Signals(signum).name}; finished runs stay cached (an "
-            "unfinished one is retrained by the next `lab run`)",
+            f"stopped by {signal.Signals(signum).name}; finished runs stay cached (the next "
+            "`lab run` resumes an unfinished single-process run from its checkpoint)",
         )
         self.signum = signum
         self.exit_code = 130 if signum == signal.SIGINT else 143
