@@ -89,3 +89,10 @@ def test_a_2_se_outcome_whose_ci_holds_the_bound_says_so():
     assert report.ci_caveat(dict(weak, outcome="inconclusive")) == ""
     assert "95 % CI includes 0" in report._outcome_text(weak)
     assert "95 % CI includes 0" in report._check_cells(weak, "collapse")[2]
+
+
+def test_a_per_seed_statistic_in_the_analysis_reads_as_mean_sd_and_its_values():
+    """Analysis entries such as experiment 3b's contrasts are per-seed statistics: shown as
+    mean ± SD with the per-seed values, not as a raw dict."""
+    stat = {"mean": -0.31482, "std": 0.2509, "n": 3, "values": [-0.0743, -0.575, -0.295]}
+    assert report._number(stat) == "-0.315 ± 0.25 (per seed [-0.0743, -0.575, -0.295])"

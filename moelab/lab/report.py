@@ -44,8 +44,12 @@ def _fmt(m: dict[str, Any] | None) -> str:
 
 
 def _number(v: Any) -> str:
+    """A float to 3 significant digits, lists item by item, a per-seed statistic (a dict with
+    ``mean`` and ``values``) as mean ± SD with its values."""
     if isinstance(v, float):
         return f"{v:.3g}"
+    if isinstance(v, dict) and "mean" in v and "values" in v:
+        return f"{_fmt(v)} (per seed {_number(v['values'])})"
     if isinstance(v, list):
         return "[" + ", ".join(_number(x) for x in v) + "]"
     return str(v)
