@@ -212,6 +212,25 @@ def test_pretrain_is_seed_major_and_threads_reach_every_run(monkeypatch):
     assert seeds.count(0) == n_first
 
 
+def test_cached_only_trains_nothing_even_with_jobs(monkeypatch, tmp_path):
+    """`lab run NAME --cached-only --jobs 2` analyses the cache only: no pretrain pool, no
+    training run (it once resumed and trained missing runs); with --pretrain-only it is refused."""
+    from moelab.lab import runner
+
+    monkeypatch.setattr(runner, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", _InlinePool)
+    trained = []
+    monkeypatch.setattr(runner, "train_cached", lambda *a, **k: trained.append(a))
+    args = _parse(["lab", "run", "collapse", "--quick", "--cached-only", "--jobs", "2",
+                   "--out", str(tmp_path / "out")])  # fmt: skip
+    with pytest.raises(ValueError, match="no run trained or cached"):
+        args.func(args)
+    assert trained == []
+    args = _parse(["lab", "run", "collapse", "--cached-only", "--pretrain-only"])
+    with pytest.raises(ValueError, match="--cached-only and --pretrain-only exclude each other"):
+        args.func(args)
+
+
 class _InlinePool:
     """ProcessPoolExecutor stand-in that runs each job at submit time, in order."""
 

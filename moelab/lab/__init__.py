@@ -454,13 +454,17 @@ def run_suite(
             signal.signal(signal.SIGTERM, previous)
 
 
-def _check_suite_options(seeds: int | None, jobs: int, quick: bool, decisive: bool) -> None:
+def _check_suite_options(
+    seeds: int | None, jobs: int, quick: bool, decisive: bool, cached_only: bool, pretrain: bool
+) -> None:
     if seeds is not None and seeds < 1:
         raise ValueError(f"--seeds={seeds}: allowed: an integer >= 1")
     if jobs < 1:
         raise ValueError(f"--jobs={jobs}: allowed: an integer >= 1")
     if quick and decisive:
         raise ValueError("--quick and --decisive exclude each other; give one")
+    if cached_only and pretrain:
+        raise ValueError("--cached-only and --pretrain-only exclude each other; give one")
 
 
 def _run_suite(
@@ -477,7 +481,7 @@ def _run_suite(
     pretrain_only: bool,
     threads: int,
 ) -> None:
-    _check_suite_options(seeds, jobs, quick, decisive)
+    _check_suite_options(seeds, jobs, quick, decisive, cached_only, pretrain_only)
     exps = [load_experiment(n) for n in names]
     if threads:  # part of each run's config, hence of its cache key
         exps = [replace(e, common=[*e.common, f"train.threads={threads}"]) for e in exps]
@@ -494,7 +498,7 @@ def _run_suite(
     folders = {e.name: Path(out or default_out(e, quick, decisive)) for e in exps}
     for folder in folders.values():  # a result folder holds result.json and plots only
         check_output_folder(folder, "lab run", ("result.json", "*.png"), create=False)
-    if jobs > 1 or pretrain_only:
+    if (jobs > 1 and not cached_only) or pretrain_only:  # --cached-only trains nothing
         pretrain(plan, quick=quick, seeds=seeds, workers=jobs, decisive=decisive)
     if pretrain_only:
         return
