@@ -17,6 +17,8 @@ from pathlib import Path
 from moelab.errors import RunError
 
 _EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+_pending: int | None = None  # a stop signal that arrived between runs (see defer_signals)
+_escalate = True  # whether a second signal stops at once (off in supervised workers)
 
 
 class Interrupted(RunError):
@@ -38,8 +40,8 @@ class StopFlag:
         self.signum: int | None = None
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is None:
-            self.signum = signum
+        if self.signum is None or not _escalate:
+            self.signum = self.signum or signum
             return
         if signum == signal.SIGTERM:  # the second signal: stop now, without a save
             raise SystemExit(_EXIT[signal.SIGTERM])
@@ -54,9 +56,33 @@ def stop_on_signals() -> Iterator[StopFlag]:
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
+    flag.signum = _pending  # a stop that came while no run listened: stop after one step
     previous = {s: signal.signal(s, flag._handle) for s in _EXIT}
     try:
         yield flag
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _remember(signum: int, frame) -> None:
+    global _pending
+    _pending = _pending or signum
+
+
+def defer_signals() -> None:
+    """For a worker process that a supervisor stops (the lab's pretrain pool): SIGINT and
+    SIGTERM that arrive while no run listens (between runs, or between the segments of one)
+    are remembered, and the next :func:`stop_on_signals` starts with its flag raised, so that
+    run saves after its first step and stops. A second signal no longer stops at once: a group
+    kill plus the supervisor's forwarded SIGTERM arrive together, and the supervisor escalates
+    with SIGKILL itself."""
+    global _escalate
+    _escalate = False
+    for s in _EXIT:
+        signal.signal(s, _remember)
+
+
+def stop_pending() -> int | None:
+    """The stop signal :func:`defer_signals` remembered, None while none has arrived."""
+    return _pending

@@ -24,7 +24,7 @@ from typing import Any
 from moelab.errors import RunError
 from moelab.lab.spec import VERDICTS, Experiment, decide, load_experiment
 from moelab.runfolder import check_output_folder
-from moelab.signals import Interrupted
+from moelab.signals import Interrupted, defer_signals, stop_pending
 
 __all__ = ["run_suite", "run_experiment", "decide", "VERDICTS"]
 
@@ -344,21 +344,23 @@ class LabStopped(Interrupted):
 
 
 def _worker_init(stop) -> None:
-    """Pool worker start-up: remember the stop Event; ignore Ctrl-C and SIGTERM while idle (a
-    training run installs its own handlers, which finish the step and save; the parent
-    forwards the stop as SIGTERM). A worker forked after the stop would otherwise run the
-    parent's handler, inherited by the fork, and print its traceback."""
+    """Pool worker start-up: remember the stop Event, and defer Ctrl-C and SIGTERM
+    (:func:`moelab.signals.defer_signals`): one that arrives between runs, or between the
+    segments of a snapshotted run, stops the next training after its first step, with a
+    checkpoint. A training run installs its own handlers, which finish the step and save; the
+    parent forwards the stop as SIGTERM and escalates with SIGKILL. A worker forked after the
+    stop would otherwise run the parent's handler, inherited by the fork, and print its
+    traceback."""
     global _STOP
     _STOP = stop
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    defer_signals()
 
 
 def _pool_job(cfg, snapshots: int, nproc: int):
     """One pretrain job in a worker; skipped once the lab is stopping."""
     from moelab.lab import runner
 
-    if _STOP is not None and _STOP.is_set():
+    if (_STOP is not None and _STOP.is_set()) or stop_pending() is not None:
         return None
     return runner.train_cached(cfg, snapshots=snapshots, nproc=nproc)
 
