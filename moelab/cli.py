@@ -271,7 +271,22 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lab", help="run the experiment suite and report it")
     lab = p.add_subparsers(dest="lab_cmd", required=True)
     _add_lab_run(lab)
-    lab.add_parser("list", help="list the experiments").set_defaults(func=cmd_lab_list)
+    ls = lab.add_parser("list", help="list the experiments (--runs: what the run cache holds)")
+    ls.add_argument(
+        "--runs",
+        action="store_true",
+        help="also show, per experiment, its decisive runs done / resumable / stale / to train "
+        "in the run cache (runs/lab/cache); reads the cache only",
+    )
+    ls.add_argument("--quick", action="store_true", help="with --runs: the --quick size's runs")
+    ls.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="with --runs: the --threads the runs were (or will be) trained with (part of each "
+        "run's config; default: the file's)",
+    )
+    ls.set_defaults(func=cmd_lab_list)
     rep = lab.add_parser("report", help="HTML page + results/README.md from results/*")
     rep.add_argument("--results", default="results")
     rep.set_defaults(func=cmd_lab_report)
@@ -337,11 +352,20 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
 
 
 def cmd_lab_list(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from moelab.lab import describe_states, run_states
     from moelab.lab.spec import experiment_names, load_experiment
 
     for name in experiment_names():
         exp = load_experiment(name)
-        print(f"{exp.number:>3}  {name:<22} {exp.title}")
+        print(f"{exp.number:>3}  {name:<22} {exp.title}", flush=True)
+        if args.runs:
+            if args.threads:
+                exp = replace(exp, common=[*exp.common, f"train.threads={args.threads}"])
+            size = "quick" if args.quick else "decisive"
+            states = run_states(exp, quick=args.quick, decisive=not args.quick)
+            print(f"{'':>5} {size} runs: {describe_states(states)}", flush=True)
     return 0
 
 

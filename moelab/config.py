@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import numbers
@@ -57,13 +58,20 @@ def check_range(
         raise ValueError(f"{name}={value!r} is out of range; allowed: a finite number in {span}")
 
 
+@functools.cache
+def type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)``, once per class: resolving the string annotations is
+    most of the time of building a config (the lab builds thousands)."""
+    return typing.get_type_hints(cls)
+
+
 def _check_literals(obj: Any) -> None:
     """Check the type of every scalar field of a config dataclass instance: a ``Literal``
     field against its choices, a ``bool`` field for a real bool (``5`` or ``"no"`` is refused,
     not taken as true), an ``int`` field for an integer (``2.0`` and ``true`` are refused),
     a ``float`` field for a number and a ``str`` field for a string. ``X | None`` also
     accepts None. The error is one line naming the key and what is allowed."""
-    hints = typing.get_type_hints(type(obj))
+    hints = type_hints(type(obj))
     for f in dataclasses.fields(obj):
         hint, value = hints[f.name], getattr(obj, f.name)
         optional = _resolve_hint(hint) is not hint
@@ -608,7 +616,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
     """
     if not isinstance(data, dict):
         raise ValueError(f"{where or cls.__name__}: expected a table of settings, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():

@@ -211,6 +211,12 @@ def _alive(holder: dict[str, Any]) -> bool:
     return True
 
 
+def in_use(out: Path) -> bool:
+    """Whether a live process (or one on another host) holds ``OUT/train.lock``."""
+    holder = _holder(out / LOCK)
+    return holder is not None and _alive(holder)
+
+
 def _try_link(path: Path, payload: str) -> bool:
     """Create ``path`` holding ``payload`` atomically; False if it already exists."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")

@@ -152,6 +152,48 @@ def test_lab_run_quick_end_to_end(tmp_path, monkeypatch, capsys):
     assert list(res["fingerprint"]) == ["other"]
 
 
+def test_run_states_tell_done_training_resumable_stale_and_to_train(tmp_path, monkeypatch, capsys):
+    """`lab list --runs` reads the cache: a finished run is done, a folder whose lock a live
+    process holds is training, a run cut off by a signal is resumable, runs of other numerics
+    are stale, the rest are to train; `lab list --runs` prints one summary line each."""
+    import os
+    import signal
+    import socket
+
+    from moelab.lab import describe_states, fingerprint, run_states, runner
+    from moelab.signals import Interrupted
+    from moelab.train import train
+
+    monkeypatch.setattr(runner, "CACHE", tmp_path / "cache")
+    shrink = ["train.steps=3", "model.n_layers=1", "train.batch_size=4", "data.seq_len=32",
+              "train.eval_max_tokens=512", "train.log_every=1", "train.warmup_steps=1"]  # fmt: skip
+    exp = dataclasses.replace(
+        load_experiment("collapse"), quick=shrink, quick_variants=["none", "aux", "loss_free"]
+    )
+    states = lambda: run_states(exp, quick=True, decisive=False)  # noqa: E731
+    assert states() == {v: ["to train"] for v in ("none", "aux", "loss_free")}
+    runner.train_cached(exp.run_config("none", quick=True, seed=0))
+    busy = runner.CACHE / runner.run_key(exp.run_config("aux", quick=True, seed=0), 0)
+    busy.mkdir(parents=True)
+    (busy / "train.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    cut = runner.CACHE / runner.run_key(exp.run_config("loss_free", quick=True, seed=0), 0)
+    cut.mkdir()
+    fingerprint.write(cut, fingerprint.current())
+    stop = lambda step, model: step == 2 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+    with pytest.raises(Interrupted):
+        train(exp.run_config("loss_free", quick=True, seed=0), cut, progress=False, on_step=stop)
+    assert states() == {"none": ["done"], "aux": ["training"], "loss_free": ["resumable"]}
+    line = describe_states(states())
+    assert line == "1/3 done, 1 training, 1 resumable; to run: aux (seed 0), loss_free (seed 0)"
+    other = dict(fingerprint.current(), digest="other")
+    monkeypatch.setattr(fingerprint, "current", lambda: other)
+    assert states()["none"] == ["stale"]
+    args = _parse(["lab", "list", "--runs"])  # the suite's own files: nothing cached here
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "decisive runs: 0/9 done; to run: none (seeds 0, 1, 2)" in out
+
+
 def test_lookup_handles_dotted_variant_names():
     """Variant names may contain dots (`cf1.0_score`); the metric path still resolves."""
     from moelab.lab.spec import lookup

@@ -23,7 +23,7 @@ from typing import Any
 
 from moelab.errors import RunError
 from moelab.lab.spec import VERDICTS, Experiment, decide, load_experiment
-from moelab.runfolder import check_output_folder
+from moelab.runfolder import check_output_folder, in_use
 from moelab.signals import Interrupted, defer_signals, stop_pending
 
 __all__ = ["run_suite", "run_experiment", "decide", "VERDICTS"]
@@ -189,6 +189,56 @@ def _train_variants(
             runs[name], table[name] = dirs, runner.aggregate(nums)
             setup[name] = _setup(cfg, nproc)
     return runs, table, setup, stale
+
+
+RUN_STATES = ("done", "training", "resumable", "stale", "to train")
+
+
+def run_states(
+    exp: Experiment, *, quick: bool = False, decisive: bool = True, seeds: int | None = None
+) -> dict[str, list[str]]:
+    """What the run cache holds for each variant of ``exp``, seed by seed (one of
+    :data:`RUN_STATES`): ``done`` (finished by code with today's numerics fingerprint; `lab
+    run` reuses it), ``training`` (a live process holds its lock), ``resumable`` (cut off;
+    continues from its checkpoint), ``stale`` (trained by other numerics: retrained) or ``to
+    train``. Reads the cache only."""
+    from moelab.lab import runner
+
+    snapshots = int(exp.options.get("snapshots", 0))
+    snapshots = 2 if quick and snapshots else snapshots
+    n_seeds = seeds or default_seeds(exp, quick, decisive)
+    states: dict[str, list[str]] = {}
+    for name in exp.variant_names(quick):
+        nproc = exp.nproc(name)
+        row = states.setdefault(name, [])
+        for seed in range(n_seeds):
+            cfg = exp.run_config(name, quick=quick, seed=seed, decisive=decisive)
+            out = runner.CACHE / runner.run_key(cfg, snapshots, nproc)
+            if runner.is_cached(cfg, snapshots, nproc=nproc):
+                row.append("done")
+            elif in_use(out):
+                row.append("training")
+            elif runner.is_resumable(out, cfg, snapshots, nproc):
+                row.append("resumable")
+            elif runner.has_stale(cfg, snapshots, nproc=nproc):
+                row.append("stale")
+            else:
+                row.append("to train")
+    return states
+
+
+def describe_states(states: dict[str, list[str]]) -> str:
+    """One line: ``7/21 done, 1 resumable; to train: cf1.0_score (seeds 1, 2), ...``."""
+    flat = [s for row in states.values() for s in row]
+    head = f"{flat.count('done')}/{len(flat)} done" + "".join(
+        f", {flat.count(s)} {s}" for s in RUN_STATES[1:4] if s in flat
+    )
+    todo = [
+        f"{name} (seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))})"
+        for name, row in states.items()
+        if (left := [i for i, s in enumerate(row) if s != "done"])
+    ]
+    return head + (f"; to run: {', '.join(todo)}" if todo else "")
 
 
 def _analyse(exp: Experiment, runs: dict[str, list[Path]], table: dict[str, Any]):

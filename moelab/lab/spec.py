@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moelab.config import load_toml
+from moelab.config import load_toml, type_hints
 from moelab.lab import stats
 from moelab.runconfig import RunConfig, build_config, load_config_dict
 
@@ -280,7 +280,7 @@ def _table(cls: type, data: Any, where: str) -> Any:
 def _check_types(cls: type, data: dict[str, Any], where: str) -> None:
     """Every value of ``data`` of the type its field of ``cls`` declares, else one
     ``ValueError`` naming ``where``, the key and the expected type."""
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     for key, value in data.items():
         if not _fits(hints[key], value):
             raise ValueError(
