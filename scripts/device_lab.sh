@@ -18,8 +18,9 @@ TRAIN_S=${1:?give the seconds to train for}
 JOBS=${2:-8}
 PY=${PYTHON:-python3}
 THREADS=${THREADS:-2}
-DEFAULT_EXPERIMENTS=$(grep -l '^\[decisive\]' experiments/*.toml | xargs -n1 basename | sed 's/\.toml$//')
+DEFAULT_EXPERIMENTS=$(grep -l '^\[decisive\]' moelab/lab/experiments/*.toml | xargs -n1 basename | sed 's/\.toml$//')
 read -r -a NAMES <<<"${EXPERIMENTS:-$(echo "$DEFAULT_EXPERIMENTS" | tr '\n' ' ')}"
+if [ "${#NAMES[@]}" -eq 0 ]; then echo "device_lab.sh: no experiments to run (EXPERIMENTS empty, none in moelab/lab/experiments)" >&2; exit 2; fi
 SIZE=(--decisive)
 if [ "${DRY_RUN:-0}" = "1" ]; then SIZE=(--quick); fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
