@@ -111,12 +111,15 @@ def train(
     on_step: StepHook | None = None,
     overwrite: bool = False,
     allow_change: tuple[str, ...] = (),
+    ckpt_every: int | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` writing metrics.jsonl, config.json, checkpoints and summary.json to
     ``out_dir``; returns the summary. ``max_steps`` stops early (the schedule still spans
     ``train.steps``); ``resume`` continues from the latest checkpoint in ``out_dir``, or starts
     fresh when there is none yet (so one command line serves a first run and its restarts).
-    ``on_step(step, model)`` runs before every optimizer step.
+    ``on_step(step, model)`` runs before every optimizer step. ``ckpt_every`` replaces
+    ``train.ckpt_every`` for this call without entering the recorded config (a checkpoint
+    changes no number: resume is exact); the lab uses it so that a killed run resumes.
 
     The run folder is guarded (:mod:`moelab.runfolder`): one writer at a time, a folder holding
     another run is refused unless ``resume`` or ``overwrite``, and a resume must keep the
@@ -139,11 +142,12 @@ def train(
             resume = False
         elif not resume and world.is_main:
             runfolder.check_new_run(out, overwrite=overwrite)
-        args = (resume, max_steps, progress, on_step, tuple(allow_change))
+        every = cfg.train.ckpt_every if ckpt_every is None else ckpt_every
+        args = (resume, max_steps, progress, on_step, tuple(allow_change), every)
         return _train(cfg, out, world, dev, *args)
 
 
-def _train(cfg, out, world, dev, resume, max_steps, progress, on_step, allow_change) -> dict:
+def _train(cfg, out, world, dev, resume, max_steps, progress, on_step, allow_change, every):
     """The body of :func:`train`, run while holding the folder's lock."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -169,7 +173,7 @@ def _train(cfg, out, world, dev, resume, max_steps, progress, on_step, allow_cha
     hooks = [h for h in (on_step, _injected_crash()) if h is not None]
     try:
         with stop_on_signals() as flag:
-            return _loop(st, _RunIO(corpus, log, out, stop, progress, hooks, flag))
+            return _loop(st, _RunIO(corpus, log, out, stop, progress, hooks, flag, every))
     finally:
         log.close()
 
@@ -240,7 +244,7 @@ def _global_batch(cfg: RunConfig, world: World) -> int:
 class _RunIO:
     """What the loop writes to and listens to, besides the trainer state: the corpus (for
     evaluation), the metrics log, the run folder, the step to stop at, the progress bar
-    switch, the step hooks and the stop-signal flag."""
+    switch, the step hooks, the stop-signal flag and the checkpoint cadence."""
 
     corpus: Corpus
     log: MetricsLog
@@ -249,6 +253,7 @@ class _RunIO:
     progress: bool
     hooks: list[StepHook]
     flag: StopFlag
+    ckpt_every: int
 
 
 def _loop(st: TrainerState, io: _RunIO) -> dict[str, Any]:
@@ -284,7 +289,7 @@ def _loop(st: TrainerState, io: _RunIO) -> dict[str, Any]:
         if _due(done, cfg.train.eval_every, io.stop):
             last_eval = _evaluate(st, io.corpus)
             io.log.write({"step": done, **last_eval})
-        saved = _due(done, cfg.train.ckpt_every, io.stop)
+        saved = _due(done, io.ckpt_every, io.stop)
         if saved:
             st.save(io.out)
         bar.update(1)

@@ -155,7 +155,8 @@ def test_lab_run_quick_end_to_end(tmp_path, monkeypatch, capsys):
 def test_run_states_tell_done_training_resumable_stale_and_to_train(tmp_path, monkeypatch, capsys):
     """`lab list --runs` reads the cache: a finished run is done, a folder whose lock a live
     process holds is training, a run cut off by a signal is resumable, runs of other numerics
-    are stale, the rest are to train; `lab list --runs` prints one summary line each."""
+    are stale, the rest are to train; `lab list --runs` prints one summary line each. Lab runs
+    checkpoint every LAB_CKPT_EVERY steps, so that a killed one resumes."""
     import os
     import signal
     import socket
@@ -172,7 +173,9 @@ def test_run_states_tell_done_training_resumable_stale_and_to_train(tmp_path, mo
     )
     states = lambda: run_states(exp, quick=True, decisive=False)  # noqa: E731
     assert states() == {v: ["to train"] for v in ("none", "aux", "loss_free")}
-    runner.train_cached(exp.run_config("none", quick=True, seed=0))
+    monkeypatch.setattr(runner, "LAB_CKPT_EVERY", 2)  # lab runs checkpoint on their own
+    done = runner.train_cached(exp.run_config("none", quick=True, seed=0))
+    assert (done / "ckpt-000002.pt").exists() and (done / "ckpt-000003.pt").exists()
     busy = runner.CACHE / runner.run_key(exp.run_config("aux", quick=True, seed=0), 0)
     busy.mkdir(parents=True)
     (busy / "train.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))

@@ -256,6 +256,17 @@ def test_resume_on_other_text_under_the_same_path_is_refused(micro_cfg, tmp_path
         train(cfg, tmp_path / "run", resume=True, progress=False)
 
 
+def test_ckpt_every_given_to_train_checkpoints_without_entering_the_config(micro_cfg, tmp_path):
+    """``train(..., ckpt_every=N)`` (the lab's periodic checkpoints) saves every N steps while
+    config.json keeps the config's own train.ckpt_every, so a resume accepts it."""
+    cfg = micro_cfg(*FAST, "train.steps=5", "train.keep_checkpoints=5")
+    train(cfg, tmp_path / "run", progress=False, ckpt_every=2)
+    saved = sorted(p.name for p in (tmp_path / "run").glob("ckpt-*.pt"))
+    assert saved == ["ckpt-000002.pt", "ckpt-000004.pt", "ckpt-000005.pt"]
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["train"]["ckpt_every"] == cfg.train.ckpt_every == 0
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_saves_the_step_and_resumes_exactly(micro_cfg, tmp_path, signum):
     """SIGINT or SIGTERM during step 3 finishes that step, saves a checkpoint at it (with the

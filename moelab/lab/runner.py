@@ -185,6 +185,16 @@ def is_resumable(out: Path, cfg: RunConfig, snapshots: int = 0, nproc: int = 1) 
     )
 
 
+LAB_CKPT_EVERY = 100  # steps between checkpoints of a lab run whose config sets none
+
+
+def _ckpt_every(cfg: RunConfig) -> int:
+    """A lab run checkpoints every :data:`LAB_CKPT_EVERY` steps unless its config says how
+    often (outside the config, so the run's cache key stays): a run killed outright (a
+    session's end) resumes from there instead of starting over."""
+    return cfg.train.ckpt_every or LAB_CKPT_EVERY
+
+
 def _train(cfg: RunConfig, out: Path, snapshots: int, nproc: int, resume: bool = False) -> None:
     """Train ``cfg`` into ``out``: under torchrun, in one go, or in ``snapshots`` segments;
     ``resume`` continues an unfinished single-process run from its latest checkpoint."""
@@ -193,7 +203,7 @@ def _train(cfg: RunConfig, out: Path, snapshots: int, nproc: int, resume: bool =
             raise ValueError("lab: snapshots are not supported for torchrun (nproc > 1) runs")
         torchrun_train(cfg, out, nproc)
     elif not snapshots:
-        train(cfg, out, resume=resume, progress=False)
+        train(cfg, out, resume=resume, progress=False, ckpt_every=_ckpt_every(cfg))
     else:
         _train_segments(cfg, out, _snapshot_steps(cfg.train.steps, snapshots), resume)
 
@@ -207,7 +217,8 @@ def _train_segments(cfg: RunConfig, out: Path, steps: list[int], resume: bool) -
     for i, stop in enumerate(steps):
         if i < len(snaps):
             continue
-        train(cfg, out, resume=resume or i > 0, max_steps=stop, progress=False)
+        every = _ckpt_every(cfg)
+        train(cfg, out, resume=resume or i > 0, max_steps=stop, progress=False, ckpt_every=every)
         run = load_trained(out)
         snaps.append([e for e, _ in route_stream(run.model, val_stream(run.corpus, cfg))])
         torch.save({"steps": steps[: len(snaps)], "experts": snaps}, partial)
