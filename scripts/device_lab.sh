@@ -40,19 +40,26 @@ done
 kill -- -"$PID" 2>/dev/null
 sleep 2
 
-# Run folders finished since the start (a summary.json newer than the stamp).
-mapfile -t DONE < <(find runs/lab/cache -mindepth 2 -maxdepth 2 -name summary.json -newer "$STAMP" -printf '%h\n' | sort)
-"$PY" - "$OUT/lab_runs.json" "${DONE[@]}" <<'PY'
+# Run folders finished since the start: a summary.json newer than the stamp, at the config's
+# last step (a snapshotted run writes one after every segment) and no partial snapshots left.
+mapfile -t TOUCHED < <(find runs/lab/cache -mindepth 2 -maxdepth 2 -name summary.json -newer "$STAMP" -printf '%h\n' | sort)
+mapfile -t DONE < <("$PY" - "$OUT/lab_runs.json" "${TOUCHED[@]}" <<'PY'
 import json, sys
 from pathlib import Path
+
+from moelab.lab.runner import finished
 
 out, dirs = Path(sys.argv[1]), [Path(d) for d in sys.argv[2:]]
 runs = {}
 for d in dirs:
+    if not finished(d):
+        continue  # e.g. one segment of a snapshotted run
     summary = json.loads((d / "summary.json").read_text())
     runs[d.name] = {k: summary.get(k) for k in ("steps", "val_loss", "device", "seconds")}
+    print(d)
 out.write_text(json.dumps({"finished": len(runs), "runs": runs}, indent=2) + "\n")
 PY
+)
 if [ "${#DONE[@]}" -gt 0 ]; then
   tar czf "$OUT/lab_runs.tgz" --exclude='ckpt-*.pt' --exclude='events.out.tfevents.*' \
     --exclude='*.lock' "${DONE[@]}"

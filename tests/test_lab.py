@@ -197,6 +197,26 @@ def test_run_states_tell_done_training_resumable_stale_and_to_train(tmp_path, mo
     assert "decisive runs: 0/9 done; to run: none (seeds 0, 1, 2)" in out
 
 
+def test_finished_tells_a_whole_run_from_one_segment(tmp_path):
+    """The device script returns folders that `finished` accepts: summary.json at the
+    config's last step and no partial snapshots (a segment writes a summary too)."""
+    from moelab.lab.runner import finished
+
+    def folder(name: str, at: int, partial: bool = False):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"train": {"steps": 1000}}))
+        (d / "summary.json").write_text(json.dumps({"steps": at}))
+        if partial:
+            (d / "snapshots.partial.pt").write_bytes(b"")
+        return d
+
+    assert finished(folder("whole", 1000))
+    assert not finished(folder("segment", 450, partial=True))
+    assert not finished(folder("last_segment_routing", 1000, partial=True))
+    assert not finished(tmp_path / "missing")
+
+
 def test_lookup_handles_dotted_variant_names():
     """Variant names may contain dots (`cf1.0_score`); the metric path still resolves."""
     from moelab.lab.spec import lookup

@@ -132,7 +132,20 @@ def is_cached(
 
 def is_done(out: Path, snapshots: int = 0) -> bool:
     """``out`` holds a finished run (and its routing snapshots, where it takes any)."""
-    return (out / "summary.json").exists() and (not snapshots or (out / "snapshots.pt").exists())
+    return finished(out) and (not snapshots or (out / "snapshots.pt").exists())
+
+
+def finished(out: Path) -> bool:
+    """Whether ``out`` holds a run trained to its config's last step, with its routing
+    snapshots where it takes any: a snapshotted run writes summary.json after each segment and
+    keeps ``snapshots.partial.pt`` until the last (for folders whose experiment is unknown,
+    e.g. the ones a device run sends back)."""
+    try:
+        steps = json.loads((out / "config.json").read_text())["train"]["steps"]
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return False
+    return summary.get("steps") == steps and not (out / "snapshots.partial.pt").exists()
 
 
 def has_stale(
@@ -140,7 +153,7 @@ def has_stale(
 ) -> bool:
     """A finished run of ``cfg`` exists but was trained by code with another fingerprint."""
     out = (cache or CACHE) / run_key(cfg, snapshots, nproc)
-    return (out / "summary.json").exists() and is_stale(out)
+    return is_done(out, snapshots) and is_stale(out)
 
 
 def train_cached(
