@@ -275,8 +275,8 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     ls.add_argument(
         "--runs",
         action="store_true",
-        help="also show, per experiment, its decisive runs done / resumable / stale / to train "
-        "in the run cache (runs/lab/cache); reads the cache only",
+        help="also show, per experiment, its decisive runs done / training / resumable / stale "
+        "/ to train in the run cache (runs/lab/cache); reads the cache only",
     )
     ls.add_argument("--quick", action="store_true", help="with --runs: the --quick size's runs")
     ls.add_argument(
@@ -352,17 +352,14 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
 
 
 def cmd_lab_list(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from moelab.lab import describe_states, run_states
+    from moelab.lab import describe_states, run_states, with_threads
     from moelab.lab.spec import experiment_names, load_experiment
 
     for name in experiment_names():
         exp = load_experiment(name)
         print(f"{exp.number:>3}  {name:<22} {exp.title}", flush=True)
         if args.runs:
-            if args.threads:
-                exp = replace(exp, common=[*exp.common, f"train.threads={args.threads}"])
+            exp = with_threads(exp, args.threads)
             size = "quick" if args.quick else "decisive"
             states = run_states(exp, quick=args.quick, decisive=not args.quick)
             print(f"{'':>5} {size} runs: {describe_states(states)}", flush=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 from moelab.errors import RunError
 from moelab.lab.spec import VERDICTS, Experiment, decide, load_experiment
-from moelab.runfolder import check_output_folder, in_use
+from moelab.runfolder import check_output_folder
 from moelab.signals import Interrupted, defer_signals, stop_pending
 
 __all__ = ["run_suite", "run_experiment", "decide", "VERDICTS"]
@@ -153,6 +153,18 @@ def default_seeds(exp: Experiment, quick: bool, decisive: bool) -> int:
     return exp.decisive.seeds if decisive and exp.decisive else exp.seeds
 
 
+def snapshot_count(exp: Experiment, quick: bool) -> int:
+    """Routing snapshots per run of ``exp``: its ``snapshots`` option, 2 at the quick size."""
+    n = int(exp.options.get("snapshots", 0))
+    return 2 if quick and n else n
+
+
+def with_threads(exp: Experiment, threads: int) -> Experiment:
+    """``exp`` with ``train.threads`` set for every run (0: the file's); part of each run's
+    config, hence of its cache key."""
+    return replace(exp, common=[*exp.common, f"train.threads={threads}"]) if threads else exp
+
+
 def _train_variants(
     exp: Experiment,
     names: list[str],
@@ -165,8 +177,7 @@ def _train_variants(
     the runs whose cached folder was trained by other moelab code."""
     from moelab.lab import runner
 
-    snapshots = int(exp.options.get("snapshots", 0))
-    snapshots = 2 if quick and snapshots else snapshots
+    snapshots = snapshot_count(exp, quick)
     runs: dict[str, list[Path]] = {}
     table: dict[str, Any] = {}
     setup: dict[str, Any] = {}
@@ -204,8 +215,7 @@ def run_states(
     train``. Reads the cache only."""
     from moelab.lab import runner
 
-    snapshots = int(exp.options.get("snapshots", 0))
-    snapshots = 2 if quick and snapshots else snapshots
+    snapshots = snapshot_count(exp, quick)
     n_seeds = seeds or default_seeds(exp, quick, decisive)
     states: dict[str, list[str]] = {}
     for name in exp.variant_names(quick):
@@ -213,22 +223,13 @@ def run_states(
         row = states.setdefault(name, [])
         for seed in range(n_seeds):
             cfg = exp.run_config(name, quick=quick, seed=seed, decisive=decisive)
-            out = runner.CACHE / runner.run_key(cfg, snapshots, nproc)
-            if runner.is_cached(cfg, snapshots, nproc=nproc):
-                row.append("done")
-            elif in_use(out):
-                row.append("training")
-            elif runner.is_resumable(out, cfg, snapshots, nproc):
-                row.append("resumable")
-            elif runner.has_stale(cfg, snapshots, nproc=nproc):
-                row.append("stale")
-            else:
-                row.append("to train")
+            row.append(runner.run_state(cfg, snapshots, nproc=nproc))
     return states
 
 
 def describe_states(states: dict[str, list[str]]) -> str:
-    """One line: ``7/21 done, 1 resumable; to train: cf1.0_score (seeds 1, 2), ...``."""
+    """One line: ``7/21 done, 1 resumable; to run: cf1.0_score (seeds 1, 2), ...`` (every
+    run not done is to run: the training, resumable and stale ones too)."""
     flat = [s for row in states.values() for s in row]
     head = f"{flat.count('done')}/{len(flat)} done" + "".join(
         f", {flat.count(s)} {s}" for s in RUN_STATES[1:4] if s in flat
@@ -351,8 +352,7 @@ def pretrain(
     todo = {}  # seed-major: an interrupted pretrain still has every variant's first seed
     for seed in range(max(n_seeds(exp) for exp, _ in jobs)):
         for exp, variants in jobs:
-            snaps = int(exp.options.get("snapshots", 0))
-            snaps = 2 if quick and snaps else snaps
+            snaps = snapshot_count(exp, quick)
             if seed >= n_seeds(exp):
                 continue
             for v in variants:
@@ -535,8 +535,7 @@ def _run_suite(
 ) -> None:
     _check_suite_options(seeds, jobs, quick, decisive, cached_only, pretrain_only)
     exps = [load_experiment(n) for n in names]
-    if threads:  # part of each run's config, hence of its cache key
-        exps = [replace(e, common=[*e.common, f"train.threads={threads}"]) for e in exps]
+    exps = [with_threads(e, threads) for e in exps]
     if rescore:
         for exp in exps:
             path = Path(out or f"results/{exp.name}") / "result.json"

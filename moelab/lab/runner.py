@@ -34,6 +34,7 @@ from moelab.inspect import load_trained
 from moelab.lab import fingerprint, stats
 from moelab.logs import read_rows
 from moelab.runconfig import RunConfig, build_config
+from moelab.runfolder import in_use
 from moelab.train import train
 
 CACHE = Path("runs/lab/cache")
@@ -136,16 +137,31 @@ def is_done(out: Path, snapshots: int = 0) -> bool:
 
 
 def finished(out: Path) -> bool:
-    """Whether ``out`` holds a run trained to its config's last step, with its routing
-    snapshots where it takes any: a snapshotted run writes summary.json after each segment and
-    keeps ``snapshots.partial.pt`` until the last (for folders whose experiment is unknown,
-    e.g. the ones a device run sends back)."""
+    """Whether ``out`` holds a run trained to its config's last step with no partial routing
+    snapshots left: a snapshotted run writes summary.json after each segment and keeps
+    ``snapshots.partial.pt`` until the last. Needs no experiment, so it serves folders a
+    device run sends back; :func:`is_done` adds the check for ``snapshots.pt``."""
     try:
         steps = json.loads((out / "config.json").read_text())["train"]["steps"]
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError, KeyError):
         return False
     return summary.get("steps") == steps and not (out / "snapshots.partial.pt").exists()
+
+
+def run_state(cfg: RunConfig, snapshots: int = 0, cache: Path | None = None, nproc: int = 1) -> str:
+    """What the cache holds for ``cfg`` (one of ``moelab.lab.RUN_STATES``): ``done`` (what
+    :func:`is_cached` reuses), ``training`` (a live process holds its lock), ``resumable``
+    (:func:`is_resumable`), ``stale`` (:func:`has_stale`: retrained) or ``to train``."""
+    out = (cache or CACHE) / run_key(cfg, snapshots, nproc)
+    done = is_done(out, snapshots)
+    if done and not is_stale(out) and same_config(out, cfg):
+        return "done"
+    if in_use(out):
+        return "training"
+    if is_resumable(out, cfg, snapshots, nproc):
+        return "resumable"
+    return "stale" if done and is_stale(out) else "to train"
 
 
 def has_stale(
@@ -227,10 +243,10 @@ def _train_segments(cfg: RunConfig, out: Path, steps: list[int], resume: bool) -
     every segment, so that a resumed run skips the segments it has routed already."""
     partial = out / "snapshots.partial.pt"
     snaps = torch.load(partial)["experts"] if resume and partial.exists() else []
+    every = _ckpt_every(cfg)
     for i, stop in enumerate(steps):
         if i < len(snaps):
             continue
-        every = _ckpt_every(cfg)
         train(cfg, out, resume=resume or i > 0, max_steps=stop, progress=False, ckpt_every=every)
         run = load_trained(out)
         snaps.append([e for e, _ in route_stream(run.model, val_stream(run.corpus, cfg))])
