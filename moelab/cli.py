@@ -76,6 +76,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     steps = args.max_steps
     if steps is not None and steps < 1:
         raise ValueError(f"--max-steps {steps} is out of range; allowed: an integer >= 1")
+    if args.ckpt_every is not None and args.ckpt_every < 0:
+        raise ValueError(
+            f"--ckpt-every {args.ckpt_every} is out of range; allowed: 0 (only at the end) "
+            "or an integer >= 1"
+        )
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other; allowed: one of them")
     cfg = _config(args)
@@ -89,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         overwrite=args.overwrite,
         allow_change=tuple(args.allow_change),
+        ckpt_every=args.ckpt_every,
     )
     if summary and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 only
         keys = ("steps", "val_loss", "maxvio_global", "mi")
@@ -179,6 +185,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--max-steps", type=int, help="stop after N steps (checkpoint written)")
     p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    p.add_argument(
+        "--ckpt-every",
+        type=int,
+        metavar="N",
+        help="checkpoint every N steps in this call, without entering the recorded config "
+        "(default: train.ckpt_every); a checkpoint changes no number",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -151,6 +151,7 @@ def test_run_folder_misuse_gives_one_line_and_loses_nothing(tmp_path):
         (["--max-steps", "0"], "--max-steps 0 is out of range"),
         (["--max-steps", "-1", "--resume"], "--max-steps -1 is out of range"),
         (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+        (["--resume", "--ckpt-every", "-1"], "--ckpt-every -1 is out of range"),
         (["--resume", "--max-steps", "2"], "checkpoint in"),
         (["--resume", "--set", "train.lr=0.5"], "train.lr 0.01 -> 0.5"),
         (["--lock"], f"in use by process {os.getpid()}"),
@@ -165,6 +166,18 @@ def test_run_folder_misuse_gives_one_line_and_loses_nothing(tmp_path):
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before, extra
     line = _error(run("eval", str(out), "--max-tokens", "-1", check=False))
     assert "--max-tokens -1 is out of range" in line
+
+
+def test_ckpt_every_checkpoints_without_entering_the_recorded_config(tmp_path):
+    """`--ckpt-every N` (what the lab passes to its torchrun variants) saves every N steps;
+    config.json keeps the config's own train.ckpt_every, so a resume sees no change."""
+    out = tmp_path / "run"
+    base = ["train", "--config", MICRO, "--quiet", "--set", "train.eval_every=0", "--out"]
+    run(*base, str(out), "--max-steps", "4", "--ckpt-every", "2")
+    names = sorted(p.name for p in out.glob("ckpt-*.pt"))
+    assert names[-2:] == ["ckpt-000002.pt", "ckpt-000004.pt"]
+    assert json.loads((out / "config.json").read_text())["train"]["ckpt_every"] == 0
+    run(*base, str(out), "--max-steps", "5", "--resume")
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):

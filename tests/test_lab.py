@@ -655,3 +655,44 @@ def test_a_lab_run_cut_off_by_a_signal_resumes_to_the_uninterrupted_numbers(
     monkeypatch.setattr(fingerprint, "current", lambda: dict(fingerprint.read(out), digest="x"))
     runner.train_cached(cfg, snapshots=snapshots, cache=tmp_path / "other")
     assert len(list((tmp_path / "other").glob("*.stale-*"))) == 1
+
+
+@pytest.mark.slow
+def test_a_torchrun_lab_run_stopped_in_a_worker_resumes_to_the_uninterrupted_numbers(
+    tmp_path, monkeypatch, capsys
+):
+    """A torchrun variant (EP=2, per-rank batches) checkpoints like any lab run: a stop that a
+    pool worker deferred is forwarded to torchrun, the ranks save and stop, and the next
+    `lab run` resumes the run in the same layout to the numbers of an uninterrupted one."""
+    import signal
+
+    from moelab import checkpoint, signals
+    from moelab.lab import runner
+    from moelab.runconfig import build_config, load_config_dict
+
+    shrink = ["train.steps=300", "model.n_layers=1", "train.batch_size=2", "data.seq_len=32",
+              "train.eval_max_tokens=512", "train.log_every=1", "train.warmup_steps=1",
+              "train.threads=1", "train.tensorboard=false", "train.eval_every=0",
+              "parallel.ep=2", "parallel.batch='per_rank'",
+              "model.moe.balance.bias_rate=0.001"]  # fmt: skip
+    cfg = build_config(load_config_dict("tiny"), shrink)
+    whole = runner.train_cached(cfg, cache=tmp_path / "whole", nproc=2)
+    cut = tmp_path / "cut" / runner.run_key(cfg, 0, 2)
+
+    def pending():  # the worker's deferred SIGTERM, once the ranks are training
+        rows = cut / "metrics.jsonl"
+        started = rows.exists() and len(rows.read_text().splitlines()) >= 3
+        return signal.SIGTERM if started else None
+
+    monkeypatch.setattr(signals, "stop_pending", pending)
+    with pytest.raises(RuntimeError, match="was stopped"):
+        runner.train_cached(cfg, cache=tmp_path / "cut", nproc=2)
+    monkeypatch.undo()
+    assert 3 <= checkpoint.latest(cut)["step"] < 300
+    assert runner.run_state(cfg, 0, tmp_path / "cut", 2) == "resumable"
+    out = runner.train_cached(cfg, cache=tmp_path / "cut", nproc=2)
+    assert "resuming it" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    key = ("step", "loss", "aux_loss")
+    assert [[r.get(k) for k in key] for r in rows] == [[r.get(k) for k in key] for r in want]

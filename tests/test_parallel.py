@@ -310,11 +310,13 @@ def test_dead_or_hung_peer_fails_with_a_clear_error_within_the_timeout(mode):
 # ----------------------------------------------------------------------------- the trainer
 
 
-def _train_worker(rank: int, cfg_dict: dict, out: str, steps: int) -> list[float]:
+def _train_worker(
+    rank: int, cfg_dict: dict, out: str, steps: int, resume: bool = False
+) -> list[float]:
     from moelab.runconfig import build_config
     from moelab.train import train
 
-    train(build_config(cfg_dict), out, max_steps=steps, progress=False)
+    train(build_config(cfg_dict), out, max_steps=steps, resume=resume, progress=False)
     return []
 
 
@@ -374,6 +376,27 @@ def test_training_under_ep2_matches_one_process_and_checkpoints_cross_layouts(mi
     # The EP=2 checkpoint (single-process layout) resumes in one process.
     train(cfg1, ep_out, resume=True, max_steps=steps, progress=False)
     torch.testing.assert_close(_losses(ep_out), one, rtol=1e-4, atol=0)
+
+
+@pytest.mark.slow
+def test_an_ep2_run_resumed_under_ep2_matches_the_uninterrupted_one(micro_cfg, tmp_path):
+    """The lab's torchrun arms (per-rank batches, loss-free bias, EP=2) checkpoint and resume
+    in the same layout: 3 steps + 3 resumed = 6 uninterrupted, bit for bit (losses, biases)."""
+    from moelab.checkpoint import latest
+    from moelab.config import to_dict
+
+    sets = [*TRAIN_SETS, "parallel.ep=2", "parallel.batch='per_rank'", "train.batch_size=2"]
+    cfg = to_dict(micro_cfg(*sets, "parallel.timeout_s=60"))
+    env = {"MOELAB_CACHE": os.environ["MOELAB_CACHE"]}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    values(spawn(2, _train_worker, cfg, str(whole), 6, timeout=120, env=env), 2)
+    values(spawn(2, _train_worker, cfg, str(cut), 3, timeout=120, env=env), 2)
+    values(spawn(2, _train_worker, cfg, str(cut), 6, True, timeout=120, env=env), 2)
+    assert _losses(cut) == _losses(whole) and len(_losses(whole)) == 6
+    a, b = (torch.load(d / latest(d)["file"], weights_only=False)["model"] for d in (whole, cut))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_the_backend_follows_the_run_device():

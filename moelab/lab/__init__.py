@@ -387,7 +387,7 @@ class LabStopped(Interrupted):
         RunError.__init__(
             self,
             f"stopped by {signal.Signals(signum).name}; finished runs stay cached (the next "
-            "`lab run` resumes an unfinished single-process run from its checkpoint)",
+            "`lab run` resumes an unfinished run from its checkpoint)",
         )
         self.signum = signum
         self.exit_code = 130 if signum == signal.SIGINT else 143

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moelab import checkpoint, metrics
+from moelab import checkpoint, metrics, signals
 from moelab.config import to_dict
 from moelab.inspect import load_trained
 from moelab.lab import fingerprint, stats
@@ -176,9 +177,10 @@ def train_cached(
     cfg: RunConfig, *, snapshots: int = 0, cache: Path | None = None, nproc: int = 1
 ) -> Path:
     """Train ``cfg`` unless an identical finished run with today's fingerprint exists; returns
-    the run folder. An unfinished single-process run of the same config, started by code with
-    today's fingerprint, resumes from its latest checkpoint (exact resume: the same numbers as
-    one uninterrupted run); any other folder there is moved aside and retrained.
+    the run folder. An unfinished run of the same config (in one process or under torchrun),
+    started by code with today's fingerprint, resumes from its latest checkpoint (exact
+    resume: the same numbers as one uninterrupted run); any other folder there is moved aside
+    and retrained.
 
     ``nproc`` > 1 trains under torchrun with that many processes (``parallel`` decides the
     layout, e.g. ``parallel.batch = "per_rank"``: more ranks, larger computation batch)."""
@@ -202,12 +204,12 @@ def train_cached(
 
 
 def is_resumable(out: Path, cfg: RunConfig, snapshots: int = 0, nproc: int = 1) -> bool:
-    """``out`` holds an unfinished single-process run of ``cfg`` whose recorded fingerprint
-    (written when it started) matches today's code: it can continue instead of restarting."""
+    """``out`` holds an unfinished run of ``cfg`` whose recorded fingerprint (written when it
+    started) matches today's code: it can continue instead of restarting (under torchrun in
+    the same layout too: tests/test_parallel.py resumes EP=2 bit for bit)."""
     return (
         out.is_dir()
         and not is_done(out, snapshots)
-        and nproc == 1
         and checkpoint.latest(out) is not None
         and same_config(out, cfg)
         and not is_stale(out)
@@ -226,11 +228,11 @@ def _ckpt_every(cfg: RunConfig) -> int:
 
 def _train(cfg: RunConfig, out: Path, snapshots: int, nproc: int, resume: bool = False) -> None:
     """Train ``cfg`` into ``out``: under torchrun, in one go, or in ``snapshots`` segments;
-    ``resume`` continues an unfinished single-process run from its latest checkpoint."""
+    ``resume`` continues an unfinished run from its latest checkpoint."""
     if nproc > 1:
         if snapshots:
             raise ValueError("lab: snapshots are not supported for torchrun (nproc > 1) runs")
-        torchrun_train(cfg, out, nproc)
+        torchrun_train(cfg, out, nproc, resume)
     elif not snapshots:
         train(cfg, out, resume=resume, progress=False, ckpt_every=_ckpt_every(cfg))
     else:
@@ -255,19 +257,32 @@ def _train_segments(cfg: RunConfig, out: Path, steps: list[int], resume: bool) -
     partial.unlink()
 
 
-def torchrun_train(cfg: RunConfig, out: Path, nproc: int) -> None:
+def torchrun_train(cfg: RunConfig, out: Path, nproc: int, resume: bool = False) -> None:
     """``torchrun --standalone --nproc-per-node nproc -m moelab train`` on ``cfg`` (passed as
-    the resolved config.json); a failed launch raises with the end of its output."""
+    the resolved config.json), checkpointing every :data:`LAB_CKPT_EVERY` steps; ``resume``
+    continues from the latest checkpoint. A stop that a pool worker deferred
+    (:func:`moelab.signals.stop_pending`) is forwarded once as SIGTERM: torchrun passes it
+    on, the ranks save and stop together. A failed launch raises with the end of its output."""
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg_file = out.parent / f"{out.name}.config.json"
     cfg_file.write_text(json.dumps(to_dict(cfg), indent=1))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "moelab", "train", "--config", str(cfg_file),
-           "--out", str(out), "--quiet"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           "--out", str(out), "--quiet", "--ckpt-every", str(_ckpt_every(cfg)),
+           *(["--resume"] if resume else [])]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, forwarded = "", False
+    while True:
+        try:
+            output, _ = proc.communicate(timeout=1.0)  # a retry loses no output
+            break
+        except subprocess.TimeoutExpired:
+            if not forwarded and signals.stop_pending() is not None:
+                proc.send_signal(signal.SIGTERM)
+                forwarded = True
     if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-2000:]
-        raise RuntimeError(f"lab: torchrun with {nproc} processes failed:\n{tail}")
+        why = "was stopped (the next lab run resumes it)" if forwarded else "failed"
+        raise RuntimeError(f"lab: torchrun with {nproc} processes {why}:\n{output[-2000:]}")
 
 
 def _snapshot_steps(total: int, n: int) -> list[int]:
