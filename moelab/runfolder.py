@@ -3,9 +3,11 @@ what a resumed run may change.
 
 Guarantees (docs/reliability.md):
 
-- **One writer.** ``lock(out)`` holds ``OUT/train.lock`` (the holder's PID and host) for the
-  whole run; a second ``moelab train`` on the folder is refused naming the holder. A lock left
-  by a process that no longer runs on this host is stale and taken over with a note.
+- **One writer.** ``lock(out)`` holds ``OUT/train.lock`` (the holder's PID, host and, on
+  Linux, the boot and start time of that PID) for the whole run; a second ``moelab train`` on
+  the folder is refused naming the holder. A lock left by a process that no longer runs on this
+  host is stale and taken over with a note; so is one whose PID now names another process (a
+  reboot or a new container restarts PIDs, so an old lock's PID may be alive and unrelated).
 - **Nothing replaced by accident.** A folder that holds a run (a config, metrics, a summary or a
   checkpoint) is refused for a new run unless it is resumed or ``overwrite`` is asked for; an
   overwrite removes the old run's checkpoints first, so none of them is later resumed by mistake.
@@ -198,8 +200,20 @@ def _holder(path: Path) -> dict[str, Any] | None:
     return data if ok else None
 
 
+def _started(pid: int) -> str | None:
+    """``"BOOT_ID:START"`` naming one process for good (Linux: the kernel's boot id and the
+    PID's start time in clock ticks, field 22 of /proc/PID/stat); None where unknown."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # after the command name "(...)"
+
+
 def _alive(holder: dict[str, Any]) -> bool:
-    """Whether the holder may still run: always on another host (it cannot be asked)."""
+    """Whether the holder may still run: always on another host (it cannot be asked); on this
+    host while its PID runs and, where the lock records it, is the same process."""
     if holder.get("host") != socket.gethostname():
         return True
     try:
@@ -207,8 +221,9 @@ def _alive(holder: dict[str, Any]) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+        pass
+    recorded, now = holder.get("started"), _started(holder["pid"])
+    return recorded is None or now is None or recorded == now
 
 
 def in_use(out: Path) -> bool:
@@ -233,7 +248,7 @@ def _try_link(path: Path, payload: str) -> bool:
 def acquire(out: Path) -> Path:
     """Take ``OUT/train.lock`` for this process; raise RunError naming a live holder."""
     path = out / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _started(os.getpid())}
     for _ in range(3):
         if _try_link(path, json.dumps(me)):
             return path

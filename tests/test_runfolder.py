@@ -39,7 +39,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     release it can be taken."""
     with runfolder.lock(tmp_path):
         holder = json.loads((tmp_path / runfolder.LOCK).read_text())
-        assert holder == {"pid": os.getpid(), "host": socket.gethostname()}
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
         with pytest.raises(RunError, match=f"in use by process {os.getpid()}"):
             runfolder.acquire(tmp_path)
     assert not (tmp_path / runfolder.LOCK).exists()
@@ -58,6 +58,23 @@ def test_a_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
     lock.write_text('{"pi')
     runfolder.release(runfolder.acquire(tmp_path))
     assert "unreadable holder" in capsys.readouterr().err
+
+
+def test_a_lock_whose_pid_now_names_another_process_is_taken_over(tmp_path, capsys):
+    """PIDs restart after a reboot or in a new container: a lock whose PID is alive but was
+    started at another time (or boot) than the lock records is stale; a lock that records no
+    start (written by older moelab) of a live PID still blocks."""
+    if runfolder._started(os.getpid()) is None:
+        pytest.skip("no /proc: process start times unknown here")
+    lock = tmp_path / runfolder.LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    lock.write_text(json.dumps(me | {"started": "another-boot:12345"}))
+    runfolder.release(runfolder.acquire(tmp_path))
+    assert f"stale lock {str(lock)!r} of process {os.getpid()}" in capsys.readouterr().err
+    lock.write_text(json.dumps(me))
+    with pytest.raises(RunError, match=f"in use by process {os.getpid()}"):
+        runfolder.acquire(tmp_path)
+    assert runfolder.in_use(tmp_path)
 
 
 def test_resume_refuses_a_changed_setting_naming_it(tmp_path):
