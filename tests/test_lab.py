@@ -350,8 +350,9 @@ def _fake_run(folder, cfg, world_size: int, maxvio: list[float]):
 
 def test_rank_scaling_reads_maxvio_tails_against_the_computation_batch(tmp_path):
     """rank_scaling: per group, the mean over seeds of each run's last-quarter MaxVio_batch
-    against micro-batch tokens × the logged world size, fall = last / first, and the sampling
-    reference on the same sizes."""
+    against micro-batch tokens × the logged world size, fall = last / first per seed (kept as
+    fall_values: the check's noise model), then averaged, and the sampling reference on the
+    same sizes."""
     from moelab.lab.analysis import rank_scaling
     from moelab.runs import sampling_maxvio
 
@@ -367,8 +368,12 @@ def test_rank_scaling_reads_maxvio_tails_against_the_computation_batch(tmp_path)
     res = rank_scaling(runs, {"lf": ["lf_w1", "lf_w2", "lf_w4"], "aux": ["aux_w1", "aux_w2"]},
                        16, 2)  # fmt: skip
     assert res["lf"]["variants"] == ["lf_w1", "lf_w2"]  # lf_w4 never ran: left out
-    assert res["lf"]["curve"] == [3.0, 1.0] and res["lf"]["fall"] == pytest.approx(1 / 3)
-    assert res["aux"]["fall"] == pytest.approx(0.8)
+    assert res["lf"]["curve"] == [3.0, 1.0] and res["lf"]["curve_std"] == [1.0, 0.0]
+    assert res["lf"]["fall_values"] == [0.5, 0.25] and res["lf"]["fall"] == pytest.approx(0.375)
+    assert res["aux"]["fall_values"] == pytest.approx([0.8, 0.8])
+    from moelab.lab.spec import lookup_values
+
+    assert lookup_values({"analysis": {"ranks": res}}, "analysis.ranks.lf.fall") == [0.5, 0.25]
     assert res["sizes"] == res["lf"]["sizes"] == [4 * 128, 2 * 4 * 128]
     assert res["reference"] == [sampling_maxvio(n, 16, 2) for n in res["sizes"]]
 

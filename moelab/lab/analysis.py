@@ -100,22 +100,29 @@ def _rank_variants(exp) -> set[str]:
 def rank_scaling(runs: Runs, groups: dict[str, list[str]], E: int, K: int) -> dict[str, Any]:
     """Seed 003, the real thing: MaxVio_batch logged in training (last 25 % of steps) of runs
     with 1, 2, 4 … ranks and a fixed per-rank micro-batch, against their computation batch
-    (tokens per micro-batch × ranks). ``fall`` = last / first of each group."""
+    (tokens per micro-batch × ranks). ``fall`` = last / first of each group, per seed
+    (``fall_values``: seed s of the most ranks over seed s of the fewest), then averaged, as
+    :func:`chunks` does; ``curve`` is the mean over seeds (``curve_std`` the spread)."""
     res: dict[str, Any] = {}
     for group, names in groups.items():
         names = [n for n in names if n in runs]
-        curve = [_mean_over_seeds(runs[n], "maxvio_batch_tail") for n in names]
-        sizes = [run_computation_batch(runs[n][0]) for n in names]
-        res[group] = {"variants": names, "curve": curve, "fall": curve[-1] / max(curve[0], 1e-9)}
-        res[group]["sizes"] = sizes
-        res.setdefault("sizes", sizes)  # the first group's: the reference is drawn on them
+        per_seed = [[collect(d)["maxvio_batch_tail"] for d in runs[n]] for n in names]
+        S = min(map(len, per_seed))
+        c_SW = np.array([v[:S] for v in per_seed]).T  # (seeds, rank counts), in seed order
+        fall_S = c_SW[:, -1] / np.maximum(c_SW[:, 0], 1e-9)
+        res[group] = {
+            "variants": names,
+            "curve": c_SW.mean(0).tolist(),
+            "curve_std": c_SW.std(0).tolist(),
+            "fall": float(fall_S.mean()),
+            "fall_values": fall_S.tolist(),
+            "sizes": [run_computation_batch(runs[n][0]) for n in names],
+            "seeds": S,
+        }
+        res.setdefault("sizes", res[group]["sizes"])  # the first group's: the reference's
     res["reference"] = [sampling_maxvio(n, E, K) for n in res["sizes"]]
     res["reference_fall"] = res["reference"][-1] / res["reference"][0]
     return res
-
-
-def _mean_over_seeds(dirs: list[Path], key: str) -> float:
-    return float(np.mean([collect(d)[key] for d in dirs]))
 
 
 def scope(exp, runs: Runs) -> tuple[dict, dict]:
