@@ -662,6 +662,29 @@ def test_a_lab_run_cut_off_by_a_signal_resumes_to_the_uninterrupted_numbers(
     assert len(list((tmp_path / "other").glob("*.stale-*"))) == 1
 
 
+def test_a_run_another_process_trains_is_left_to_it(tmp_path):
+    """Two lab lanes may share a variant: a cache folder whose lock a live process holds is
+    neither resumed nor moved aside as stale; train_cached raises TrainingElsewhere (the pool
+    prints "skipped") and the folder stays as it was."""
+    from moelab import runfolder
+    from moelab.lab import runner
+    from moelab.runconfig import build_config, load_config_dict
+
+    cfg = build_config(load_config_dict("tiny"), ["train.steps=2", "model.n_layers=1"])
+    out = tmp_path / runner.run_key(cfg, 0)
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # started, no checkpoint yet
+    held = runfolder.acquire(out)  # this test process is the other, live trainer
+    try:
+        with pytest.raises(runner.TrainingElsewhere, match="being trained by another process"):
+            runner.train_cached(cfg, cache=tmp_path)
+        assert runner.run_state(cfg, 0, tmp_path) == "training"
+    finally:
+        runfolder.release(held)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+
+
 @pytest.mark.slow
 def test_a_torchrun_lab_run_stopped_in_a_worker_resumes_to_the_uninterrupted_numbers(
     tmp_path, monkeypatch, capsys

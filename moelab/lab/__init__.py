@@ -366,6 +366,8 @@ def pretrain(
             for f in futs:
                 try:
                     f.result()
+                except runner.TrainingElsewhere as exc:
+                    print(f"[lab] skipped: {exc}", flush=True)
                 except Exception as exc:  # reported again when the experiment itself runs
                     if flag.signum is None:
                         print(f"[lab] pretrain failed: {exc}", flush=True)

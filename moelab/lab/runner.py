@@ -31,6 +31,7 @@ from torch import Tensor
 
 from moelab import checkpoint, metrics, signals
 from moelab.config import to_dict
+from moelab.errors import RunError
 from moelab.inspect import load_trained
 from moelab.lab import fingerprint, stats
 from moelab.logs import read_rows
@@ -173,6 +174,10 @@ def has_stale(
     return is_done(out, snapshots) and is_stale(out)
 
 
+class TrainingElsewhere(RunError):
+    """A run's cache folder is locked by a live process (another ``lab run``): left to it."""
+
+
 def train_cached(
     cfg: RunConfig, *, snapshots: int = 0, cache: Path | None = None, nproc: int = 1
 ) -> Path:
@@ -180,7 +185,8 @@ def train_cached(
     the run folder. An unfinished run of the same config (in one process or under torchrun),
     started by code with today's fingerprint, resumes from its latest checkpoint (exact
     resume: the same numbers as one uninterrupted run); any other folder there is moved aside
-    and retrained.
+    and retrained. A folder another live process trains raises :class:`TrainingElsewhere`
+    and is left untouched (two lanes may share variants).
 
     ``nproc`` > 1 trains under torchrun with that many processes (``parallel`` decides the
     layout, e.g. ``parallel.batch = "per_rank"``: more ranks, larger computation batch)."""
@@ -188,6 +194,8 @@ def train_cached(
     out = cache / run_key(cfg, snapshots, nproc)
     if is_cached(cfg, snapshots, cache, nproc):
         return out
+    if in_use(out):  # another lab process trains it: neither resume nor move it aside
+        raise TrainingElsewhere(f"{out} is being trained by another process (train.lock)")
     fp = fingerprint.current()  # before training: the code that trains is today's code
     resume = is_resumable(out, cfg, snapshots, nproc)
     if resume:
