@@ -3,11 +3,14 @@ next step boundary with a checkpoint, instead of losing every step since the las
 
 The first signal only sets a flag; the trainer finishes the optimizer step in progress, saves
 a checkpoint at that step and raises :class:`Interrupted` (exit status 130 for SIGINT, 143 for
-SIGTERM). A second signal stops at once (KeyboardInterrupt, or SystemExit(143)).
+SIGTERM). A second signal stops at once (KeyboardInterrupt, or SystemExit(143)), except in
+a supervised worker (:func:`defer_signals`) or a torchrun rank, whose supervisor forwards the
+first signal and escalates itself.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -40,12 +43,19 @@ class StopFlag:
         self.signum: int | None = None
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is None or not _escalate:
+        if self.signum is None or not _escalate or _under_torchrun():
             self.signum = self.signum or signum
             return
         if signum == signal.SIGTERM:  # the second signal: stop now, without a save
             raise SystemExit(_EXIT[signal.SIGTERM])
         raise KeyboardInterrupt
+
+
+def _under_torchrun() -> bool:
+    """A torchrun rank: its agent forwards the stop it got as SIGTERM to every rank, so a rank
+    hit by a group kill or a terminal's Ctrl-C sees the signal twice; the second must not stop
+    it before its save (the agent escalates with SIGKILL after its own timeout)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 @contextmanager

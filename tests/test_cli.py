@@ -207,6 +207,39 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert f"after step {step};" in lines[0] and not list(out.glob("*.tmp"))
 
 
+@pytest.mark.slow
+def test_torchrun_told_twice_to_stop_still_saves_every_rank_at_one_step(tmp_path):
+    """torchrun's agent forwards each SIGTERM it gets to the ranks (in sessions of their own);
+    a lab lane's group kill plus the pool worker's forward tell it twice. The ranks still
+    finish the step in progress and save at it (before, the doubled signal escalated in the
+    ranks and the run lost every step since its last checkpoint)."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "moelab", "train", "--config", "tiny", "--out", str(out), "--quiet",
+         "--max-steps", "100000", "--set", "train.eval_every=0", "--set", "train.log_every=1",
+         "--set", "parallel.ep=2", "--set", "train.threads=1", "--set", "train.warmup_steps=1",
+         "--set", "train.tensorboard=false"],  # steps of ~0.1 s: the forward lands mid-step
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    rows = out / "metrics.jsonl"
+    while time.monotonic() < deadline and not (rows.is_file() and len(rows.read_text()) > 0):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    pointer = json.loads((out / "latest.json").read_text())
+    logged = [json.loads(x)["step"] for x in rows.read_text().splitlines() if '"loss"' in x]
+    assert pointer["step"] == logged[-1] >= 1, log[-2000:]
+    assert "stopped by SIGTERM after step" in log, log[-2000:]
+
+
 def test_import_has_no_environment_side_effect_and_the_command_turns_on_huge_pages():
     """`import moelab` (and its CLI module) leaves os.environ as it was; main() sets
     THP_MEM_ALLOC_ENABLE=1 unless the user set it (issue 16: no import side effect)."""

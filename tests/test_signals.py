@@ -24,7 +24,8 @@ def deferred(monkeypatch):
         signal.signal(s, handler)
 
 
-def test_a_second_signal_stops_a_plain_run_at_once():
+def test_a_second_signal_stops_a_plain_run_at_once(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     with pytest.raises(SystemExit) as exc:
         with stop_on_signals() as flag:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -46,6 +47,17 @@ def test_a_supervised_worker_does_not_escalate_a_doubled_signal(deferred):
     with stop_on_signals() as flag:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.signum == signal.SIGTERM
+
+
+def test_a_torchrun_rank_does_not_escalate_a_doubled_signal(monkeypatch):
+    """torchrun's agent forwards the SIGTERM (or Ctrl-C) it got to ranks that a group kill has
+    already reached: the doubled signal still lets the rank save."""
+    monkeypatch.setattr(signals, "_escalate", True)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    with stop_on_signals() as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
         assert flag.signum == signal.SIGTERM
 
 
