@@ -724,3 +724,39 @@ def test_a_torchrun_lab_run_stopped_in_a_worker_resumes_to_the_uninterrupted_num
     want = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
     key = ("step", "loss", "aux_loss")
     assert [[r.get(k) for k in key] for r in rows] == [[r.get(k) for k in key] for r in want]
+
+
+def test_a_stop_during_the_analysis_leaves_result_json_as_it_was(tmp_path, monkeypatch):
+    """A LabStopped raised inside the analysis (SIGTERM while analysing) propagates: it used to
+    be caught as an analysis error and an empty "inconclusive" result.json replaced the
+    committed one. An ordinary analysis error is still kept in result.json."""
+    import signal
+
+    import moelab.lab as lab
+    from moelab.lab import analysis, runner
+    from moelab.lab.spec import load_experiment
+
+    exp = dataclasses.replace(load_experiment("collapse"), analysis="scope")
+    out = tmp_path / "collapse"
+    out.mkdir()
+    (out / "result.json").write_text('{"verdict": "partial"}')
+    runs = {"v": [tmp_path / "run"]}
+    table = {"v": {}}
+    monkeypatch.setattr(lab, "_train_variants", lambda *a, **k: (runs, table, {}, []))
+    keys = ("step", "loss", "maxvio_batch", "dead", "drop_rate")
+    monkeypatch.setattr(runner, "curves", lambda d: {k: [] for k in keys})
+
+    def stopped(exp, runs):
+        raise lab.LabStopped(signal.SIGTERM)
+
+    monkeypatch.setitem(analysis.KINDS, "scope", stopped)
+    with pytest.raises(lab.LabStopped):
+        lab.run_experiment(exp, out, cached_only=True)
+    assert json.loads((out / "result.json").read_text()) == {"verdict": "partial"}
+
+    def broken(exp, runs):
+        raise ValueError("no routed tokens")
+
+    monkeypatch.setitem(analysis.KINDS, "scope", broken)
+    extra, _ = lab._analyse(exp, runs, table)
+    assert extra == {"error": "ValueError('no routed tokens')"}

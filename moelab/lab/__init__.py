@@ -254,6 +254,8 @@ def _analyse(exp: Experiment, runs: dict[str, list[Path]], table: dict[str, Any]
             table[name].update({k: summarize(v) for k, v in vals.items()})
         if exp.options.get("contrasts"):
             extra["contrasts"] = contrasts(exp, table)
+    except Interrupted:  # a stop (LabStopped, a run's Interrupted): result.json left as it was
+        raise
     except Exception as exc:  # keep the trained numbers; the error is reported in result.json
         print(f"[lab] {exp.name}: analysis failed: {exc!r}", flush=True)
         extra, figs = {"error": repr(exc)}, {}
