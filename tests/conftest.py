@@ -28,6 +28,14 @@ def _cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(autouse=True)
+def _no_committed_records(tmp_path_factory, monkeypatch):
+    """Tests never read or write the committed run records (``results/runs``)."""
+    from moelab.lab import runner
+
+    monkeypatch.setattr(runner, "RECORDS", tmp_path_factory.mktemp("records"))
+
+
 @pytest.fixture
 def micro_cfg():
     """A function building the micro RunConfig with ``--set`` style overrides."""

@@ -267,7 +267,7 @@ def test_pretrain_is_seed_major_and_threads_reach_every_run(monkeypatch):
 
     calls = []
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", _InlinePool)
-    monkeypatch.setattr(runner, "train_cached", lambda cfg, snapshots, nproc: calls.append(cfg))
+    monkeypatch.setattr(runner, "train_cached", lambda cfg, **k: calls.append(cfg))
     args = _parse(["lab", "run", "stability", "collapse", "--pretrain-only", "--threads", "1"])
     assert args.func(args) == 0
     seeds = [c.train.seed for c in calls]
@@ -760,3 +760,48 @@ def test_a_stop_during_the_analysis_leaves_result_json_as_it_was(tmp_path, monke
     monkeypatch.setitem(analysis.KINDS, "scope", broken)
     extra, _ = lab._analyse(exp, runs, table)
     assert extra == {"error": "ValueError('no routed tokens')"}
+
+
+def test_a_run_record_restores_a_finished_run_without_its_checkpoint(tmp_path, monkeypatch):
+    """keep_record copies a finished run's config, summary, fingerprint, code hash and gzipped
+    log (no checkpoint) to RECORDS; a cache without the run restores it from there, with the
+    same numbers, as done for an analysis of the log and as to train for one that loads the
+    model (needs_weights), which retrains it. Unfinished runs are not recorded."""
+    from moelab.lab import analysis, run_states, runner
+
+    monkeypatch.setattr(runner, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(runner, "RECORDS", tmp_path / "records")
+    shrink = ["train.steps=3", "model.n_layers=1", "train.batch_size=4", "data.seq_len=32",
+              "train.eval_max_tokens=512", "train.log_every=1", "train.warmup_steps=1"]  # fmt: skip
+    exp = dataclasses.replace(load_experiment("collapse"), quick=shrink, quick_variants=["none"])
+    cfg = exp.run_config("none", quick=True, seed=0)
+    out = runner.train_cached(cfg)
+    assert runner.keep_record(out.parent / "absent") is None
+    rec = runner.keep_record(out)
+    assert sorted(p.name for p in rec.iterdir()) == sorted(
+        [*runner.RECORD_FILES, "metrics.jsonl.gz"]
+    )
+    assert runner.keep_record(out) == rec  # idempotent
+    want = runner.collect(out)
+    monkeypatch.setattr(runner, "CACHE", tmp_path / "clean-clone")
+    assert runner.is_cached(cfg) and not runner.has_weights(runner.run_folder(cfg))
+    assert runner.collect(runner.train_cached(cfg)) == want  # restored, not retrained
+    assert run_states(exp, quick=True, decisive=False) == {"none": ["done"]}
+    assert not runner.is_cached(cfg, weights=True)
+    leak = dataclasses.replace(exp, analysis="leakage")
+    assert analysis.needs_weights(leak) and not analysis.needs_weights(exp)
+    assert run_states(leak, quick=True, decisive=False) == {"none": ["to train"]}
+    again = runner.train_cached(cfg, weights=True)  # retrained: the model is needed
+    timing = ("seconds_per_step",)  # the retrained run's numbers are the same, not its speed
+    same = lambda a, b: (
+        {k: v for k, v in a.items() if k not in timing}
+        == {  # noqa: E731
+            k: v for k, v in b.items() if k not in timing
+        }
+    )
+    assert runner.has_weights(again) and same(runner.collect(again), want)
+    assert len(list(runner.CACHE.glob("*.stale-*"))) == 1  # the record-only folder, kept aside
+    unfinished = tmp_path / "cut"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text((out / "config.json").read_text())
+    assert runner.keep_record(unfinished) is None

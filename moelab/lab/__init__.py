@@ -174,10 +174,12 @@ def _train_variants(
     decisive: bool = False,
 ):
     """Train (or find cached) every variant × seed; returns run folders, numbers, setups and
-    the runs whose cached folder was trained by other moelab code."""
-    from moelab.lab import runner
+    the runs whose cached folder was trained by other moelab code. At the decisive size each
+    run's record is kept in ``runner.RECORDS`` (committed with the results)."""
+    from moelab.lab import analysis, runner
 
     snapshots = snapshot_count(exp, quick)
+    weights = analysis.needs_weights(exp)
     runs: dict[str, list[Path]] = {}
     table: dict[str, Any] = {}
     setup: dict[str, Any] = {}
@@ -191,10 +193,12 @@ def _train_variants(
             nproc = exp.nproc(name)
             if runner.has_stale(cfg, snapshots, nproc=nproc):
                 stale.append(f"{name} seed {seed}")  # retrained (or skipped: --cached-only)
-            if cached_only and not runner.is_cached(cfg, snapshots, nproc=nproc):
+            if cached_only and not runner.is_cached(cfg, snapshots, nproc=nproc, weights=weights):
                 continue
             print(f"[lab] {exp.name}: {name} seed {seed}", flush=True)
-            dirs.append(runner.train_cached(cfg, snapshots=snapshots, nproc=nproc))
+            dirs.append(runner.train_cached(cfg, snapshots=snapshots, nproc=nproc, weights=weights))
+            if decisive:
+                runner.keep_record(dirs[-1])
             nums.append(runner.collect(dirs[-1]))
         if dirs:
             runs[name], table[name] = dirs, runner.aggregate(nums)
@@ -213,9 +217,10 @@ def run_states(
     run` reuses it), ``training`` (a live process holds its lock), ``resumable`` (cut off;
     continues from its checkpoint), ``stale`` (trained by other numerics: retrained) or ``to
     train``. Reads the cache only."""
-    from moelab.lab import runner
+    from moelab.lab import analysis, runner
 
     snapshots = snapshot_count(exp, quick)
+    weights = analysis.needs_weights(exp)
     n_seeds = seeds or default_seeds(exp, quick, decisive)
     states: dict[str, list[str]] = {}
     for name in exp.variant_names(quick):
@@ -223,7 +228,7 @@ def run_states(
         row = states.setdefault(name, [])
         for seed in range(n_seeds):
             cfg = exp.run_config(name, quick=quick, seed=seed, decisive=decisive)
-            row.append(runner.run_state(cfg, snapshots, nproc=nproc))
+            row.append(runner.run_state(cfg, snapshots, nproc=nproc, weights=weights))
     return states
 
 
@@ -346,7 +351,7 @@ def pretrain(
     """Train the distinct runs of several experiments in parallel processes (cache warm-up)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from moelab.lab import runner
+    from moelab.lab import analysis, runner
 
     def n_seeds(exp: Experiment) -> int:
         return seeds or default_seeds(exp, quick, decisive)
@@ -360,11 +365,14 @@ def pretrain(
             for v in variants:
                 cfg = exp.run_config(v, quick=quick, seed=seed, decisive=decisive)
                 nproc = exp.nproc(v)
-                todo.setdefault(runner.run_key(cfg, snaps, nproc), (cfg, snaps, nproc))
+                job = (cfg, snaps, nproc, analysis.needs_weights(exp), decisive)
+                key = runner.run_key(cfg, snaps, nproc)
+                if key not in todo or job[3]:  # shared by experiments: one needing weights wins
+                    todo[key] = job
     stop = multiprocessing.get_context().Event()
     with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(stop,)) as pool:
         with _stop_pool_on_signals(pool, stop) as flag:
-            futs = [pool.submit(_pool_job, cfg, s, n) for cfg, s, n in todo.values()]
+            futs = [pool.submit(_pool_job, *job) for job in todo.values()]
             for f in futs:
                 try:
                     f.result()
@@ -410,13 +418,17 @@ def _worker_init(stop) -> None:
     defer_signals()
 
 
-def _pool_job(cfg, snapshots: int, nproc: int):
-    """One pretrain job in a worker; skipped once the lab is stopping."""
+def _pool_job(cfg, snapshots: int, nproc: int, weights: bool = False, record: bool = False):
+    """One pretrain job in a worker (``weights``: retrain a run kept only as a record;
+    ``record``: keep the finished run's record); skipped once the lab is stopping."""
     from moelab.lab import runner
 
     if (_STOP is not None and _STOP.is_set()) or stop_pending() is not None:
         return None
-    return runner.train_cached(cfg, snapshots=snapshots, nproc=nproc)
+    out = runner.train_cached(cfg, snapshots=snapshots, nproc=nproc, weights=weights)
+    if record:
+        runner.keep_record(out)
+    return out
 
 
 class _PoolStop:

@@ -465,6 +465,16 @@ def _determinism(path: Path = Path("results/noise/determinism.json")) -> dict[st
     return {"determinism": {k: v for k, v in rec.items() if not isinstance(v, dict)}}
 
 
+_WEIGHTS = {"chunks", "leakage"}  # analysis kinds that route a stream through the model
+
+
+def needs_weights(exp) -> bool:
+    """Whether ``exp``'s analysis loads its runs' trained models (routes a validation stream
+    or re-evaluates them), so a run kept only as a record (no checkpoint) must be retrained.
+    Snapshotted runs need ``snapshots.pt``, which a record never holds (``runner.is_done``)."""
+    return exp.analysis in _WEIGHTS or bool(exp.options.get("eval_overrides"))
+
+
 KINDS = {
     "balance": None,
     "noise": noise,

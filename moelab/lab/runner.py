@@ -8,6 +8,12 @@ records the numerics fingerprint of the code that trained it (``fingerprint.json
 ``moelab.lab.fingerprint``) and the hash of its sources (``code.txt``, for the record); a cached
 run whose fingerprint differs from today's code is moved aside and retrained.
 
+The cache is local and large (checkpoints). ``RECORDS`` (``results/runs/``, committed) keeps
+each finished decisive run's *record*: its config, summary, fingerprint, code hash and
+training log, no checkpoint. A run missing from the cache is restored from its record, so a
+clean clone re-analyses the committed runs and trains only the rest; an analysis that needs a
+run's weights (:func:`moelab.lab.analysis.needs_weights`) retrains a run that has only its record.
+
 Legend: B sequences, L sequence length, T tokens, K slots per token, E experts.
 """
 
@@ -15,9 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import hashlib
 import json
 import math
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +49,8 @@ from moelab.runfolder import in_use
 from moelab.train import train
 
 CACHE = Path("runs/lab/cache")
+RECORDS = Path("results/runs")  # committed: records of finished decisive runs (no checkpoint)
+RECORD_FILES = ("config.json", "summary.json", "fingerprint.json", "code.txt")
 
 
 def run_key(cfg: RunConfig, snapshots: int, nproc: int = 1) -> str:
@@ -125,12 +136,88 @@ def is_stale(out: Path) -> bool:
     return not fingerprint.matches(fingerprint.read(out), fingerprint.current())
 
 
-def is_cached(
+def run_folder(
     cfg: RunConfig, snapshots: int = 0, cache: Path | None = None, nproc: int = 1
-) -> bool:
-    """A finished run of ``cfg`` exists and was trained by code that computes today's numbers."""
+) -> Path:
+    """The cache folder of ``cfg``, restored from its record (:func:`restore_record`) when the
+    cache has none."""
     out = (cache or CACHE) / run_key(cfg, snapshots, nproc)
-    return is_done(out, snapshots) and not is_stale(out) and same_config(out, cfg)
+    if not out.exists() and not snapshots:
+        restore_record(out)
+    return out
+
+
+def keep_record(out: Path, records: Path | None = None) -> Path | None:
+    """Copy the record of the finished run in ``out`` to ``records/<folder name>`` (default
+    :data:`RECORDS`): :data:`RECORD_FILES` and the training log gzipped (``metrics.jsonl.gz``);
+    no checkpoint. Runs with routing snapshots are not recorded (their analysis needs
+    snapshots.pt). Returns the record's folder, or None when nothing was recorded."""
+    rec = (records or RECORDS) / out.name
+    if not finished(out) or (out / "snapshots.pt").exists() or not (out / "code.txt").exists():
+        return None
+    if (rec / "summary.json").exists() and (rec / "summary.json").read_bytes() == (
+        out / "summary.json"
+    ).read_bytes():
+        return rec  # already recorded
+    tmp = rec.with_name(f"{rec.name}.partial-{os.getpid()}")  # two lanes may record one run
+    tmp.mkdir(parents=True)
+    for name in RECORD_FILES:
+        shutil.copy2(out / name, tmp / name)
+    with gzip.GzipFile(tmp / "metrics.jsonl.gz", "wb", mtime=0) as f:  # mtime 0: same bytes
+        f.write((out / "metrics.jsonl").read_bytes())
+    shutil.rmtree(rec, ignore_errors=True)
+    _move_or_drop(tmp, rec)
+    return rec
+
+
+def _move_or_drop(tmp: Path, dest: Path) -> None:
+    """Rename the folder ``tmp`` to ``dest``; if another process made ``dest`` first, keep
+    theirs (the same files) and delete ``tmp``."""
+    try:
+        tmp.rename(dest)
+    except OSError:
+        if not dest.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def restore_record(out: Path, records: Path | None = None) -> bool:
+    """Recreate the cache folder ``out`` from its record, if one exists (see
+    :func:`keep_record`); a record written by other numerics restores as a stale run, which
+    is retrained as usual. Returns whether a record was restored."""
+    rec = (records or RECORDS) / out.name
+    if out.exists() or not all((rec / n).is_file() for n in (*RECORD_FILES, "metrics.jsonl.gz")):
+        return False
+    tmp = out.with_name(f"{out.name}.restoring-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    for name in RECORD_FILES:
+        shutil.copy2(rec / name, tmp / name)
+    (tmp / "metrics.jsonl").write_bytes(gzip.decompress((rec / "metrics.jsonl.gz").read_bytes()))
+    _move_or_drop(tmp, out)
+    return True
+
+
+def has_weights(out: Path) -> bool:
+    """``out`` holds a checkpoint (a run restored from its record has none)."""
+    return checkpoint.latest(out) is not None
+
+
+def is_cached(
+    cfg: RunConfig,
+    snapshots: int = 0,
+    cache: Path | None = None,
+    nproc: int = 1,
+    weights: bool = False,
+) -> bool:
+    """A finished run of ``cfg`` exists and was trained by code that computes today's numbers
+    (with ``weights``: and its checkpoint is there, not only its record)."""
+    out = run_folder(cfg, snapshots, cache, nproc)
+    return (
+        is_done(out, snapshots)
+        and not is_stale(out)
+        and same_config(out, cfg)
+        and (not weights or has_weights(out))
+    )
 
 
 def is_done(out: Path, snapshots: int = 0) -> bool:
@@ -151,13 +238,19 @@ def finished(out: Path) -> bool:
     return summary.get("steps") == steps and not (out / "snapshots.partial.pt").exists()
 
 
-def run_state(cfg: RunConfig, snapshots: int = 0, cache: Path | None = None, nproc: int = 1) -> str:
+def run_state(
+    cfg: RunConfig,
+    snapshots: int = 0,
+    cache: Path | None = None,
+    nproc: int = 1,
+    weights: bool = False,
+) -> str:
     """What the cache holds for ``cfg`` (one of ``moelab.lab.RUN_STATES``): ``done`` (what
     :func:`is_cached` reuses), ``training`` (a live process holds its lock), ``resumable``
     (:func:`is_resumable`), ``stale`` (:func:`has_stale`: retrained) or ``to train``."""
-    out = (cache or CACHE) / run_key(cfg, snapshots, nproc)
+    out = run_folder(cfg, snapshots, cache, nproc)
     done = is_done(out, snapshots)
-    if done and not is_stale(out) and same_config(out, cfg):
+    if is_cached(cfg, snapshots, cache, nproc, weights):
         return "done"
     if in_use(out):
         return "training"
@@ -170,7 +263,7 @@ def has_stale(
     cfg: RunConfig, snapshots: int = 0, cache: Path | None = None, nproc: int = 1
 ) -> bool:
     """A finished run of ``cfg`` exists but was trained by code with another fingerprint."""
-    out = (cache or CACHE) / run_key(cfg, snapshots, nproc)
+    out = run_folder(cfg, snapshots, cache, nproc)
     return is_done(out, snapshots) and is_stale(out)
 
 
@@ -179,7 +272,12 @@ class TrainingElsewhere(RunError):
 
 
 def train_cached(
-    cfg: RunConfig, *, snapshots: int = 0, cache: Path | None = None, nproc: int = 1
+    cfg: RunConfig,
+    *,
+    snapshots: int = 0,
+    cache: Path | None = None,
+    nproc: int = 1,
+    weights: bool = False,
 ) -> Path:
     """Train ``cfg`` unless an identical finished run with today's fingerprint exists; returns
     the run folder. An unfinished run of the same config (in one process or under torchrun),
@@ -189,10 +287,11 @@ def train_cached(
     and is left untouched (two lanes may share variants).
 
     ``nproc`` > 1 trains under torchrun with that many processes (``parallel`` decides the
-    layout, e.g. ``parallel.batch = "per_rank"``: more ranks, larger computation batch)."""
-    cache = cache or CACHE  # read at call time so that tests can point it elsewhere
-    out = cache / run_key(cfg, snapshots, nproc)
-    if is_cached(cfg, snapshots, cache, nproc):
+    layout, e.g. ``parallel.batch = "per_rank"``: more ranks, larger computation batch).
+    ``weights``: the caller needs the trained model, so a run restored from its record only
+    (no checkpoint) is retrained."""
+    out = run_folder(cfg, snapshots, cache, nproc)
+    if is_cached(cfg, snapshots, cache, nproc, weights):
         return out
     if in_use(out):  # another lab process trains it: neither resume nor move it aside
         raise TrainingElsewhere(f"{out} is being trained by another process (train.lock)")
@@ -202,7 +301,8 @@ def train_cached(
         print(f"[lab] {out}: unfinished run of today's numerics; resuming it")
     elif out.exists():
         old = out.with_name(out.name + f".stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        print(f"[lab] {out}: other numerics fingerprint or unfinished; kept as {old.name}")
+        why = "other numerics fingerprint, unfinished or a record without weights"
+        print(f"[lab] {out}: {why}; kept as {old.name}")
         out.rename(old)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint.write(out, fp)  # first, so that a run cut off later can resume
