@@ -729,7 +729,9 @@ def test_a_torchrun_lab_run_stopped_in_a_worker_resumes_to_the_uninterrupted_num
 def test_a_stop_during_the_analysis_leaves_result_json_as_it_was(tmp_path, monkeypatch):
     """A LabStopped raised inside the analysis (SIGTERM while analysing) propagates: it used to
     be caught as an analysis error and an empty "inconclusive" result.json replaced the
-    committed one. An ordinary analysis error is still kept in result.json."""
+    committed one. An ordinary analysis error is kept in result.json after training, and
+    raised with --cached-only (e.g. runs looked up with another --threads: an IndexError once
+    replaced experiment 4's result)."""
     import signal
 
     import moelab.lab as lab
@@ -758,8 +760,11 @@ def test_a_stop_during_the_analysis_leaves_result_json_as_it_was(tmp_path, monke
         raise ValueError("no routed tokens")
 
     monkeypatch.setitem(analysis.KINDS, "scope", broken)
-    extra, _ = lab._analyse(exp, runs, table)
+    extra, _ = lab._analyse(exp, runs, table)  # after training: the error goes in result.json
     assert extra == {"error": "ValueError('no routed tokens')"}
+    with pytest.raises(ValueError, match="analysis failed: no routed tokens; result.json left"):
+        lab.run_experiment(exp, out, cached_only=True)  # nothing trained: the old one stays
+    assert json.loads((out / "result.json").read_text()) == {"verdict": "partial"}
 
 
 def test_a_run_record_restores_a_finished_run_without_its_checkpoint(tmp_path, monkeypatch):

@@ -51,7 +51,11 @@ def run_experiment(
             f"{exp.name}: no run trained or cached for variants {names} (--cached-only with an "
             f"empty cache?); {out / 'result.json'} left as it was"
         )
-    extra, figs = _analyse(exp, runs, table)
+    missing = [v for v in names if v not in runs]
+    if cached_only and missing:
+        print(f"[lab] {exp.name}: no cached runs of {missing} (--seeds and --threads are part "
+              "of each run's key: use the values they were trained with)", flush=True)  # fmt: skip
+    extra, figs = _analyse(exp, runs, table, strict=cached_only)
     too_short = size_shortfall(exp, setup, quick)
     verdict, checks = judge(exp, table, extra, setup, too_short)
     result = {
@@ -66,7 +70,7 @@ def run_experiment(
         "too_short": too_short,
         "seeds": n_seeds,
         "variants_run": list(runs),
-        "missing_variants": [v for v in names if v not in runs],
+        "missing_variants": missing,
         "paper": exp.paper,
         "measured": table,
         "analysis": extra,
@@ -247,8 +251,12 @@ def describe_states(states: dict[str, list[str]]) -> str:
     return head + (f"; to run: {', '.join(todo)}" if todo else "")
 
 
-def _analyse(exp: Experiment, runs: dict[str, list[Path]], table: dict[str, Any]):
-    """The experiment's analysis kind + extra evaluations + the common figures."""
+def _analyse(
+    exp: Experiment, runs: dict[str, list[Path]], table: dict[str, Any], strict: bool = False
+):
+    """The experiment's analysis kind + extra evaluations + the common figures. An analysis
+    error is kept in result.json (the trained numbers stay), unless ``strict`` (--cached-only:
+    nothing was trained, so the committed result.json is worth more): then it raises."""
     from moelab.lab import analysis, plots, runner
     from moelab.lab.stats import summarize
 
@@ -262,6 +270,10 @@ def _analyse(exp: Experiment, runs: dict[str, list[Path]], table: dict[str, Any]
     except Interrupted:  # a stop (LabStopped, a run's Interrupted): result.json left as it was
         raise
     except Exception as exc:  # keep the trained numbers; the error is reported in result.json
+        if strict:
+            raise ValueError(
+                f"{exp.name}: analysis failed: {exc}; result.json left as it was"
+            ) from exc
         print(f"[lab] {exp.name}: analysis failed: {exc!r}", flush=True)
         extra, figs = {"error": repr(exc)}, {}
     figs["curves"] = plots.training_curves({n: runner.curves(d[0]) for n, d in runs.items()})

@@ -82,6 +82,8 @@ def chunks(exp, runs: Runs) -> tuple[dict, dict]:
             "at_max_std": float(c_SN[:, -1].std()),
             "seeds": len(dirs),
         }
+    if not sizes:
+        raise ValueError(f"no chunk-curve arm among the runs found ({sorted(runs)})")
     res["sizes"] = sizes
     res["reference"] = [sampling_maxvio(n, E, K) for n in sizes]
     res["reference_fall"] = res["reference"][-1] / res["reference"][-5]
