@@ -83,6 +83,19 @@ def test_verdict_rules_on_synthetic_numbers():
     assert Check("a.x", ">", 1.0, kind="sanity").evaluate(one_seed)["outcome"] == "holds"
 
 
+def test_an_exact_tie_with_no_spread_decides_nothing():
+    """No dead expert in any seed of either arm: `<` would fail and `<=` hold by the 2-SE rule
+    (SE 0); both are inconclusive, as a tie on a base rate of zero says nothing. A difference
+    with no spread still decides."""
+    zeros = {v: {"dead_val": {"mean": 0, "values": [0, 0, 0]}} for v in ("a", "b")}
+    for op in ("<", "<="):
+        row = Check("a.dead_val", op, "b.dead_val").evaluate(zeros)
+        assert row["outcome"] == "inconclusive" and "exact tie" in row["note"]
+    assert row["raw_outcome"] == "holds"
+    apart = dict(zeros, b={"dead_val": {"mean": 2, "values": [2, 2, 2]}})
+    assert Check("a.dead_val", "<", "b.dead_val").evaluate(apart)["outcome"] == "holds"
+
+
 def test_check_row_carries_the_noise_model():
     """A decided check reports delta, se, ci95, mde and flip rate; a paper effect below the
     MDE makes it 'beyond resolution' (inconclusive, the 2-SE answer kept as raw_outcome)."""

@@ -112,7 +112,10 @@ class Check:
         """Outcome of a key check: the 2-SE rule, then inconclusive when the runs are too short
         or, unless the bound is violated by >= 2 SE, when the paper's effect is below the MDE
         (``raw_outcome`` keeps the rule's answer). Since 2026-12-01 (see results/PREAMBLE.md)
-        a violation beyond the noise stays "fails"."""
+        a violation beyond the noise stays "fails". Since 2026-12-02, before experiment 7's
+        decisive runs: an exact tie with no spread (every seed of both arms equal, e.g. no dead
+        expert anywhere) is inconclusive: the 2-SE rule would call ``<`` failed and ``<=``
+        held, and neither says anything about the claim."""
         out = {"raw_outcome": row["outcome"], "mde_source": "own seeds"}
         n = min(x for x in row["n"] if x is not None)
         planned = noise_mde(self, n) if noise_mde else None
@@ -121,6 +124,9 @@ class Check:
         mde = out.get("mde", row["mde"])
         if too_short:
             out |= {"outcome": "inconclusive", "note": f"too short: {too_short}"}
+        elif row.get("se") == 0 and row.get("delta") == 0:  # e.g. 0 dead experts in both arms
+            note = "an exact tie with no spread over seeds (a base rate of zero?): nothing to tell"
+            out |= {"outcome": "inconclusive", "note": note}
         elif row["outcome"] == "fails":  # violated by >= 2 SE: a finding whatever the paper's Δ
             if self.paper is not None and mde is not None and abs(self.paper) < mde:
                 out["note"] = (
