@@ -823,3 +823,19 @@ def test_a_run_record_restores_a_finished_run_without_its_checkpoint(tmp_path, m
     unfinished.mkdir()
     (unfinished / "config.json").write_text((out / "config.json").read_text())
     assert runner.keep_record(unfinished) is None
+
+
+def test_run_records_are_not_ignored_by_git():
+    """The records are committed with the results: .gitignore must not cover them (a
+    `runs/` pattern once did, so every record would have stayed behind)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    for name in ("config.json", "metrics.jsonl.gz"):
+        path = f"results/runs/0123456789abcdef/{name}"
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0
+        assert not ignored, f"{path} is ignored by .gitignore"
