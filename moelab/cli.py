@@ -289,7 +289,8 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
         "--runs",
         action="store_true",
         help="also show, per experiment, its decisive runs done / training / resumable / stale "
-        "/ to train in the run cache (runs/lab/cache); reads the cache only",
+        "/ to train in the run cache (runs/lab/cache); trains nothing (restores the committed "
+        "run records, results/runs)",
     )
     ls.add_argument("--quick", action="store_true", help="with --runs: the --quick size's runs")
     ls.add_argument(

@@ -220,7 +220,7 @@ def run_states(
     :data:`RUN_STATES`): ``done`` (finished by code with today's numerics fingerprint; `lab
     run` reuses it), ``training`` (a live process holds its lock), ``resumable`` (cut off;
     continues from its checkpoint), ``stale`` (trained by other numerics: retrained) or ``to
-    train``. Reads the cache only."""
+    train``. Trains nothing (a run the cache lacks is restored from its committed record)."""
     from moelab.lab import analysis, runner
 
     snapshots = snapshot_count(exp, quick)
