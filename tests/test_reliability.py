@@ -22,7 +22,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import shutil
 import stat
 import subprocess
@@ -153,16 +152,15 @@ def test_bf16_resume_is_exact(tmp_path):
 
 
 def _platform() -> dict:
-    return {
-        "torch": torch.__version__.split("+")[0],
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "machine": platform.machine(),
-    }
+    from moelab.lab.fingerprint import platform_id
+
+    return platform_id()
 
 
 def test_losses_equal_the_golden_file(reference):
     """The 20-step micro run's losses `==` tests/golden/micro_losses.json, recorded on the
-    platform it names; on another platform (torch version, CPU kernels) within rtol 1e-5.
+    platform it names; on another platform (torch version, CPU kernels, CPU model) within
+    rtol 1e-5.
     Refresh only on purpose: ``MOELAB_UPDATE_GOLDEN=1 pytest -k golden``, reason in the commit."""
     losses = _losses(reference)
     if os.environ.get("MOELAB_UPDATE_GOLDEN") == "1":

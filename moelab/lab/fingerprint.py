@@ -10,7 +10,7 @@ the fingerprint of the code that trained it (``fingerprint.json``); the runner r
 whose fingerprint differs from today's.
 
 Two fingerprints match when they come from the same platform (torch version, CPU kernels,
-machine) and are equal, or from different platforms and agree to rtol 1e-5 (as the golden
+machine, CPU model) and are equal, or from different platforms and agree to rtol 1e-5 (as the golden
 test): kernels differ across CPUs in the last bits, not in what they compute.
 """
 
@@ -68,11 +68,26 @@ RTOL = 1e-5
 
 
 def platform_id() -> dict[str, str]:
+    """What decides a CPU run's last bits: torch version, kernel level, machine and CPU model
+    (two CPUs of one kernel level, e.g. an AMD EPYC and an Intel Xeon with AVX-512, differ in
+    the last bit of some losses: oneDNN / MKL pick kernels per CPU)."""
     return {
         "torch": torch.__version__.split("+")[0],
         "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
         "machine": platform.machine(),
+        "cpu": cpu_model(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; else ``platform.processor()``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 @functools.cache
