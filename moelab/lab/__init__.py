@@ -200,9 +200,8 @@ def _train_variants(
             if cached_only and not runner.is_cached(cfg, snapshots, nproc=nproc, weights=weights):
                 continue
             print(f"[lab] {exp.name}: {name} seed {seed}", flush=True)
-            dirs.append(runner.train_cached(cfg, snapshots=snapshots, nproc=nproc, weights=weights))
-            if decisive:
-                runner.keep_record(dirs[-1])
+            kw = dict(snapshots=snapshots, nproc=nproc, weights=weights, record=decisive)
+            dirs.append(runner.train_cached(cfg, **kw))
             nums.append(runner.collect(dirs[-1]))
         if dirs:
             runs[name], table[name] = dirs, runner.aggregate(nums)
@@ -377,10 +376,10 @@ def pretrain(
             for v in variants:
                 cfg = exp.run_config(v, quick=quick, seed=seed, decisive=decisive)
                 nproc = exp.nproc(v)
-                job = (cfg, snaps, nproc, analysis.needs_weights(exp), decisive)
+                weights = analysis.needs_weights(exp)
                 key = runner.run_key(cfg, snaps, nproc)
-                if key not in todo or job[3]:  # shared by experiments: one needing weights wins
-                    todo[key] = job
+                if key not in todo or weights:  # shared by experiments: one needing weights wins
+                    todo[key] = (cfg, snaps, nproc, weights, decisive)
     stop = multiprocessing.get_context().Event()
     with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(stop,)) as pool:
         with _stop_pool_on_signals(pool, stop) as flag:
@@ -437,10 +436,8 @@ def _pool_job(cfg, snapshots: int, nproc: int, weights: bool = False, record: bo
 
     if (_STOP is not None and _STOP.is_set()) or stop_pending() is not None:
         return None
-    out = runner.train_cached(cfg, snapshots=snapshots, nproc=nproc, weights=weights)
-    if record:
-        runner.keep_record(out)
-    return out
+    kw = dict(snapshots=snapshots, nproc=nproc, weights=weights, record=record)
+    return runner.train_cached(cfg, **kw)
 
 
 class _PoolStop:

@@ -10,8 +10,8 @@ the fingerprint of the code that trained it (``fingerprint.json``); the runner r
 whose fingerprint differs from today's.
 
 Two fingerprints match when they come from the same platform (torch version, CPU kernels,
-machine, CPU model) and are equal, or from different platforms and agree to rtol 1e-5 (as the golden
-test): kernels differ across CPUs in the last bits, not in what they compute.
+machine, CPU model) and are equal, or from different platforms and agree to rtol 1e-5 (as
+the golden test): kernels differ across CPUs in the last bits, not in what they compute.
 """
 
 from __future__ import annotations

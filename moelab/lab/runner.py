@@ -211,7 +211,11 @@ def is_cached(
 ) -> bool:
     """A finished run of ``cfg`` exists and was trained by code that computes today's numbers
     (with ``weights``: and its checkpoint is there, not only its record)."""
-    out = run_folder(cfg, snapshots, cache, nproc)
+    return _reusable(run_folder(cfg, snapshots, cache, nproc), cfg, snapshots, weights)
+
+
+def _reusable(out: Path, cfg: RunConfig, snapshots: int, weights: bool) -> bool:
+    """:func:`is_cached` of the run folder ``out``."""
     return (
         is_done(out, snapshots)
         and not is_stale(out)
@@ -249,14 +253,13 @@ def run_state(
     :func:`is_cached` reuses), ``training`` (a live process holds its lock), ``resumable``
     (:func:`is_resumable`), ``stale`` (:func:`has_stale`: retrained) or ``to train``."""
     out = run_folder(cfg, snapshots, cache, nproc)
-    done = is_done(out, snapshots)
-    if is_cached(cfg, snapshots, cache, nproc, weights):
+    if _reusable(out, cfg, snapshots, weights):
         return "done"
     if in_use(out):
         return "training"
     if is_resumable(out, cfg, snapshots, nproc):
         return "resumable"
-    return "stale" if done and is_stale(out) else "to train"
+    return "stale" if is_done(out, snapshots) and is_stale(out) else "to train"
 
 
 def has_stale(
@@ -278,6 +281,7 @@ def train_cached(
     cache: Path | None = None,
     nproc: int = 1,
     weights: bool = False,
+    record: bool = False,
 ) -> Path:
     """Train ``cfg`` unless an identical finished run with today's fingerprint exists; returns
     the run folder. An unfinished run of the same config (in one process or under torchrun),
@@ -289,9 +293,19 @@ def train_cached(
     ``nproc`` > 1 trains under torchrun with that many processes (``parallel`` decides the
     layout, e.g. ``parallel.batch = "per_rank"``: more ranks, larger computation batch).
     ``weights``: the caller needs the trained model, so a run restored from its record only
-    (no checkpoint) is retrained."""
+    (no checkpoint) is retrained. ``record``: keep the finished run's record
+    (:func:`keep_record`; the lab does at the decisive size)."""
+    out = _train_cached(cfg, snapshots, cache, nproc, weights)
+    if record:
+        keep_record(out)
+    return out
+
+
+def _train_cached(
+    cfg: RunConfig, snapshots: int, cache: Path | None, nproc: int, weights: bool
+) -> Path:
     out = run_folder(cfg, snapshots, cache, nproc)
-    if is_cached(cfg, snapshots, cache, nproc, weights):
+    if _reusable(out, cfg, snapshots, weights):
         return out
     if in_use(out):  # another lab process trains it: neither resume nor move it aside
         raise TrainingElsewhere(f"{out} is being trained by another process (train.lock)")
