@@ -25,6 +25,11 @@ import tomllib
 
 T = TypeVar("T")
 
+
+class TopOneGateWarning(UserWarning):
+    """``moe.top_k=1`` with ``router.normalize=true``: the router gets no LM-loss gradient."""
+
+
 # ----------------------------------------------------------------------------- validation helpers
 
 
@@ -524,6 +529,7 @@ class MoEConfig:
                 "moe.top_k=1 with router.normalize=true: each token's gate weight is exactly 1, "
                 "so the router gets no gradient from the LM loss (only from balance terms); "
                 "set router.normalize=false to scale the expert output by p_i as Switch does",
+                TopOneGateWarning,
                 stacklevel=3,
             )
 

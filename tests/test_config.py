@@ -268,9 +268,9 @@ def test_top1_with_renormalised_gates_warns():
     gradient, so building the config warns; normalize=false (Switch's p_i) does not."""
     import warnings
 
-    from moelab.config import MoEConfig, RouterConfig
+    from moelab.config import MoEConfig, RouterConfig, TopOneGateWarning
 
-    with pytest.warns(UserWarning, match="no gradient from the LM loss"):
+    with pytest.warns(TopOneGateWarning, match="no gradient from the LM loss"):
         MoEConfig(d_model=8, num_experts=4, top_k=1, d_expert=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -50,6 +50,19 @@ def test_experiment_parses_and_variants_build(name):
         assert cfg.train.steps <= 20, "quick versions must stay CI-sized"
 
 
+def test_deliberate_top1_renormalised_arms_build_without_the_warning():
+    """Experiment 7b's k = 1 arms keep normalize=true on purpose: listing or analysing the
+    lab builds their configs silently (the config itself still warns, tests/test_config.py)."""
+    import warnings
+
+    exp = load_experiment("experts_k")
+    cfg_moe = exp.run_config("e8_k1", decisive=True).model.moe
+    assert cfg_moe.top_k == 1 and cfg_moe.router.normalize
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exp.run_config("e32_k1", decisive=True)
+
+
 def test_verdict_rules_on_synthetic_numbers():
     """Key checks decide: all hold -> reproduced; some hold -> partial; one fails and none
     holds -> not_reproduced; none decided -> inconclusive; a missing number is undecided;

@@ -22,8 +22,8 @@ from moelab.evaluate import evaluate
 from moelab.inspect import load_trained
 from moelab.lab import plots
 from moelab.lab.runner import collect, route_stream, run_computation_batch, val_stream
+from moelab.lab.spec import build_arm_config
 from moelab.logs import read_rows
-from moelab.runconfig import build_config
 from moelab.runs import sampling_maxvio
 
 Runs = dict[str, list[Path]]
@@ -413,7 +413,7 @@ def extra_evals(exp, runs: Runs) -> dict[str, Any]:
             vals = []
             for d in dirs:
                 run = load_trained(d)
-                cfg = build_config(json.loads((d / "config.json").read_text()), overrides)
+                cfg = build_arm_config(json.loads((d / "config.json").read_text()), overrides)
                 model = type(run.model)(cfg.model)
                 model.load_state_dict(run.model.state_dict())
                 ev = evaluate(

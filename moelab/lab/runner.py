@@ -43,8 +43,9 @@ from moelab.config import to_dict
 from moelab.errors import RunError
 from moelab.inspect import load_trained
 from moelab.lab import fingerprint, stats
+from moelab.lab.spec import build_arm_config
 from moelab.logs import read_rows
-from moelab.runconfig import RunConfig, build_config
+from moelab.runconfig import RunConfig
 from moelab.runfolder import in_use
 from moelab.train import train
 
@@ -85,7 +86,7 @@ def same_config(out: Path, cfg: RunConfig) -> bool:
     """The run in ``out`` was trained with ``cfg`` (its config.json read by today's code; the
     vocabulary size the trainer fills in from the tokenizer counts as equal)."""
     try:
-        old = to_dict(build_config(json.loads((out / "config.json").read_text())))
+        old = to_dict(build_arm_config(json.loads((out / "config.json").read_text())))
     except (OSError, ValueError):
         return False
     new = to_dict(cfg)
@@ -107,7 +108,7 @@ def rekey_cache(cache: Path | None = None) -> list[tuple[str, str]]:
             continue
         data = json.loads((out / "config.json").read_text())
         data["model"]["vocab_size"] = 0  # filled in by the trainer; lab configs leave it unset
-        key = run_key(build_config(data), 0)
+        key = run_key(build_arm_config(data), 0)
         if key != out.name and not (cache / key).exists():
             out.rename(cache / key)
             moved.append((out.name, key))
@@ -511,7 +512,7 @@ def computation_batch_tokens(cfg: RunConfig, world_size: int = 1) -> int:
 def run_computation_batch(run_dir: Path) -> int:
     """:func:`computation_batch_tokens` of a finished run (its config.json and the logged
     ``world_size``; 1 without torchrun)."""
-    cfg = build_config(json.loads((run_dir / "config.json").read_text()))
+    cfg = build_arm_config(json.loads((run_dir / "config.json").read_text()))
     rows = read_rows(run_dir / "metrics.jsonl")
     return computation_batch_tokens(
         cfg, next((r["world_size"] for r in rows if "world_size" in r), 1)
