@@ -116,6 +116,14 @@ def _prune(folder: Path, keep: int, current: int) -> None:
         old.unlink(missing_ok=True)
 
 
+def keep_latest_only(folder: str | Path) -> None:
+    """Drop every checkpoint of ``folder`` but the one ``latest.json`` names (a finished run
+    needs no fallback; a lab run's checkpoint is ~100 MB). No pointer: nothing is removed."""
+    pointer = latest(folder)
+    if pointer is not None:
+        _prune(Path(folder), 1, int(pointer["step"]))
+
+
 def latest(folder: str | Path) -> dict[str, Any] | None:
     """The pointer of the newest complete checkpoint in ``folder``, or None if there is none."""
     p = Path(folder) / POINTER

@@ -25,3 +25,15 @@ def test_a_failed_save_removes_its_partial_tmp(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert not list(tmp_path.glob("*.tmp"))
     assert checkpoint.load(tmp_path)["step"] == 1
+
+
+def test_keep_latest_only_leaves_the_checkpoint_the_pointer_names(tmp_path):
+    """A finished run keeps one checkpoint: the one ``latest.json`` names, which still loads."""
+    state = {k: {"w": torch.ones(2)} for k in checkpoint.REQUIRED}
+    for step in (1, 2):
+        checkpoint.save(tmp_path, state, step)
+    assert len(list(tmp_path.glob("ckpt-*.pt"))) == 2
+    checkpoint.keep_latest_only(tmp_path)
+    assert [p.name for p in tmp_path.glob("ckpt-*.pt")] == ["ckpt-000002.pt"]
+    assert torch.equal(checkpoint.load(tmp_path)["model"]["w"], torch.ones(2))
+    checkpoint.keep_latest_only(tmp_path / "empty")  # no pointer: nothing to do

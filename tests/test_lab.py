@@ -182,11 +182,13 @@ def test_run_states_tell_done_training_resumable_stale_and_to_train(tmp_path, mo
     """`lab list --runs` reads the cache: a finished run is done, a folder whose lock a live
     process holds is training, a run cut off by a signal is resumable, runs of other numerics
     are stale, the rest are to train; `lab list --runs` prints one summary line each. Lab runs
-    checkpoint every LAB_CKPT_EVERY steps, so that a killed one resumes."""
+    checkpoint every LAB_CKPT_EVERY steps, so that a killed one resumes; a finished one keeps
+    only its last checkpoint."""
     import os
     import signal
     import socket
 
+    from moelab import checkpoint
     from moelab.lab import describe_states, fingerprint, run_states, runner
     from moelab.signals import Interrupted
     from moelab.train import train
@@ -200,8 +202,14 @@ def test_run_states_tell_done_training_resumable_stale_and_to_train(tmp_path, mo
     states = lambda: run_states(exp, quick=True, decisive=False)  # noqa: E731
     assert states() == {v: ["to train"] for v in ("none", "aux", "loss_free")}
     monkeypatch.setattr(runner, "LAB_CKPT_EVERY", 2)  # lab runs checkpoint on their own
+    fingerprint.current()  # its golden micro-run saves checkpoints of its own
+    saved, save = [], checkpoint.save
+    monkeypatch.setattr(
+        checkpoint, "save", lambda f, s, step, **kw: saved.append(step) or save(f, s, step, **kw)
+    )
     done = runner.train_cached(exp.run_config("none", quick=True, seed=0))
-    assert (done / "ckpt-000002.pt").exists() and (done / "ckpt-000003.pt").exists()
+    assert saved == [2, 3]
+    assert [p.name for p in done.glob("ckpt-*.pt")] == ["ckpt-000003.pt"]  # finished: one kept
     busy = runner.CACHE / runner.run_key(exp.run_config("aux", quick=True, seed=0), 0)
     busy.mkdir(parents=True)
     (busy / "train.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))

@@ -323,6 +323,7 @@ def _train_cached(
     fingerprint.write(out, fp)  # first, so that a run cut off later can resume
     _train(cfg, out, snapshots, nproc, resume)
     (out / "code.txt").write_text(code_hash() + "\n")
+    checkpoint.keep_latest_only(out)
     return out
 
 
