@@ -63,9 +63,9 @@ def status(res: dict[str, Any], all_variants: list[str]) -> str:
     not_run = [v for v in all_variants if v not in res.get("variants_run", [])]
     missing = res.get("missing_variants") or []
     if missing:
-        return f"{size}, incomplete: not trained {missing}"
+        return f"{size}, incomplete: not trained {', '.join(missing)}"
     if not_run:
-        return f"{size}, reduced set (not run: {not_run})"
+        return f"{size}, reduced set (not run: {', '.join(not_run)})"
     return size
 
 
