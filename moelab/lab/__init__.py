@@ -200,8 +200,10 @@ def _train_variants(
             if cached_only and not runner.is_cached(cfg, snapshots, nproc=nproc, weights=weights):
                 continue
             print(f"[lab] {exp.name}: {name} seed {seed}", flush=True)
-            kw = dict(snapshots=snapshots, nproc=nproc, weights=weights, record=decisive)
-            dirs.append(runner.train_cached(cfg, **kw))
+            out = runner.train_cached(
+                cfg, snapshots=snapshots, nproc=nproc, weights=weights, record=decisive
+            )
+            dirs.append(out)
             nums.append(runner.collect(dirs[-1]))
         if dirs:
             runs[name], table[name] = dirs, runner.aggregate(nums)
@@ -436,8 +438,9 @@ def _pool_job(cfg, snapshots: int, nproc: int, weights: bool = False, record: bo
 
     if (_STOP is not None and _STOP.is_set()) or stop_pending() is not None:
         return None
-    kw = dict(snapshots=snapshots, nproc=nproc, weights=weights, record=record)
-    return runner.train_cached(cfg, **kw)
+    return runner.train_cached(
+        cfg, snapshots=snapshots, nproc=nproc, weights=weights, record=record
+    )
 
 
 class _PoolStop:

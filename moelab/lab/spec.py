@@ -222,7 +222,8 @@ class Experiment:
 def build_arm_config(d: dict, overrides: list[str] | None = None) -> RunConfig:
     """:func:`build_config` for a lab arm. An arm at k = 1 with renormalised gates is
     deliberate (experiment 7b tests it), so :class:`TopOneGateWarning` is silenced while the
-    lab lists or analyses runs; the training subprocess still prints it in the run's log."""
+    lab builds, lists or analyses runs (its single-process runs train in-process, so they do
+    not print it either); ``moelab train`` on a user's config still warns."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TopOneGateWarning)
         return build_config(d, overrides or [])
