@@ -10,8 +10,11 @@ the fingerprint of the code that trained it (``fingerprint.json``); the runner r
 whose fingerprint differs from today's.
 
 Two fingerprints match when they come from the same platform (torch version, CPU kernels,
-machine, CPU model) and are equal, or from different platforms and agree to rtol 1e-5 (as
-the golden test): kernels differ across CPUs in the last bits, not in what they compute.
+machine, CPU model) and are equal, or from different platforms when the losses agree to rtol
+1e-5 (as the golden test) and at most ``MOVED_SHARE`` of the token-to-expert assignments moved:
+kernels differ across CPUs in the last bits, not in what they compute, and a last-bit change
+flips the rare near-tie routing decision (an Intel Xeon and an AMD EPYC differ by one of the
+micro run's 8,192 assignments). A changed formula moves losses by far more than 1e-5.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ SETS = [
     "model.moe.router.noise='jitter'",
 ]
 RTOL = 1e-5
+MOVED_SHARE = 1e-3  # cross-platform: share of (token, expert) assignments allowed to move
 
 
 def platform_id() -> dict[str, str]:
@@ -124,8 +128,8 @@ def make(losses: list[float], counts: list[list[float]]) -> dict[str, Any]:
 
 
 def matches(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
-    """Same numbers: equal digests on one platform, losses within RTOL and equal counts across
-    platforms. A missing fingerprint matches nothing."""
+    """Same numbers: equal digests on one platform; across platforms losses within RTOL and
+    counts within :func:`moved_share` ≤ MOVED_SHARE. A missing fingerprint matches nothing."""
     if not a or not b:
         return False
     if a.get("platform") == b.get("platform"):
@@ -134,7 +138,17 @@ def matches(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     close = len(la) == len(lb) and all(
         abs(x - y) <= RTOL * abs(y) for x, y in zip(la, lb, strict=True)
     )
-    return close and a.get("counts") == b.get("counts")
+    return close and moved_share(a.get("counts"), b.get("counts")) <= MOVED_SHARE
+
+
+def moved_share(a: list[list[float]] | None, b: list[list[float]] | None) -> float:
+    """Share of assignments that moved between two (L, E) count tables: Σ|a − b| / (2·Σb)
+    (one token moved from expert i to j changes two cells by 1); 1.0 when the shapes differ."""
+    if not a or not b or len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        return 1.0
+    diff = sum(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    total = sum(sum(r) for r in b)
+    return diff / (2 * total) if total else (0.0 if diff == 0 else 1.0)
 
 
 def read(run_dir: Path) -> dict[str, Any] | None:
